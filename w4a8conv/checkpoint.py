@@ -1,0 +1,179 @@
+"""Reading a checkpoint directory: description, index, shard headers and the files beside them.
+
+Only headers are read here; no tensor data. Symlinks are followed only while they stay inside the
+checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInputError
+from .safetensors_io import ShardHeader, TensorInfo, read_header
+
+DESCRIPTION_FILE = "quant_model_description.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+CONFIG_FILE = "config.json"
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory as read from its headers.
+
+    Attributes:
+        root: the directory.
+        description: ``quant_model_description.json`` as a dict.
+        prefix: the shard prefix, so that the index is ``<prefix>.safetensors.index.json``.
+        shards: headers of every shard, by file name.
+        tensors: every tensor by name.
+        extra_files: paths (relative to root) of the other files, e.g. config and tokenizer.
+    """
+
+    root: Path
+    description: dict[str, Any]
+    prefix: str
+    shards: dict[str, ShardHeader]
+    tensors: dict[str, TensorInfo]
+    extra_files: list[Path] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    index_name: str | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.file_size for s in self.shards.values())
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The model dtype a serving engine creates parameters in (config.json), bfloat16 if unset."""
+        name = None
+        if self.config:
+            name = self.config.get("torch_dtype") or self.config.get("dtype")
+        return _TORCH_DTYPES.get(str(name), torch.bfloat16)
+
+
+def open_checkpoint(root: Path) -> Checkpoint:
+    """Read a checkpoint directory's description, index and shard headers.
+
+    Raises:
+        BadInputError: with a one-line message naming the file (and tensor) that is wrong.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"{root}: not a directory")
+    real_root = root.resolve()
+    description = _read_description(root, real_root)
+    index_files = sorted(p for p in root.iterdir() if p.name.endswith(INDEX_SUFFIX))
+    if len(index_files) > 1:
+        names = ", ".join(p.name for p in index_files)
+        raise BadInputError(f"{root}: more than one safetensors index ({names}); keep the one that belongs")
+    if index_files:
+        index_path = index_files[0]
+        prefix = index_path.name[: -len(INDEX_SUFFIX)]
+        shard_names = _read_index(index_path, real_root)
+    else:
+        index_path = None
+        files = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors"))
+        if not files:
+            raise BadInputError(f"{root}: no .safetensors files and no {'<prefix>' + INDEX_SUFFIX}")
+        shard_names = {name: set() for name in files}
+        prefix = files[0][: -len(".safetensors")] if len(files) == 1 else "model"
+
+    shards: dict[str, ShardHeader] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for name in sorted(shard_names):
+        path = _inside(root / name, real_root)
+        if not path.is_file():
+            raise BadInputError(f"{index_path or root}: names shard {name}, which does not exist")
+        header = read_header(path)
+        shards[name] = header
+        for tensor_name, info in header.tensors.items():
+            if tensor_name in tensors:
+                first = tensors[tensor_name].path.name
+                raise BadInputError(f"{path}: tensor {tensor_name} is also in {first} (duplicate name)")
+            tensors[tensor_name] = info
+        for listed in shard_names[name]:
+            if listed not in header.tensors:
+                raise BadInputError(f"{index_path}: names tensor {listed} in {name}, but {name} does not hold it")
+    if index_path is not None:
+        listed = {t for names in shard_names.values() for t in names}
+        unlisted = sorted(set(tensors) - listed)
+        if unlisted:
+            raise BadInputError(f"{index_path}: tensor {unlisted[0]} is in a shard but not in the weight_map")
+
+    config = None
+    config_path = root / CONFIG_FILE
+    if config_path.is_file():
+        try:
+            config = json.loads(_inside(config_path, real_root).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInputError(f"{config_path}: not valid JSON ({e})") from e
+    skip = {DESCRIPTION_FILE, *(shard_names), *([index_path.name] if index_path else [])}
+    extra = _extra_files(root, real_root, skip)
+    return Checkpoint(
+        root=root,
+        description=description,
+        prefix=prefix,
+        shards=shards,
+        tensors=tensors,
+        extra_files=extra,
+        config=config if isinstance(config, dict) else None,
+        index_name=index_path.name if index_path else None,
+    )
+
+
+def _read_description(root: Path, real_root: Path) -> dict[str, Any]:
+    path = root / DESCRIPTION_FILE
+    if not path.is_file():
+        similar = sorted(p.name for p in root.glob("quant_model_description*.json"))
+        hint = f" (found {similar[0]}: rename it to {DESCRIPTION_FILE})" if similar else ""
+        raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint{hint}")
+    try:
+        description = json.loads(_inside(path, real_root).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(description, dict):
+        raise BadInputError(f"{path}: expected a JSON object mapping tensor names to quant types")
+    return description
+
+
+def _read_index(index_path: Path, real_root: Path) -> dict[str, set[str]]:
+    try:
+        index = json.loads(_inside(index_path, real_root).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{index_path}: not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BadInputError(f"{index_path}: no weight_map")
+    shard_names: dict[str, set[str]] = {}
+    for tensor_name, file_name in weight_map.items():
+        if not isinstance(file_name, str) or "/" in file_name or file_name in ("", ".", ".."):
+            raise BadInputError(f"{index_path}: tensor {tensor_name} maps to {file_name!r}, not a shard file name")
+        shard_names.setdefault(file_name, set()).add(tensor_name)
+    return shard_names
+
+
+def _inside(path: Path, real_root: Path) -> Path:
+    """``path`` if it resolves inside the checkpoint, else refuse (never follow links out of it)."""
+    resolved = path.resolve()
+    if resolved != real_root and real_root not in resolved.parents:
+        raise BadInputError(f"{path}: is a link to {resolved}, outside the checkpoint directory; not following it")
+    return path
+
+
+def _extra_files(root: Path, real_root: Path, skip: set[str]) -> list[Path]:
+    extra: list[Path] = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or (len(rel.parts) == 1 and rel.name in skip):
+            continue
+        if path.is_file():
+            _inside(path, real_root)
+            extra.append(rel)
+    return extra

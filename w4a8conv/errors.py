@@ -1,0 +1,28 @@
+"""The one error type the CLI turns into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+class W4A8ConvError(Exception):
+    """An error with a message meant for a person; the CLI prints it without a traceback.
+
+    Args:
+        message: one line naming the file and tensor concerned and, where possible, what to do.
+        exit_code: ``EXIT_BAD_INPUT`` for input the tool refuses, ``EXIT_FAILURE`` otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class BadInputError(W4A8ConvError):
+    """The input checkpoint (or an argument) is wrong; nothing was or will be written."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_BAD_INPUT)

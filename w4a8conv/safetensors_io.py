@@ -1,0 +1,302 @@
+"""safetensors files at the byte level: validated headers, ranged reads, and a streaming writer.
+
+The format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N
+bytes of JSON ``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}``,
+then the data, offsets relative to its start. The ``safetensors`` package reads and writes whole
+files; w4a8conv needs three things it does not offer: byte offsets (to copy pass-through tensors
+verbatim), reads that do not map a 4 GiB shard into the process (flat memory), and a writer that
+lays out the header first and fills each tensor in at its offset, so no output shard is ever held
+in memory. This module knows bytes and dtypes, nothing about int4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BadInputError, W4A8ConvError
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+
+# The safetensors reference implementation refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype name, shape and absolute byte range in the file."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    file_size: int
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Read and validate a safetensors header without touching the tensor data.
+
+    Raises:
+        BadInputError: naming the file (and tensor) when the header is malformed, lies about
+            offsets or dtypes, or the file is shorter than the header says.
+    """
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise BadInputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+                raise BadInputError(
+                    f"{path}: safetensors header claims {header_len} bytes but the file has {file_size}"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInputError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise BadInputError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise BadInputError(f"{path}: __metadata__ is not an object")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _parse_entry(path, name, entry, data_start, data_size)
+    _check_no_overlap(path, tensors.values())
+    return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, file_size)
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise BadInputError(f"{path}: tensor {name}: header entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise BadInputError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise BadInputError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative ints")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise BadInputError(f"{path}: tensor {name}: data_offsets {offsets!r} are invalid")
+    begin, end = offsets
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise BadInputError(
+            f"{path}: tensor {name}: {dtype}{shape} needs {expected} bytes but data_offsets span {end - begin}"
+        )
+    if end > data_size:
+        raise BadInputError(
+            f"{path}: tensor {name}: data ends at byte {end} but the file holds {data_size} data bytes "
+            "(truncated shard?)"
+        )
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_no_overlap(path: Path, infos: Iterable[TensorInfo]) -> None:
+    previous: TensorInfo | None = None
+    for info in sorted(infos, key=lambda t: (t.begin, t.end)):
+        if previous is not None and info.begin < previous.end and info.nbytes and previous.nbytes:
+            raise BadInputError(f"{path}: tensors {previous.name} and {info.name} overlap in the file")
+        previous = info
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """Read one tensor with ``pread`` into fresh memory (no mmap, so RSS holds only this tensor)."""
+    buffer = np.empty(info.nbytes, dtype=np.uint8)
+    view = memoryview(buffer)
+    got = 0
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.begin)
+        while got < info.nbytes:
+            n = f.readinto(view[got:])  # one read() returns at most ~2 GiB on Linux
+            if not n:
+                break
+            got += n
+    if got != info.nbytes:
+        raise BadInputError(f"{info.path}: tensor {info.name}: file ended after {got} of {info.nbytes} bytes")
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    return torch.from_numpy(buffer).view(info.torch_dtype).reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def layout_header(
+    entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Lay out a safetensors file: the header bytes (length prefix included) and each tensor's range.
+
+    Tensors are ordered by descending item size, then name, as ``safetensors.save_file`` does, so
+    every tensor starts aligned to its own item size after the 8-byte aligned header.
+    """
+    ordered = sorted(entries, key=lambda e: (-ITEMSIZE[e.dtype], e.name))
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    ranges: dict[str, tuple[int, int]] = {}
+    offset = 0
+    for entry in ordered:
+        if entry.name in ranges:
+            raise ValueError(f"duplicate output tensor {entry.name}")
+        ranges[entry.name] = (offset, offset + entry.nbytes)
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    return prefix, {name: (len(prefix) + b, len(prefix) + e) for name, (b, e) in ranges.items()}
+
+
+class ShardWriter:
+    """Write a safetensors file tensor by tensor, each at its planned offset, in any order.
+
+    The file is written as ``<name>.partial``; :meth:`finish` checks every tensor arrived, fsyncs and
+    renames it, so a file under its final name is always complete.
+    """
+
+    def __init__(self, path: Path, entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None):
+        entries = list(entries)
+        self.path = path
+        self.partial_path = path.with_name(path.name + ".partial")
+        header, self.ranges = layout_header(entries, metadata)
+        self._pending = set(self.ranges)
+        self._entries = {e.name: e for e in entries}
+        self.size = len(header) + sum(e.nbytes for e in entries)
+        self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self._fd, self.size)
+            self._pwrite_all(header, 0)
+        except OSError:
+            self.abort()
+            raise
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (which must match the planned dtype and shape) at its offset."""
+        entry = self._entries[name]
+        if DTYPE_NAMES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+            raise W4A8ConvError(
+                f"internal error: {name} planned as {entry.dtype}{list(entry.shape)}, "
+                f"produced {tensor.dtype}{list(tensor.shape)}"
+            )
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        self._pwrite_all(memoryview(data), self.ranges[name][0])
+        self._pending.discard(name)
+
+    def copy_tensor(self, name: str, source: TensorInfo) -> None:
+        """Copy a tensor's bytes verbatim from a source file (kernel-side copy where possible)."""
+        begin, end = self.ranges[name]
+        if end - begin != source.nbytes:
+            raise W4A8ConvError(f"internal error: {name} planned with {end - begin} bytes, source has {source.nbytes}")
+        with open(source.path, "rb", buffering=0) as src:
+            copied = _copy_range(src.fileno(), source.begin, self._fd, begin, source.nbytes)
+        if copied != source.nbytes:
+            raise BadInputError(f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes")
+        self._pending.discard(name)
+
+    def finish(self) -> None:
+        if self._pending:
+            missing = ", ".join(sorted(self._pending)[:3])
+            raise W4A8ConvError(f"internal error: {self.path.name}: tensors never written: {missing}")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial_path, self.path)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+
+def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> int:
+    """Copy ``count`` bytes between file offsets; returns how many were copied (short at EOF)."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < count:
+        todo = min(_COPY_CHUNK, count - done)
+        if use_kernel:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, todo, src_offset + done, dst_offset + done)
+            except OSError:
+                use_kernel = False  # e.g. EXDEV on old kernels or unsupported filesystems
+                continue
+        else:
+            chunk = os.pread(src_fd, todo, src_offset + done)
+            n = len(chunk)
+            mv = memoryview(chunk)
+            while mv:
+                w = os.pwrite(dst_fd, mv, dst_offset + done + (n - len(mv)))
+                mv = mv[w:]
+        if n == 0:
+            break
+        done += n
+    return done

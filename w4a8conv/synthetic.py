@@ -1,0 +1,218 @@
+"""Tiny synthetic msModelSlim checkpoints in every layout, for the demo and the tests.
+
+A DeepSeek-like model: dense layers first, then MoE layers whose routed experts are W4A8_DYNAMIC,
+attention and shared experts W8A8_DYNAMIC, router and norms FLOAT. All three layouts are written
+from the same int4 values and scales (:func:`w4a8_truth`), so their conversions can be compared.
+The on-disk encodings here are written from W4A8_FORMATS.md with numpy, independently of
+``w4a8conv.packing``, so the tests do not check the packing against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+LAYOUT_NAMES = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
+SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Shape of the synthetic model. Defaults are tiny; dims satisfy every divisibility rule."""
+
+    hidden: int = 128
+    intermediate: int = 64
+    experts: int = 4
+    dense_layers: int = 1
+    moe_layers: int = 2
+    group_size: int = 32
+    vocab: int = 64
+    shards: int = 3
+    w4a8_linear: bool = True  # q_proj / o_proj as W4A8 Linear (per-group layouts only)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class W4A8Truth:
+    """The underlying values of one W4A8 projection, before any layout encodes them."""
+
+    values: torch.Tensor  # int8 [out, in], -8..7
+    weight_scale: torch.Tensor  # float32 [out, 1]
+    weight_scale_second: torch.Tensor  # float32 [out, in/g]
+    row_parallel: bool
+
+
+def _w4a8_prefixes(spec: SyntheticSpec, layout: str) -> list[tuple[str, int, int, bool]]:
+    """(prefix, out, in, row_parallel) of every W4A8 projection."""
+    h, i = spec.hidden, spec.intermediate
+    out = []
+    for layer in range(spec.dense_layers + spec.moe_layers):
+        base = f"model.layers.{layer}"
+        if spec.w4a8_linear and layout != "v1.0.0-per-channel":
+            out.append((f"{base}.self_attn.q_proj", h, h, False))
+            out.append((f"{base}.self_attn.o_proj", h, h, True))
+        if layer >= spec.dense_layers:
+            for e in range(spec.experts):
+                p = f"{base}.mlp.experts.{e}"
+                out += [(f"{p}.gate_proj", i, h, False), (f"{p}.up_proj", i, h, False), (f"{p}.down_proj", h, i, True)]
+    return out
+
+
+def w4a8_truth(spec: SyntheticSpec, layout: str = "mindie") -> dict[str, W4A8Truth]:
+    """The int4 values and scales of every W4A8 projection, identical for every layout."""
+    result = {}
+    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{prefix}".encode()))
+        values = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+        weight_scale = torch.rand(n, 1, generator=gen) * 0.02 + 0.001
+        second = torch.rand(n, k // spec.group_size, generator=gen) * 1.5 + 0.25
+        result[prefix] = W4A8Truth(values, weight_scale, second, row_parallel)
+    return result
+
+
+def pack_pairs_numpy(values: np.ndarray) -> np.ndarray:
+    """1.0.0 on disk: ``byte[i, k] = (w[2i, k] & 0xF) | (w[2i+1, k] << 4)``."""
+    nibbles = values.astype(np.uint8) & 0x0F
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).view(np.int8)
+
+
+def msmodelslim_scale_bias(truth: W4A8Truth, per_group: bool) -> torch.Tensor:
+    """scale_bias as msModelSlim stores it: from bf16-rounded scales, fp32, 16 chunks if row-parallel."""
+    n, k = truth.values.shape
+    s1 = truth.weight_scale.to(torch.bfloat16).float()
+    if per_group:
+        g = k // truth.weight_scale_second.shape[1]
+        s2 = truth.weight_scale_second.to(torch.bfloat16).float().repeat_interleave(g, dim=1)
+        terms = truth.values.float() * s2 * s1
+    else:
+        terms = truth.values.float() * s1
+    chunks = 16 if truth.row_parallel else 1
+    return 8 * terms.reshape(n, chunks, k // chunks).sum(-1)
+
+
+def _w4a8_tensors(prefix: str, truth: W4A8Truth, layout: str) -> dict[str, torch.Tensor]:
+    n = truth.values.shape[0]
+    per_group = layout != "v1.0.0-per-channel"
+    if layout == "mindie":
+        weight = truth.values.clone()
+    else:
+        weight = torch.from_numpy(pack_pairs_numpy(truth.values.numpy()).copy())
+    tensors = {
+        f"{prefix}.weight": weight,
+        f"{prefix}.weight_scale": truth.weight_scale.clone(),
+        f"{prefix}.weight_offset": torch.zeros(n, 1),
+    }
+    if per_group:
+        tensors[f"{prefix}.weight_scale_second"] = truth.weight_scale_second.clone()
+        tensors[f"{prefix}.weight_offset_second"] = torch.zeros(truth.weight_scale_second.shape, dtype=torch.int64)
+    if layout != "mindie":
+        tensors[f"{prefix}.scale_bias"] = msmodelslim_scale_bias(truth, per_group)
+    return tensors
+
+
+def _w8a8(prefix: str, n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
+        f"{prefix}.weight_scale": torch.rand(n, 1, generator=gen) * 0.01,
+        f"{prefix}.weight_offset": torch.zeros(n, 1),
+    }
+
+
+def build_tensors(spec: SyntheticSpec, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the checkpoint and its description entry."""
+    if layout not in LAYOUT_NAMES:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUT_NAMES}")
+    gen = torch.Generator().manual_seed(spec.seed)
+    h, i, e = spec.hidden, spec.intermediate, spec.experts
+    tensors: dict[str, torch.Tensor] = {}
+    types: dict[str, str] = {}
+
+    def add(group: dict[str, torch.Tensor], quant_type: str) -> None:
+        tensors.update(group)
+        types.update(dict.fromkeys(group, quant_type))
+
+    def bf16(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+    truth = w4a8_truth(spec, layout)
+    for prefix, t in truth.items():
+        add(_w4a8_tensors(prefix, t, layout), "W4A8_DYNAMIC")
+    add({"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT")
+    add({"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT")
+    for layer in range(spec.dense_layers + spec.moe_layers):
+        base = f"model.layers.{layer}"
+        add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if f"{base}.self_attn.{proj}" not in truth:
+                add(_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
+        if layer < spec.dense_layers:
+            for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
+                add(_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
+        else:
+            add({f"{base}.mlp.gate.weight": bf16(e, h),
+                 f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen)}, "FLOAT")
+            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                add(_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
+    return tensors, types
+
+
+def write_checkpoint(path: Path | str, layout: str, spec: SyntheticSpec | None = None) -> Path:
+    """Write a synthetic msModelSlim W4A8_DYNAMIC checkpoint of ``layout`` into directory ``path``.
+
+    Example:
+        >>> write_checkpoint(tmp_path / "ds-mindie", "mindie")  # doctest: +SKIP
+    """
+    from .plan import natural_key
+
+    spec = spec or SyntheticSpec()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, types = build_tensors(spec, layout)
+    names = sorted(tensors, key=natural_key)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    per_shard = math.ceil(total / spec.shards)
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name in names:
+        size = tensors[name].numel() * tensors[name].element_size()
+        if filled + size > per_shard * len(shards) and shards[-1] and len(shards) < spec.shards:
+            shards.append([])
+        shards[-1].append(name)
+        filled += size
+    weight_map = {}
+    for n, shard_names in enumerate(shards, start=1):
+        file_name = f"{SHARD_PREFIX}-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: tensors[k].contiguous() for k in shard_names}, str(path / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard_names, file_name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / f"{SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC"}
+    if layout != "mindie":  # mindie output usually has neither version nor group_size
+        description["version"] = "1.0.0"
+        description["group_size"] = 0 if layout == "v1.0.0-per-channel" else spec.group_size
+    description.update(dict(sorted(types.items(), key=lambda kv: natural_key(kv[0]))))
+    (path / "quant_model_description.json").write_text(json.dumps(description, indent=2))
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "hidden_size": spec.hidden,
+        "moe_intermediate_size": spec.intermediate,
+        "intermediate_size": 2 * spec.intermediate,
+        "n_routed_experts": spec.experts,
+        "first_k_dense_replace": spec.dense_layers,
+        "num_hidden_layers": spec.dense_layers + spec.moe_layers,
+        "vocab_size": spec.vocab,
+        "torch_dtype": "bfloat16",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+    return path
