@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,12 @@ from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, Checkpoint, open_checkpo
 from .devices import resolve_device
 from .errors import BadInputError
 from .layouts import PREPACKED_TYPE, PROCESSED_FORMAT
-from .plan import TOOL_SECTION, Plan, Projection, tensor_entries, build_plan, natural_key
+from .output import Progress
+from .plan import TOOL_SECTION, Plan, Projection, build_plan, natural_key, tensor_entries
 from .processing import process_projection
 from .safetensors_io import ShardWriter, read_tensor
 
 FORMAT_VERSION = 1
-
-# progress(event, name, nbytes): event is "shard" when a shard starts, "module" / "copy" per unit done.
-ProgressFn = Callable[[str, str, int], None]
 
 
 @dataclass
@@ -78,7 +75,7 @@ def convert_checkpoint(
     src: Path | str,
     dst: Path | str,
     device: str = "cpu",
-    progress: ProgressFn | None = None,
+    progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
 
@@ -102,37 +99,45 @@ def convert_checkpoint(
     ckpt, plan = prepare(src)
     torch_device = resolve_device(device)
     dst.mkdir(parents=True, exist_ok=True)
-    report = progress or (lambda event, name, nbytes: None)
+    report = progress or Progress()
+    report.start(sum(t.nbytes for t in ckpt.tensors.values()), len(plan.projections))
 
-    for rel in ckpt.extra_files:
-        _copy_file(ckpt.root / rel, dst / rel)
-    by_shard: dict[str, list[Projection]] = {}
-    for projection in plan.projections:
-        by_shard.setdefault(projection.shard, []).append(projection)
-    params_dtype = ckpt.params_dtype
-    for shard_name, entries in plan.shard_entries.items():
-        report("shard", shard_name, 0)
-        writer = ShardWriter(dst / shard_name, entries, metadata={"format": "pt", "converted_by": f"w4a8conv {__version__}"})
-        try:
-            for info in (t for t in plan.passthrough if t.path.name == shard_name):
-                writer.copy_tensor(info.name, info)
-                report("copy", info.name, info.nbytes)
-            for projection in by_shard.get(shard_name, []):
-                _convert_projection(writer, projection, torch_device, params_dtype)
-                report("module", projection.prefix, sum(i.nbytes for i in projection.sources.values()))
-            writer.finish()
-        finally:
-            writer.abort()
+    try:
+        for rel in ckpt.extra_files:
+            _copy_file(ckpt.root / rel, dst / rel)
+        by_shard: dict[str, list[Projection]] = {}
+        for projection in plan.projections:
+            by_shard.setdefault(projection.shard, []).append(projection)
+        params_dtype = ckpt.params_dtype
+        for shard_name, entries in plan.shard_entries.items():
+            report.update("shard", shard_name, 0)
+            writer = ShardWriter(
+                dst / shard_name, entries, metadata={"format": "pt", "converted_by": f"w4a8conv {__version__}"}
+            )
+            try:
+                for info in (t for t in plan.passthrough if t.path.name == shard_name):
+                    writer.copy_tensor(info.name, info)
+                    report.update("copy", info.name, info.nbytes)
+                for projection in by_shard.get(shard_name, []):
+                    _convert_projection(writer, projection, torch_device, params_dtype)
+                    report.update("module", projection.prefix, sum(i.nbytes for i in projection.sources.values()))
+                writer.finish()
+            finally:
+                writer.abort()
 
-    index = {
-        "metadata": {"total_size": plan.output_bytes},
-        "weight_map": dict(sorted(
-            ((entry.name, shard) for shard, entries in plan.shard_entries.items() for entry in entries),
-            key=lambda kv: natural_key(kv[0]),
-        )),
-    }
-    _write_json(dst / f"{ckpt.prefix}{INDEX_SUFFIX}", index)
-    _write_json(dst / DESCRIPTION_FILE, processed_description(ckpt, plan, str(torch_device)))
+        index = {
+            "metadata": {"total_size": plan.output_bytes},
+            "weight_map": dict(
+                sorted(
+                    ((entry.name, shard) for shard, entries in plan.shard_entries.items() for entry in entries),
+                    key=lambda kv: natural_key(kv[0]),
+                )
+            ),
+        }
+        _write_json(dst / f"{ckpt.prefix}{INDEX_SUFFIX}", index)
+        _write_json(dst / DESCRIPTION_FILE, processed_description(ckpt, plan, str(torch_device)))
+    finally:
+        report.finish()
     return ConvertResult(
         out_dir=dst,
         format=plan.format,

@@ -93,10 +93,15 @@ class Plan:
     other_quant_types: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     processed_modules: int = 0  # W4A8 modules already processed (w4a8conv output)
+    processed_linear: int = 0
 
     @property
     def w4a8_modules(self) -> int:
         return len(self.projections) or self.processed_modules
+
+    @property
+    def w4a8_linear(self) -> int:
+        return sum(not p.is_moe for p in self.projections) or self.processed_linear
 
     @property
     def layout(self) -> SourceLayout | None:
@@ -130,8 +135,9 @@ def build_plan(ckpt: Checkpoint) -> Plan:
     for name in sorted(types, key=natural_key):
         if name not in ckpt.tensors:
             problems.append(f"{ckpt.root / 'quant_model_description.json'}: lists tensor {name}, which no shard holds")
-    prefixes = sorted((n[: -len(".weight")] for n, t in types.items() if t == W4A8_TYPE and n.endswith(".weight")),
-                      key=natural_key)
+    prefixes = sorted(
+        (n[: -len(".weight")] for n, t in types.items() if t == W4A8_TYPE and n.endswith(".weight")), key=natural_key
+    )
     projections = [p for p in (_plan_projection(ckpt, prefix, problems) for prefix in prefixes) if p is not None]
 
     layouts = {p.layout.name for p in projections}
@@ -201,7 +207,9 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
     elif rows * 2 == out_features:
         packed = True
     else:
-        problems.append(f"{where}: shape {list(weight.shape)} fits neither [out, in] nor [out/2, in] for out={out_features}")
+        problems.append(
+            f"{where}: shape {list(weight.shape)} fits neither [out, in] nor [out/2, in] for out={out_features}"
+        )
         return None
 
     second = sources.get("weight_scale_second")
@@ -249,7 +257,9 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
             return None
     else:
         if stored_bias is not None:
-            problems.append(f"{stored_bias.path}: tensor {stored_bias.name}: a {layout.name} checkpoint has no scale_bias")
+            problems.append(
+                f"{stored_bias.path}: tensor {stored_bias.name}: a {layout.name} checkpoint has no scale_bias"
+            )
         chunks = SCALE_BIAS_CHUNKS if proj_name in ROW_PARALLEL and in_features % SCALE_BIAS_CHUNKS == 0 else 1
     for role in ("weight_offset", "weight_offset_second"):
         info = sources.get(role)
@@ -308,15 +318,21 @@ def _moe_layers(projections: list[Projection], problems: list[str]) -> dict[str,
                 problems.append(f"{layer_prefix}.{expert}: W4A8 expert lacks {', '.join(missing)}")
                 continue
             gate, up, down = (projs[name] for name in MOE_PROJECTIONS)
-            shapes.add((gate.in_features, gate.out_features, up.in_features, up.out_features,
-                        down.in_features, down.out_features))
+            shapes.add(
+                (
+                    gate.in_features,
+                    gate.out_features,
+                    up.in_features,
+                    up.out_features,
+                    down.in_features,
+                    down.out_features,
+                )
+            )
         if not shapes:
             continue
         hidden, inter = next(iter(shapes))[0], next(iter(shapes))[1]
         if len(shapes) > 1 or shapes != {(hidden, inter, hidden, inter, inter, hidden)}:
-            problems.append(
-                f"{layer_prefix}: experts disagree on shapes (want gate/up [I, H] and down [H, I] for all)"
-            )
+            problems.append(f"{layer_prefix}: experts disagree on shapes (want gate/up [I, H] and down [H, I] for all)")
         expected = list(range(len(experts)))
         if sorted(experts) != expected:
             problems.append(f"{layer_prefix}: expert indices are not 0..{len(experts) - 1}")
@@ -335,10 +351,14 @@ def _plan_processed(ckpt: Checkpoint, types: dict[str, str], other_types: dict[s
             continue
         count += 1
         if name not in ckpt.tensors:
-            plan.problems.append(f"{ckpt.root / 'quant_model_description.json'}: lists tensor {name}, which no shard holds")
+            plan.problems.append(
+                f"{ckpt.root / 'quant_model_description.json'}: lists tensor {name}, which no shard holds"
+            )
         match = MOE_EXPERT.match(name[: -len(".weight")])
         if match:
             layers.setdefault(match["layer"], set()).add(int(match["expert"]))
+        else:
+            plan.processed_linear += 1
     for layer_prefix, experts in layers.items():
         plan.moe_layers[layer_prefix] = MoELayer(layer_prefix, sorted(experts), 0, 0)
     if not count:

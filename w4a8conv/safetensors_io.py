@@ -201,7 +201,11 @@ def layout_header(
         if entry.name in ranges:
             raise ValueError(f"duplicate output tensor {entry.name}")
         ranges[entry.name] = (offset, offset + entry.nbytes)
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -252,7 +256,9 @@ class ShardWriter:
         with open(source.path, "rb", buffering=0) as src:
             copied = _copy_range(src.fileno(), source.begin, self._fd, begin, source.nbytes)
         if copied != source.nbytes:
-            raise BadInputError(f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes")
+            raise BadInputError(
+                f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes"
+            )
         self._pending.discard(name)
 
     def finish(self) -> None:

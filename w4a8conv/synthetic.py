@@ -156,8 +156,13 @@ def build_tensors(spec: SyntheticSpec, layout: str) -> tuple[dict[str, torch.Ten
             for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
                 add(_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
         else:
-            add({f"{base}.mlp.gate.weight": bf16(e, h),
-                 f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen)}, "FLOAT")
+            add(
+                {
+                    f"{base}.mlp.gate.weight": bf16(e, h),
+                    f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen),
+                },
+                "FLOAT",
+            )
             for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
                 add(_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
     return tensors, types

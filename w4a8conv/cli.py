@@ -1,0 +1,119 @@
+"""The ``w4a8conv`` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError
+from .output import Output, human_bytes
+
+app = typer.Typer(
+    name="w4a8conv",
+    help="Convert msModelSlim W4A8_DYNAMIC checkpoints offline into the layout Ascend operators consume.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
+
+
+def handle_errors(command):
+    """Turn known errors into one line and an exit code; unknown ones too, unless W4A8CONV_DEBUG is set."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        output = Output(json_mode=bool(kwargs.get("json_output")))
+        try:
+            return command(*args, output=output, **kwargs)
+        except W4A8ConvError as e:
+            output.error(e.message)
+            raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            output.error(f"{e.filename or 'I/O'}: {e.strerror or e}")
+            raise typer.Exit(EXIT_FAILURE) from None
+        except Exception as e:
+            if os.environ.get("W4A8CONV_DEBUG"):
+                raise
+            output.error(f"internal error: {type(e).__name__}: {e} (set W4A8CONV_DEBUG=1 for a traceback)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    # Typer reads the signature: hide the injected ``output`` parameter from it.
+    import inspect as _inspect
+
+    sig = _inspect.signature(command)
+    wrapper.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "output"])
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"w4a8conv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Inspect and convert msModelSlim W4A8_DYNAMIC checkpoints."""
+
+
+@app.command()
+@handle_errors
+def inspect(path: CheckpointArg, json_output: JsonOpt = False, *, output: Output) -> None:
+    """Report a checkpoint's layout, group size, modules, shards and every inconsistency (headers only).
+
+    Exits 2 when problems are found.
+    """
+    from .inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(path)
+    if output.json_mode:
+        output.emit_json(report)
+    else:
+        output.inspect_table(report)
+    if report["problems"]:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+@handle_errors
+def convert(
+    src: Annotated[Path, typer.Option("--in", help="Input checkpoint directory (never modified).", show_default=False)],
+    dst: Annotated[
+        Path, typer.Option("--out", help="Output directory (must not exist or be empty).", show_default=False)
+    ],
+    device: Annotated[str, typer.Option(help="Where to run the processing: auto, cpu, cuda or npu.")] = "cpu",
+    json_output: JsonOpt = False,
+    *,
+    output: Output,
+) -> None:
+    """Convert a W4A8_DYNAMIC checkpoint into processed shards a serving engine loads directly."""
+    from .convert import convert_checkpoint
+
+    result = convert_checkpoint(src, dst, device=device, progress=output.progress())
+    if output.json_mode:
+        output.emit_json({"ok": True, **result.as_dict()})
+        return
+    output.info(
+        f"converted {result.format} checkpoint (group size {result.group_size}): {result.modules} W4A8 modules, "
+        f"{result.moe_layers} MoE layers / {result.experts} experts, {result.shards} shards, "
+        f"{human_bytes(result.input_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f}s "
+        f"on {result.device}\n-> {result.out_dir}"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""All printing: Rich for people, JSON for machines, plain lines in CI logs. Chosen once per command."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import Progress as RichBar
+from rich.table import Table
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+class Output:
+    """Where a command's words go. ``json_mode``: one JSON object on stdout, nothing else there."""
+
+    def __init__(self, json_mode: bool = False):
+        self.json_mode = json_mode
+        self.err = Console(stderr=True, highlight=False)
+        self.out = Console(highlight=False)
+        self.interactive = self.err.is_terminal and not os.environ.get("CI")
+
+    def emit_json(self, data: dict) -> None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    def error(self, message: str) -> None:
+        """One line on stderr; with ``--json`` also a JSON object on stdout, so callers can parse it."""
+        self.err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+        if self.json_mode:
+            self.emit_json({"ok": False, "error": message})
+
+    def info(self, message: str) -> None:
+        if not self.json_mode:
+            self.err.print(message, soft_wrap=True)
+
+    def inspect_table(self, report: dict) -> None:
+        table = Table(title=f"w4a8conv inspect {report['path']}", show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        rows = [
+            ("format", report["format"]),
+            ("version", report["version"] or "-"),
+            ("group size", "per-channel (0)" if report["group_size"] == 0 else report["group_size"]),
+            ("W4A8 modules", f"{report['w4a8_modules']} ({report['w4a8_linear']} Linear)"),
+            ("MoE layers", f"{report['moe_layers']} x {report['experts_per_layer']} experts"),
+            ("other quant types", ", ".join(f"{k}: {v}" for k, v in report["other_quant_types"].items()) or "-"),
+            ("params dtype", report["params_dtype"]),
+            ("shards / tensors", f"{report['shards']} / {report['tensors']}"),
+            ("size", human_bytes(report["total_bytes"])),
+            ("size after convert", human_bytes(report["converted_bytes"])),
+        ]
+        for key, value in rows:
+            table.add_row(key, str(value))
+        self.out.print(table)
+        if report["problems"]:
+            self.out.print(f"[bold red]{len(report['problems'])} problem(s):[/]")
+            for problem in report["problems"]:
+                self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
+        else:
+            self.out.print("[green]no problems found[/]")
+
+    def progress(self) -> Progress:
+        """Progress for a conversion: a Rich bar on a terminal, a line per shard in logs, none in JSON mode."""
+        if self.json_mode:
+            return Progress()
+        return RichProgress(self.err) if self.interactive else LineProgress(self.err)
+
+
+class Progress:
+    """What the converter reports to; this base reports nothing."""
+
+    def start(self, total_bytes: int, total_modules: int) -> None:
+        pass
+
+    def update(self, event: str, name: str, nbytes: int) -> None:
+        """``event``: ``shard`` when an output shard starts, ``copy`` / ``module`` per unit done."""
+
+    def finish(self) -> None:
+        pass
+
+
+class LineProgress(Progress):
+    """Quiet progress for CI logs: one line per output shard, with bytes, modules and rate."""
+
+    def __init__(self, console: Console):
+        self.console = console
+
+    def start(self, total_bytes: int, total_modules: int) -> None:
+        self.total_bytes, self.total_modules = total_bytes, total_modules
+        self.done_bytes = self.done_modules = 0
+        self.started = time.monotonic()
+
+    def update(self, event: str, name: str, nbytes: int) -> None:
+        self.done_bytes += nbytes
+        self.done_modules += event == "module"
+        if event == "shard":
+            self._line(f"writing {name}")
+
+    def _line(self, what: str) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self.console.print(
+            f"[{elapsed:7.1f}s] {what}: {human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)} read, "
+            f"{self.done_modules}/{self.total_modules} modules, {self.done_bytes / elapsed / 1e6:.0f} MB/s",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+class RichProgress(Progress):
+    """A live bar with bytes, rate, modules and ETA."""
+
+    def __init__(self, console: Console):
+        self.bar = RichBar(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[modules]}"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+
+    def start(self, total_bytes: int, total_modules: int) -> None:
+        self.total_modules, self.done_modules = total_modules, 0
+        self.task = self.bar.add_task("converting", total=total_bytes, modules=f"0/{total_modules} modules")
+        self.bar.start()
+
+    def update(self, event: str, name: str, nbytes: int) -> None:
+        self.done_modules += event == "module"
+        self.bar.update(
+            self.task,
+            advance=nbytes,
+            modules=f"{self.done_modules}/{self.total_modules} modules",
+            **({"description": name} if event == "shard" else {}),
+        )
+
+    def finish(self) -> None:
+        self.bar.stop()
