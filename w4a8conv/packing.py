@@ -64,7 +64,9 @@ def int4_pair_rows_to_int32_words(packed_rows: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"expected int8 packed rows, got {packed_rows.dtype}")
     if packed_rows.shape[-2] % 4:
         raise ValueError(f"output dim {packed_rows.shape[-2] * 2} is not divisible by 8")
-    return packed_rows.transpose(-1, -2).contiguous().view(torch.int32)
+    transposed = packed_rows.transpose(-1, -2).contiguous()
+    # Viewing through 1-D avoids torch's stride check on size-1 dims, which contiguous() may leave odd.
+    return transposed.reshape(-1).view(torch.int32).reshape(*transposed.shape[:-1], transposed.shape[-1] // 4)
 
 
 def pack_int4_to_int32(values: torch.Tensor) -> torch.Tensor:
@@ -80,5 +82,6 @@ def unpack_int32_words(words: torch.Tensor) -> torch.Tensor:
     """Operator words int32 ``[..., in, out/8]`` back to int8 int4 values ``[..., out, in]``."""
     if words.dtype != torch.int32:
         raise TypeError(f"expected int32 words, got {words.dtype}")
-    packed_rows = words.contiguous().view(torch.int8).transpose(-1, -2)
+    flat = words.contiguous().reshape(-1).view(torch.int8)
+    packed_rows = flat.reshape(*words.shape[:-1], words.shape[-1] * 4).transpose(-1, -2)
     return unpack_int4_pairs_along_rows(packed_rows)

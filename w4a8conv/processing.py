@@ -52,6 +52,10 @@ def process_projection(
     n = projection.out_features
     scale = tensors["weight_scale"].reshape(n, 1)
     second = tensors.get("weight_scale_second") if layout.per_group else None
+    if not projection.is_moe and second is not None:
+        # vllm-ascend 0.23 holds a Linear's scales in the model dtype (MoE scales in fp32): they are
+        # rounded on load, and both the antiquant scale and the mindie bias see the rounded values.
+        scale, second = scale.to(params_dtype), second.to(params_dtype)
     weight = tensors["weight"]
     packed_rows = layout.packed_rows(weight, _where(projection, "weight"))
     prefix = projection.prefix
