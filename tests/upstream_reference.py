@@ -33,7 +33,7 @@ def _load_all(path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in ckpt.shards.values():
         with safe_open(str(shard.path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 out[name] = f.get_tensor(name)
     return out
 
@@ -64,7 +64,9 @@ class UpstreamReference:
 
         experts = range(num_experts)
         # w13 = [gate; up] on the output dim (each split over tp), w2 split on its input dim.
-        w13 = torch.stack([torch.cat([rows(expert(e, p, "weight"), 0) for p in ("gate_proj", "up_proj")]) for e in experts])
+        w13 = torch.stack(
+            [torch.cat([rows(expert(e, p, "weight"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+        )
         w2 = torch.stack([rows(expert(e, "down_proj", "weight"), 1) for e in experts])
         f32 = torch.float32
         w13_scale = torch.stack(
@@ -74,7 +76,10 @@ class UpstreamReference:
         w13_second = w2_second = None
         if not self.per_channel:
             w13_second = torch.stack(
-                [torch.cat([rows(expert(e, p, "weight_scale_second"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+                [
+                    torch.cat([rows(expert(e, p, "weight_scale_second"), 0) for p in ("gate_proj", "up_proj")])
+                    for e in experts
+                ]
             ).to(f32)
             w2_second = torch.stack([rows(expert(e, "down_proj", "weight_scale_second"), 1) for e in experts]).to(f32)
         if self.new_quant_version:
@@ -116,9 +121,9 @@ class UpstreamReference:
         group_num, quantgroup_num, n = per_group_scale.shape
         bias = None
         if not self.new_quant_version:
-            weight_high = weight.to(torch.float32).reshape([group_num, quantgroup_num, -1, n]) * per_group_scale.reshape(
-                [group_num, quantgroup_num, 1, n]
-            )
+            weight_high = weight.to(torch.float32).reshape(
+                [group_num, quantgroup_num, -1, n]
+            ) * per_group_scale.reshape([group_num, quantgroup_num, 1, n])
             weight_high = weight_high.reshape([group_num, k, n])
             bias = 8 * (weight_high.to(torch.float32) * scale).sum(axis=1)
         scale_fp32 = (scale * per_group_scale).to(torch.float16).to(torch.float32)

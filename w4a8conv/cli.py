@@ -31,6 +31,8 @@ def handle_errors(command):
         output = Output(json_mode=bool(kwargs.get("json_output")))
         try:
             return command(*args, output=output, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except W4A8ConvError as e:
             output.error(e.message)
             raise typer.Exit(e.exit_code) from None

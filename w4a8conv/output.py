@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.progress import Progress as RichBar
 from rich.table import Table
+from rich.text import Text
 
 
 def human_bytes(n: int | None) -> str:
@@ -39,13 +40,13 @@ class Output:
 
     def error(self, message: str) -> None:
         """One line on stderr; with ``--json`` also a JSON object on stdout, so callers can parse it."""
-        self.err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True, highlight=False)
+        self.err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
         if self.json_mode:
             self.emit_json({"ok": False, "error": message})
 
     def info(self, message: str) -> None:
         if not self.json_mode:
-            self.err.print(message, soft_wrap=True)
+            self.err.print(message, soft_wrap=True, markup=False)
 
     def inspect_table(self, report: dict) -> None:
         table = Table(title=f"w4a8conv inspect {report['path']}", show_header=False)
@@ -64,7 +65,7 @@ class Output:
             ("size after convert", human_bytes(report["converted_bytes"])),
         ]
         for key, value in rows:
-            table.add_row(key, str(value))
+            table.add_row(key, Text(str(value)))
         self.out.print(table)
         if report["problems"]:
             self.out.print(f"[bold red]{len(report['problems'])} problem(s):[/]")

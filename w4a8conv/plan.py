@@ -151,7 +151,10 @@ def build_plan(ckpt: Checkpoint) -> Plan:
         fmt = layouts.pop()
         _check_description_agrees(ckpt, projections[0].layout, problems)
     if len(group_sizes) > 1:
-        problems.append(f"{ckpt.root}: W4A8 modules use different group sizes {sorted(group_sizes)}")
+        by_size = {g: [p.prefix for p in projections if p.group_size == g] for g in sorted(group_sizes)}
+        usual = max(by_size, key=lambda g: len(by_size[g]))
+        odd = ", ".join(f"{names[0]}.weight_scale_second gives {g}" for g, names in by_size.items() if g != usual)
+        problems.append(f"{ckpt.root}: W4A8 modules use group size {usual} except: {odd}")
     elif group_sizes:
         group_size = group_sizes.pop()
         declared = ckpt.description.get("group_size")

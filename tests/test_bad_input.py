@@ -1,0 +1,177 @@
+"""Bad input: one clear line naming the file and tensor, exit code 2, no traceback, no output that looks complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from w4a8conv.cli import app
+from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
+
+runner = CliRunner()
+EXPERT = "model.layers.1.mlp.experts.0.gate_proj"
+
+
+def run(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def edit_tensor(ckpt: Path, name: str, change) -> None:
+    """Apply ``change(tensors) `` to the shard holding ``name`` (tensors may be added, changed or dropped)."""
+    index = json.loads((ckpt / f"{SHARD_PREFIX}.safetensors.index.json").read_text())
+    shard = ckpt / index["weight_map"][name]
+    tensors = load_file(shard)
+    change(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def edit_description(ckpt: Path, change) -> None:
+    path = ckpt / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    change(description)
+    path.write_text(json.dumps(description))
+
+
+def assert_refused(tmp_path: Path, src: Path, *fragments: str) -> str:
+    out = tmp_path / "out"
+    code, stdout, stderr = run("convert", "--in", src, "--out", out)
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr  # progress lines may precede it
+    assert "Traceback" not in stderr + stdout
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    index = out / f"{SHARD_PREFIX}.safetensors.index.json"
+    assert not index.exists() and not (out / "quant_model_description.json").exists()
+    return errors[0]
+
+
+@pytest.fixture
+def mindie(tmp_path) -> Path:
+    return write_checkpoint(tmp_path / "src", "mindie")
+
+
+@pytest.fixture
+def v1(tmp_path) -> Path:
+    return write_checkpoint(tmp_path / "src", "v1.0.0-per-group")
+
+
+def test_missing_description(tmp_path, mindie):
+    (mindie / "quant_model_description.json").rename(mindie / "quant_model_description_w8a8_dynamic.json")
+    line = assert_refused(tmp_path, mindie, "no quant_model_description.json", "rename it")
+    assert str(mindie) in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensor_listed_but_absent(tmp_path, mindie):
+    edit_tensor(mindie, f"{EXPERT}.weight_scale", lambda t: t.pop(f"{EXPERT}.weight_scale"))
+    # The index still names it: the shard no longer holds it.
+    assert_refused(tmp_path, mindie, f"{EXPERT}.weight_scale", "does not hold it")
+
+
+def test_description_lists_tensor_no_shard_holds(tmp_path, mindie):
+    edit_description(mindie, lambda d: d.update({"model.layers.9.mlp.experts.0.up_proj.weight": "W4A8_DYNAMIC"}))
+    assert_refused(tmp_path, mindie, "quant_model_description.json", "model.layers.9.mlp.experts.0.up_proj.weight")
+
+
+def test_wrong_shape(tmp_path, mindie):
+    name = f"{EXPERT}.weight"
+    edit_tensor(mindie, name, lambda t: t.update({name: t[name][:60].contiguous()}))
+    assert_refused(tmp_path, mindie, name, "fits neither [out, in] nor [out/2, in] for out=64")
+
+
+def test_group_size_differs_between_modules(tmp_path, mindie):
+    name = f"{EXPERT}.weight"
+    edit_tensor(mindie, name, lambda t: t.update({name: t[name][:, :96].contiguous()}))  # 96 inputs in 4 groups
+    assert_refused(tmp_path, mindie, "use group size 32 except", f"{EXPERT}.weight_scale_second gives 24")
+
+
+def test_output_dim_not_divisible_by_8(tmp_path):
+    src = write_checkpoint(tmp_path / "src", "mindie", SyntheticSpec(intermediate=36, group_size=4, w4a8_linear=False))
+    assert_refused(tmp_path, src, "gate_proj.weight", "not divisible by 8")
+
+
+def test_input_dim_not_divisible_by_group_size(tmp_path, mindie):
+    name = f"{EXPERT}.weight_scale_second"
+    edit_tensor(mindie, name, lambda t: t.update({name: torch.ones(64, 3)}))  # 128 inputs in 3 groups
+    assert_refused(tmp_path, mindie, name, "does not divide [64, 128] into groups")
+
+
+def test_group_size_contradicts_description(tmp_path, v1):
+    edit_description(v1, lambda d: d.update({"group_size": 64}))
+    assert_refused(tmp_path, v1, "group_size is 64", "give 32")
+
+
+def test_version_contradicts_layout(tmp_path, mindie):
+    edit_description(mindie, lambda d: d.update({"version": "1.0.0", "group_size": 32}))
+    assert_refused(tmp_path, mindie, "version is '1.0.0'", "one int4 per byte")
+    code, stdout, _ = run("inspect", mindie, "--json")
+    report = json.loads(stdout)
+    assert code == 2 and report["format"] == "mindie" and "one int4 per byte" in report["problems"][0]
+
+
+def test_nonzero_offsets_leave_visibly_unfinished_output(tmp_path, mindie):
+    name = "model.layers.2.mlp.experts.3.down_proj.weight_offset_second"
+    edit_tensor(mindie, name, lambda t: t[name].__setitem__((5, 1), 2))
+    assert_refused(tmp_path, mindie, name, "non-zero offsets")
+    assert (tmp_path / "out").is_dir()  # work was under way; no index or description says it is unfinished
+
+
+def test_int4_out_of_range_in_mindie_weight(tmp_path, mindie):
+    name = f"{EXPERT}.weight"
+    edit_tensor(mindie, name, lambda t: t[name].__setitem__((0, 0), 9))
+    assert_refused(tmp_path, mindie, name, "outside -8..7")
+
+
+def test_nan_scale(tmp_path, v1):
+    name = f"{EXPERT}.weight_scale"
+    edit_tensor(v1, name, lambda t: t[name].__setitem__((3, 0), float("nan")))
+    assert_refused(tmp_path, v1, name, "NaN or Inf")
+
+
+def test_truncated_shard(tmp_path, mindie):
+    shard = sorted(mindie.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    assert_refused(tmp_path, mindie, shard.name, "truncated")
+
+
+def test_output_inside_input_or_not_empty(tmp_path, mindie):
+    code, _, stderr = run("convert", "--in", mindie, "--out", mindie / "converted")
+    assert code == 2 and "must not be, contain or lie inside" in stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    code, _, stderr = run("convert", "--in", mindie, "--out", tmp_path / "busy")
+    assert code == 2 and "not an empty directory" in stderr
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_already_processed_input(tmp_path, mindie):
+    assert run("convert", "--in", mindie, "--out", tmp_path / "once")[0] == 0
+    code, _, stderr = run("convert", "--in", tmp_path / "once", "--out", tmp_path / "twice")
+    assert code == 2 and "already processed" in stderr
+
+
+def test_json_mode_reports_errors_as_json(tmp_path, mindie):
+    (mindie / "quant_model_description.json").unlink()
+    code, stdout, _ = run("convert", "--in", mindie, "--out", tmp_path / "out", "--json")
+    assert code == 2
+    assert json.loads(stdout) == {"ok": False, "error": json.loads(stdout)["error"]}
+
+
+def test_installed_entry_point_prints_no_traceback(tmp_path, mindie):
+    (mindie / "quant_model_description.json").write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "w4a8conv.cli", "inspect", str(mindie)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert "quant_model_description.json: not valid JSON" in proc.stderr

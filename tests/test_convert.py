@@ -1,0 +1,124 @@
+"""End-to-end conversion: what a user relies on in the output directory."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors import safe_open
+
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.layouts import PREPACKED_TYPE
+from w4a8conv.runtime import ProcessedCheckpoint
+from w4a8conv.safetensors_io import read_header
+from w4a8conv.synthetic import SHARD_PREFIX
+
+INDEX = f"{SHARD_PREFIX}.safetensors.index.json"
+
+
+def _all_tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (safe_open is not iterable)
+    return out
+
+
+def test_experts_of_a_layer_span_shards(source_checkpoints, layout):
+    ckpt = open_checkpoint(source_checkpoints[layout])
+    files_per_layer = [
+        {info.path.name for name, info in ckpt.tensors.items() if name.startswith(f"model.layers.{layer}.mlp.experts.")}
+        for layer in (1, 2)
+    ]
+    assert any(len(files) >= 2 for files in files_per_layer), "the fixture must split a MoE layer across shards"
+    assert len(ckpt.shards) == 3
+
+
+def test_mindie_and_v1_convert_to_identical_packed_tensors(converted_checkpoints):
+    mindie = _all_tensors(converted_checkpoints["mindie"])
+    v1 = _all_tensors(converted_checkpoints["v1.0.0-per-group"])
+    packed = [
+        n
+        for n in mindie
+        if n.endswith((".weight", ".weight_scale", ".weight_scale_second"))
+        and (".experts." in n or ".self_attn.q_proj" in n or ".self_attn.o_proj" in n)
+    ]
+    assert len(packed) > 50
+    for name in packed:
+        assert mindie[name].dtype == v1[name].dtype and torch.equal(mindie[name], v1[name]), name
+    # msModelSlim computes its stored scale_bias from bf16-rounded scales; the mindie bias is
+    # recomputed from the fp32 scales, so the two agree only to bf16 precision.
+    for name in (n for n in mindie if n.endswith(".scale_bias")):
+        torch.testing.assert_close(mindie[name], v1[name], rtol=2e-2, atol=2e-2)
+
+
+def test_passthrough_tensors_are_byte_identical(source_checkpoints, converted_checkpoints, layout):
+    source = open_checkpoint(source_checkpoints[layout])
+    out = open_checkpoint(converted_checkpoints[layout])
+    passthrough = [n for n in source.tensors if source.description[n] != "W4A8_DYNAMIC"]
+    assert any("shared_experts" in n for n in passthrough) and "lm_head.weight" in passthrough
+    for name in passthrough:
+        a, b = source.tensors[name], out.tensors[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape)
+        with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+            fa.seek(a.begin)
+            fb.seek(b.begin)
+            assert fa.read(a.nbytes) == fb.read(b.nbytes), name
+
+
+def test_index_and_description_are_consistent(converted_checkpoints, layout):
+    out = converted_checkpoints[layout]
+    index = json.loads((out / INDEX).read_text())
+    headers = {p.name: read_header(p) for p in out.glob("*.safetensors")}
+    in_files = {name: shard for shard, h in headers.items() for name in h.tensors}
+    assert index["weight_map"] == in_files
+    assert index["metadata"]["total_size"] == sum(i.nbytes for h in headers.values() for i in h.tensors.values())
+    description = json.loads((out / "quant_model_description.json").read_text())
+    tensor_types = {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+    assert set(tensor_types) == set(in_files)  # every tensor typed, nothing stale
+    prepacked = {k for k, v in tensor_types.items() if v == PREPACKED_TYPE}
+    assert all(".experts." in k or "self_attn" in k for k in prepacked)
+    assert "W4A8_DYNAMIC" not in tensor_types.values()  # stock vllm-ascend must not re-process
+    section = description["w4a8conv"]
+    assert section["source_layout"] == layout
+    assert section["group_size"] == description["group_size"] == (0 if layout.endswith("per-channel") else 32)
+    assert section["tool"] == "w4a8conv" and section["tool_version"]
+
+
+def test_non_tensor_files_are_copied(source_checkpoints, converted_checkpoints, layout):
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (converted_checkpoints[layout] / name).read_bytes() == (source_checkpoints[layout] / name).read_bytes()
+    assert not list(converted_checkpoints[layout].glob("*.partial"))
+
+
+def test_source_is_untouched(tmp_path):
+    from w4a8conv.convert import convert_checkpoint
+    from w4a8conv.synthetic import write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", "mindie")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()}
+    convert_checkpoint(src, tmp_path / "out")
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()} == before
+
+
+def test_output_shards_are_aligned_and_loadable(converted_checkpoints):
+    ckpt = ProcessedCheckpoint(converted_checkpoints["mindie"])
+    for shard in converted_checkpoints["mindie"].glob("*.safetensors"):
+        for info in read_header(shard).tensors.values():
+            assert info.begin % min(info.torch_dtype.itemsize, 8) == 0, info.name
+    assert ckpt.section["source_layout"] == "mindie"
+
+
+def test_single_file_checkpoint_without_index(tmp_path):
+    """A checkpoint with one unindexed file converts into one shard with an index beside it."""
+    from w4a8conv.convert import convert_checkpoint
+    from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(shards=1))
+    (src / INDEX).unlink()
+    only = next(src.glob("*.safetensors"))
+    only.rename(src / "quant_model_weights.safetensors")
+    result = convert_checkpoint(src, tmp_path / "out")
+    assert result.shards == 1
+    assert (tmp_path / "out" / "quant_model_weights.safetensors.index.json").is_file()
+    assert ProcessedCheckpoint(tmp_path / "out").load_moe("model.layers.1.mlp.experts")["w2_weight"].shape[0] == 4

@@ -1,0 +1,81 @@
+"""``w4a8conv inspect``: layout detection from shapes and dtypes, and its JSON contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.cli import app
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+from .conftest import SPEC
+
+runner = CliRunner()
+KEYS = {"format", "group_size", "w4a8_modules", "moe_layers", "shards", "total_bytes", "problems"}
+
+
+def inspect_json(path) -> tuple[int, dict]:
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "layout_name,group_size,modules",
+    [("mindie", 32, 30), ("v1.0.0-per-group", 32, 30), ("v1.0.0-per-channel", 0, 24)],
+)
+def test_detects_each_layout(source_checkpoints, layout_name, group_size, modules):
+    code, report = inspect_json(source_checkpoints[layout_name])
+    assert code == 0
+    assert report.keys() >= KEYS
+    assert report["format"] == layout_name
+    assert report["group_size"] == group_size
+    assert report["w4a8_modules"] == modules  # 2 MoE layers x 4 experts x 3, plus 6 Linear when per-group
+    assert report["moe_layers"] == SPEC.moe_layers and report["experts"] == SPEC.moe_layers * SPEC.experts
+    assert report["shards"] == 3
+    assert report["total_bytes"] == sum(p.stat().st_size for p in source_checkpoints[layout_name].glob("*.safetensors"))
+    assert report["other_quant_types"]["W8A8_DYNAMIC"] > 0 and report["other_quant_types"]["FLOAT"] > 0
+    assert report["problems"] == []
+
+
+def test_mindie_detected_without_version_or_group_size(source_checkpoints):
+    description = json.loads((source_checkpoints["mindie"] / "quant_model_description.json").read_text())
+    assert "version" not in description and "group_size" not in description
+    assert inspect_json(source_checkpoints["mindie"])[1]["group_size"] == SPEC.group_size  # from the shapes
+
+
+def test_detects_packed_weights_despite_missing_version(tmp_path):
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(w4a8_linear=False))
+    path = src / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    del description["version"]
+    path.write_text(json.dumps(description))
+    code, report = inspect_json(src)
+    assert code == 2
+    assert report["format"] == "v1.0.0-per-group"  # shapes, not the version, decide
+    assert any("packed two int4 per byte" in p for p in report["problems"])
+
+
+def test_lists_every_problem(tmp_path):
+    src = write_checkpoint(tmp_path / "src", "mindie", SyntheticSpec(w4a8_linear=False))
+    path = src / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    description["model.layers.7.mlp.experts.0.gate_proj.weight"] = "W4A8_DYNAMIC"
+    description["model.layers.8.mlp.experts.0.gate_proj.weight"] = "W4A8_DYNAMIC"
+    path.write_text(json.dumps(description))
+    code, report = inspect_json(src)
+    assert code == 2 and len(report["problems"]) == 2
+
+
+def test_processed_output_is_recognised(converted_checkpoints, layout):
+    code, report = inspect_json(converted_checkpoints[layout])
+    assert code == 0 and report["format"] == "processed"
+    assert report["w4a8_modules"] == (24 if layout.endswith("per-channel") else 30)
+    assert report["moe_layers"] == SPEC.moe_layers
+
+
+def test_human_table(source_checkpoints):
+    result = runner.invoke(app, ["inspect", str(source_checkpoints["mindie"])])
+    assert result.exit_code == 0
+    assert "mindie" in result.stdout and "no problems found" in result.stdout
