@@ -113,6 +113,31 @@ def convert(
     )
 
 
+@app.command()
+@handle_errors
+def synthetic(
+    path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
+    layout: Annotated[str, typer.Option(help="mindie, v1.0.0-per-group or v1.0.0-per-channel.")] = "mindie",
+    seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
+    json_output: JsonOpt = False,
+    *,
+    output: Output,
+) -> None:
+    """Write a tiny synthetic DeepSeek-like W4A8_DYNAMIC checkpoint (for demos and tests)."""
+    from .errors import BadInputError
+    from .synthetic import LAYOUT_NAMES, SyntheticSpec, write_checkpoint
+
+    if layout not in LAYOUT_NAMES:
+        raise BadInputError(f"--layout {layout}: choose one of {', '.join(LAYOUT_NAMES)}")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise BadInputError(f"{path}: exists and is not an empty directory")
+    write_checkpoint(path, layout, SyntheticSpec(seed=seed))
+    if output.json_mode:
+        output.emit_json({"ok": True, "path": str(path), "layout": layout})
+    else:
+        output.info(f"wrote a synthetic {layout} checkpoint to {path}")
+
+
 def main() -> None:
     app()
 

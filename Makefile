@@ -1,0 +1,45 @@
+# w4a8conv: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch: on these machines pip takes it from the local wheel cache. Elsewhere, point
+# TORCH_INDEX at https://download.pytorch.org/whl/cpu so pip never pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+BENCH_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
+DEMO := demo
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	@for layout in mindie v1.0.0-per-group v1.0.0-per-channel; do \
+		echo "== $$layout: a tiny synthetic DeepSeek-like checkpoint"; \
+		$(BIN)/w4a8conv synthetic $(DEMO)/ds-tiny-$$layout --layout $$layout || exit 1; \
+		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout || exit 1; \
+		$(BIN)/w4a8conv convert --in $(DEMO)/ds-tiny-$$layout --out $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
+		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
+	done
+
+lint: $(STAMP)
+	$(BIN)/ruff check w4a8conv tests
+	$(BIN)/ruff format --check w4a8conv tests
+
+test: $(STAMP)
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO) bench-data .pytest_cache .ruff_cache *.egg-info
