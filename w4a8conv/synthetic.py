@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from .safetensors_io import read_header
 
 LAYOUT_NAMES = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
 SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"
@@ -49,11 +52,15 @@ class W4A8Truth:
     row_parallel: bool
 
 
-def _w4a8_prefixes(spec: SyntheticSpec, layout: str) -> list[tuple[str, int, int, bool]]:
-    """(prefix, out, in, row_parallel) of every W4A8 projection."""
+def _all_layers(spec: SyntheticSpec) -> range:
+    return range(spec.dense_layers + spec.moe_layers)
+
+
+def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> list[tuple[str, int, int, bool]]:
+    """(prefix, out, in, row_parallel) of every W4A8 projection in ``layers``."""
     h, i = spec.hidden, spec.intermediate
     out = []
-    for layer in range(spec.dense_layers + spec.moe_layers):
+    for layer in layers:
         base = f"model.layers.{layer}"
         if spec.w4a8_linear and layout != "v1.0.0-per-channel":
             out.append((f"{base}.self_attn.q_proj", h, h, False))
@@ -65,10 +72,12 @@ def _w4a8_prefixes(spec: SyntheticSpec, layout: str) -> list[tuple[str, int, int
     return out
 
 
-def w4a8_truth(spec: SyntheticSpec, layout: str = "mindie") -> dict[str, W4A8Truth]:
+def w4a8_truth(
+    spec: SyntheticSpec, layout: str = "mindie", layers: Iterable[int] | None = None
+) -> dict[str, W4A8Truth]:
     """The int4 values and scales of every W4A8 projection, identical for every layout."""
     result = {}
-    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout):
+    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, _all_layers(spec) if layers is None else layers):
         gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{prefix}".encode()))
         values = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
         weight_scale = torch.rand(n, 1, generator=gen) * 0.02 + 0.001
@@ -117,6 +126,10 @@ def _w4a8_tensors(prefix: str, truth: W4A8Truth, layout: str) -> dict[str, torch
     return tensors
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _w8a8(prefix: str, n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {
         f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
@@ -125,11 +138,13 @@ def _w8a8(prefix: str, n: int, k: int, gen: torch.Generator) -> dict[str, torch.
     }
 
 
-def build_tensors(spec: SyntheticSpec, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of the checkpoint and its description entry."""
+def build_tensors(
+    spec: SyntheticSpec, layout: str, layer: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of one decoder layer (or, with ``layer=None``, those outside the layers) and their types."""
     if layout not in LAYOUT_NAMES:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUT_NAMES}")
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{layer}".encode()))
     h, i, e = spec.hidden, spec.intermediate, spec.experts
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -141,35 +156,41 @@ def build_tensors(spec: SyntheticSpec, layout: str) -> tuple[dict[str, torch.Ten
     def bf16(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(torch.bfloat16)
 
-    truth = w4a8_truth(spec, layout)
+    if layer is None:
+        add({"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT")
+        add({"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT")
+        return tensors, types
+    truth = w4a8_truth(spec, layout, [layer])
     for prefix, t in truth.items():
         add(_w4a8_tensors(prefix, t, layout), "W4A8_DYNAMIC")
-    add({"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT")
-    add({"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT")
-    for layer in range(spec.dense_layers + spec.moe_layers):
-        base = f"model.layers.{layer}"
-        add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if f"{base}.self_attn.{proj}" not in truth:
-                add(_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
-        if layer < spec.dense_layers:
-            for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
-                add(_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
-        else:
-            add(
-                {
-                    f"{base}.mlp.gate.weight": bf16(e, h),
-                    f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen),
-                },
-                "FLOAT",
-            )
-            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-                add(_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
+    base = f"model.layers.{layer}"
+    add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if f"{base}.self_attn.{proj}" not in truth:
+            add(_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
+    if layer < spec.dense_layers:
+        for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
+            add(_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
+    else:
+        add(
+            {
+                f"{base}.mlp.gate.weight": bf16(e, h),
+                f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen),
+            },
+            "FLOAT",
+        )
+        for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+            add(_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
     return tensors, types
 
 
-def write_checkpoint(path: Path | str, layout: str, spec: SyntheticSpec | None = None) -> Path:
+def write_checkpoint(
+    path: Path | str, layout: str, spec: SyntheticSpec | None = None, shard_bytes: int | None = None
+) -> Path:
     """Write a synthetic msModelSlim W4A8_DYNAMIC checkpoint of ``layout`` into directory ``path``.
+
+    One decoder layer is generated at a time and shards are cut every ``shard_bytes`` (default: the
+    size split into ``spec.shards``), so layers span shards and memory stays at about one shard.
 
     Example:
         >>> write_checkpoint(tmp_path / "ds-mindie", "mindie")  # doctest: +SKIP
@@ -179,24 +200,39 @@ def write_checkpoint(path: Path | str, layout: str, spec: SyntheticSpec | None =
     spec = spec or SyntheticSpec()
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors, types = build_tensors(spec, layout)
-    names = sorted(tensors, key=natural_key)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    per_shard = math.ceil(total / spec.shards)
-    shards: list[list[str]] = [[]]
-    filled = 0
-    for name in names:
-        size = tensors[name].numel() * tensors[name].element_size()
-        if filled + size > per_shard * len(shards) and shards[-1] and len(shards) < spec.shards:
-            shards.append([])
-        shards[-1].append(name)
-        filled += size
+    blocks = [None, *_all_layers(spec)]
+    if shard_bytes is None:
+        total = sum(_nbytes(t) for block in blocks for t in build_tensors(spec, layout, block)[0].values())
+        shard_bytes = math.ceil(total / spec.shards)
+    types: dict[str, str] = {}
+    files: list[tuple[Path, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        temp = path / f"shard-{len(files)}.tmp"
+        save_file(pending, str(temp), metadata={"format": "pt"})
+        files.append((temp, list(pending)))
+        pending.clear()
+
+    for block in blocks:
+        tensors, block_types = build_tensors(spec, layout, block)
+        types.update(block_types)
+        for name in sorted(tensors, key=natural_key):
+            pending[name] = tensors[name].contiguous()
+            if sum(map(_nbytes, pending.values())) >= shard_bytes:
+                flush()
+    if pending:
+        flush()
     weight_map = {}
-    for n, shard_names in enumerate(shards, start=1):
-        file_name = f"{SHARD_PREFIX}-{n:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: tensors[k].contiguous() for k in shard_names}, str(path / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard_names, file_name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    for n, (temp, names) in enumerate(files, start=1):
+        file_name = f"{SHARD_PREFIX}-{n:05d}-of-{len(files):05d}.safetensors"
+        temp.rename(path / file_name)
+        weight_map.update(dict.fromkeys(names, file_name))
+    total = sum(read_header(path / f).tensors[name].nbytes for name, f in weight_map.items())
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
+    }
     (path / f"{SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC"}
