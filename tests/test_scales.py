@@ -100,3 +100,12 @@ def test_scale_bias_is_independent_of_reduction_order():
     perm = torch.cat([torch.randperm(256, generator=gen) + 256 * g for g in range(4)])
     permuted = scale_bias_chunks(values[:, perm], ws, second, 1)
     assert torch.equal(forward, permuted)
+
+
+def test_scale_bias_exact_at_int16_limits():
+    # 4096 inputs of -8 in one segment sum to -32768, the int16 minimum; per channel with 7168
+    # inputs splits into segments, so 7 * 7168 does not overflow either.
+    values = torch.full((8, 4096), -8, dtype=torch.int8)
+    assert scale_bias_chunks(values, torch.ones(8, 1), None, 1).flatten().tolist() == [8.0 * -32768] * 8
+    values = torch.full((8, 7168), 7, dtype=torch.int8)
+    assert scale_bias_chunks(values, torch.ones(8, 1), None, 1).flatten().tolist() == [8.0 * 7 * 7168] * 8

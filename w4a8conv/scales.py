@@ -11,6 +11,7 @@ import math
 import torch
 
 _LOW_32_BITS = 0xFFFFFFFF
+_MAX_INT16_SEGMENT = 4096
 
 
 def encode_fp32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,7 @@ def scale_bias_chunks(
     what lets a tensor-parallel rank sum only its share of the input dim, as msModelSlim's
     ``[out, 16]`` scale_bias does. The integer sums are exact and the float64 accumulation runs in a
     fixed order and is rounded to fp32 once, so every device gives the same bits.
+    ``values`` must be int4 (-8..7) held in int8.
     """
     out_features, in_features = values.shape[-2], values.shape[-1]
     if in_features % num_chunks:
@@ -85,8 +87,10 @@ def scale_bias_chunks(
     else:
         group = in_features // weight_scale_second.shape[-1]
         second = weight_scale_second.to(torch.float64)
-    segment = math.gcd(chunk, group)  # the largest run of k that shares both a chunk and a group
-    segment_sums = values.reshape(out_features, in_features // segment, segment).sum(-1, dtype=torch.int64)
+    # A segment is a run of k inside one chunk and one group. At most 4096 int4 values sum to at most
+    # 8 * 4096 in magnitude, so an int16 sum is exact in any order (and ~15x faster than int64).
+    segment = math.gcd(chunk, group, _MAX_INT16_SEGMENT)
+    segment_sums = values.reshape(out_features, in_features // segment, segment).sum(-1, dtype=torch.int16)
     segments_per_chunk = chunk // segment
     result = torch.zeros(out_features, num_chunks, dtype=torch.float64, device=values.device)
     for c in range(num_chunks):
