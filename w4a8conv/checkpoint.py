@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadInputError
 from .safetensors_io import ShardHeader, TensorInfo, read_header
@@ -20,7 +18,10 @@ DESCRIPTION_FILE = "quant_model_description.json"
 INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG_FILE = "config.json"
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+_MODEL_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -50,12 +51,18 @@ class Checkpoint:
         return sum(s.file_size for s in self.shards.values())
 
     @property
-    def params_dtype(self) -> torch.dtype:
+    def params_dtype_name(self) -> str:
         """The model dtype a serving engine creates parameters in (config.json), bfloat16 if unset."""
         name = None
         if self.config:
             name = self.config.get("torch_dtype") or self.config.get("dtype")
-        return _TORCH_DTYPES.get(str(name), torch.bfloat16)
+        return name if name in _MODEL_DTYPES else "bfloat16"
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.params_dtype_name)
 
 
 def open_checkpoint(root: Path) -> Checkpoint:

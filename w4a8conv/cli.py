@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
 
@@ -94,6 +95,13 @@ def convert(
         Path, typer.Option("--out", help="Output directory (must not exist or be empty).", show_default=False)
     ],
     device: Annotated[str, typer.Option(help="Where to run the processing: auto, cpu, cuda or npu.")] = "cpu",
+    workers: Annotated[
+        int, typer.Option(help="Threads converting modules in parallel; the output is identical for any number.")
+    ] = DEFAULT_WORKERS,
+    num_workers: Annotated[
+        int, typer.Option(help="Jobs sharing this conversion (a job array's size); then run `finalize`.")
+    ] = 1,
+    worker_index: Annotated[int, typer.Option(help="This job's index in the array, 0-based.")] = 0,
     json_output: JsonOpt = False,
     *,
     output: Output,
@@ -101,9 +109,23 @@ def convert(
     """Convert a W4A8_DYNAMIC checkpoint into processed shards a serving engine loads directly."""
     from .convert import convert_checkpoint
 
-    result = convert_checkpoint(src, dst, device=device, progress=output.progress())
+    result = convert_checkpoint(
+        src,
+        dst,
+        device=device,
+        workers=workers,
+        num_workers=num_workers,
+        worker_index=worker_index,
+        progress=output.progress(),
+    )
     if output.json_mode:
         output.emit_json({"ok": True, **result.as_dict()})
+        return
+    if num_workers > 1:
+        output.info(
+            f"share {worker_index} of {num_workers} done in {result.seconds:.1f}s; "
+            f"run `w4a8conv finalize {dst}` once every share is done"
+        )
         return
     output.info(
         f"converted {result.format} checkpoint (group size {result.group_size}): {result.modules} W4A8 modules, "
@@ -111,6 +133,24 @@ def convert(
         f"{human_bytes(result.input_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f}s "
         f"on {result.device}\n-> {result.out_dir}"
     )
+
+
+@app.command()
+@handle_errors
+def finalize(
+    dst: Annotated[Path, typer.Argument(help="The output directory the jobs of an array wrote.", show_default=False)],
+    json_output: JsonOpt = False,
+    *,
+    output: Output,
+) -> None:
+    """Write the index and description once every share of a job array is done (exit 1, naming the missing)."""
+    from .convert import finalize as finalize_job
+
+    summary = finalize_job(dst)
+    if output.json_mode:
+        output.emit_json({"ok": True, "out_dir": str(dst), **summary})
+    else:
+        output.info(f"finalized {dst}: {summary['shards']} shards, {summary['modules']} W4A8 modules")
 
 
 @app.command()

@@ -32,7 +32,7 @@ def inspect_checkpoint(path: Path | str) -> dict:
         "experts": plan.num_experts,
         "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
         "other_quant_types": dict(sorted(plan.other_quant_types.items())),
-        "params_dtype": str(ckpt.params_dtype).removeprefix("torch."),
+        "params_dtype": ckpt.params_dtype_name,
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
         "total_bytes": ckpt.total_bytes,

@@ -7,11 +7,12 @@ Adding a layout means adding one class here and one line to ``SOURCE_LAYOUTS``.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadInputError
-from .packing import int4_range_violation, pack_int4_pairs_along_rows
-from .scales import scale_bias_chunks
+
+if TYPE_CHECKING:  # the math (and torch) is imported when a projection is processed, not when planning
+    import torch
 
 W4A8_TYPE = "W4A8_DYNAMIC"
 # Our output's quant type: a stock vllm-ascend has no scheme for it and raises NotImplementedError,
@@ -53,12 +54,16 @@ class MindieLayout(SourceLayout):
     stores_scale_bias = False
 
     def packed_rows(self, weight: torch.Tensor, where: str) -> torch.Tensor:
+        from .packing import int4_range_violation, pack_int4_pairs_along_rows
+
         violation = int4_range_violation(weight)
         if violation is not None:
             raise BadInputError(f"{where}: int4 weight holds values {violation[0]}..{violation[1]}, outside -8..7")
         return pack_int4_pairs_along_rows(weight)
 
     def scale_bias(self, weight, weight_scale, weight_scale_second, stored, num_chunks):
+        from .scales import scale_bias_chunks
+
         return scale_bias_chunks(weight, weight_scale, weight_scale_second, num_chunks)
 
 
@@ -74,6 +79,8 @@ class V1PerGroupLayout(SourceLayout):
         return weight
 
     def scale_bias(self, weight, weight_scale, weight_scale_second, stored, num_chunks):
+        import torch
+
         assert stored is not None
         return stored.to(torch.float32).reshape(stored.shape[0], num_chunks)
 

@@ -18,31 +18,48 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import BadInputError, W4A8ConvError
 
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype names -> (torch dtype attribute, item size). torch is imported only when a tensor
+# is built, so planning and pass-through copying can start while torch is still loading.
+_DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-ITEMSIZE: dict[str, int] = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: size for name, (_, size) in _DTYPES.items()}
+_NAMES_BY_TORCH = {attr: name for name, (attr, _) in _DTYPES.items()}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _DTYPES[name][0])
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The safetensors name of a torch dtype, or None."""
+    return _NAMES_BY_TORCH.get(str(dtype).removeprefix("torch."))
+
 
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -66,7 +83,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -120,7 +137,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     if not isinstance(entry, dict):
         raise BadInputError(f"{path}: tensor {name}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if dtype not in _DTYPES:
         raise BadInputError(f"{path}: tensor {name}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise BadInputError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative ints")
@@ -167,6 +184,8 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
             got += n
     if got != info.nbytes:
         raise BadInputError(f"{info.path}: tensor {info.name}: file ended after {got} of {info.nbytes} bytes")
+    import torch
+
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     return torch.from_numpy(buffer).view(info.torch_dtype).reshape(info.shape)
@@ -239,7 +258,9 @@ class ShardWriter:
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (which must match the planned dtype and shape) at its offset."""
         entry = self._entries[name]
-        if DTYPE_NAMES.get(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
+        import torch
+
+        if dtype_name(tensor.dtype) != entry.dtype or tuple(tensor.shape) != entry.shape:
             raise W4A8ConvError(
                 f"internal error: {name} planned as {entry.dtype}{list(entry.shape)}, "
                 f"produced {tensor.dtype}{list(tensor.shape)}"

@@ -1,0 +1,274 @@
+"""Benchmark `w4a8conv convert` against a plain copy and a naive seed-style converter, side by side.
+
+    make bench                                  # about 2 GB per layout, 3 runs each, medians
+    make bench BENCH_ARGS="--size-gb 8 --json"
+
+For each layout it writes (once, cached in bench-data/) a synthetic checkpoint with DeepSeek-R1
+expert shapes (hidden 7168, moe_intermediate 2048, group_size 256), then runs, alternating and
+each in a fresh subprocess after a `sync`: `cp -r` of the directory (the floor for moving those
+bytes), `w4a8conv convert`, and the naive reference below. It reports wall time, input GB/s,
+convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON. `--flat` also
+converts a checkpoint 4x larger to show that peak memory does not grow with size.
+
+The naive reference processes the way the seed code (vllm-ascend's process_weights_after_loading)
+does, on the CPU: it loads each MoE layer whole, stacks the experts, transposes, builds fp32
+temporaries for the bias, encodes scales through numpy round trips, packs int4 with a numpy
+emulation of npu_quantize, and saves each layer with safetensors.save_file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
+HIDDEN, INTER, GROUP, EXPERTS = 7168, 2048, 256, 16
+
+
+def _spec(layers: int):
+    from w4a8conv.synthetic import SyntheticSpec
+
+    return SyntheticSpec(
+        hidden=HIDDEN,
+        intermediate=INTER,
+        experts=EXPERTS,
+        dense_layers=0,
+        moe_layers=layers,
+        group_size=GROUP,
+        vocab=1024,
+        w4a8_linear=False,
+    )
+
+
+def _layer_bytes(layout: str) -> int:
+    expert = 3 * INTER * HIDDEN * (1 if layout == "mindie" else 0.5)
+    passthrough = 4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN  # attention + shared expert, W8A8
+    return int(EXPERTS * expert + passthrough)
+
+
+def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
+    from w4a8conv.synthetic import write_checkpoint
+
+    layers = max(1, round(size_gb * 1e9 / _layer_bytes(layout)))
+    path = data / f"{layout}-{layers}layers"
+    if (path / "quant_model_description.json").is_file():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"generating {path} ...", file=sys.stderr, flush=True)
+    write_checkpoint(path, layout, _spec(layers), shard_bytes=1 << 30)
+    return path
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command, run after a sync so dirty pages don't carry over."""
+    os.sync()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive: bool) -> dict:
+    commands = {
+        "copy": ["cp", "-r", str(src), str(out)],
+        "convert": [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
+        + (["--workers", str(workers)] if workers else []),
+    }
+    if naive:
+        commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
+    runs: dict[str, list[tuple[float, int]]] = {k: [] for k in commands}
+    for _ in range(repeats):
+        for name, cmd in commands.items():
+            shutil.rmtree(out, ignore_errors=True)
+            runs[name].append(timed(cmd))
+            shutil.rmtree(out, ignore_errors=True)
+    size = dir_bytes(src)
+    result: dict = {"input_bytes": size, "repeats": repeats}
+    for name, values in runs.items():
+        seconds = statistics.median(v[0] for v in values)
+        result[name] = {
+            "seconds": round(seconds, 3),
+            "all_seconds": [round(v[0], 3) for v in values],
+            "gb_per_s": round(size / seconds / 1e9, 3),
+            "peak_rss_mb": round(statistics.median(v[1] for v in values) / 1e6, 1),
+        }
+    result["convert_over_copy"] = round(result["convert"]["seconds"] / result["copy"]["seconds"], 2)
+    if naive:
+        result["naive_over_convert"] = round(result["naive"]["seconds"] / result["convert"]["seconds"], 2)
+    return result
+
+
+# --- the naive, seed-style reference ---------------------------------------------------------------
+
+
+def naive_convert(src: Path, dst: Path) -> None:
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = json.loads(next(src.glob("*.safetensors.index.json")).read_text())["weight_map"]
+    description = json.loads((src / "quant_model_description.json").read_text())
+    new_version = description.get("version") == "1.0.0"
+    group_size = description.get("group_size", GROUP)
+    dst.mkdir(parents=True)
+
+    def load(names):
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(index[name], []).append(name)
+        out = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(str(src / file_name), framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in file_names})
+        return out
+
+    def naive_pack(w: torch.Tensor) -> torch.Tensor:  # numpy emulation of npu_quantize(quint4x2)
+        v = w.numpy().astype(np.int64)
+        groups = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
+        word = np.zeros(groups.shape[:-1], dtype=np.int64)
+        for j in range(8):
+            word |= (groups[..., j] & 0xF) << (4 * j)
+        return torch.from_numpy(np.where(word >= 2**31, word - 2**32, word).astype(np.int32))
+
+    def process_scale(weight, scale, per_group_scale):
+        scale = scale.transpose(1, 2).contiguous()
+        if per_group_scale is None:
+            s = scale.numpy().copy()
+            s.dtype = np.uint32
+            return torch.from_numpy(s.astype(np.int64)), None
+        per_group_scale = per_group_scale.transpose(1, 2).contiguous()
+        e, k, n = weight.shape
+        n = n * 2 if new_version else n
+        per_group_scale = per_group_scale.reshape(e, -1, n)
+        _, groups, n = per_group_scale.shape
+        bias = None
+        if not new_version:
+            high = weight.to(torch.float32).reshape(e, groups, -1, n) * per_group_scale.reshape(e, groups, 1, n)
+            bias = 8 * (high.reshape(e, k, n) * scale).sum(axis=1)
+        s = (scale * per_group_scale).to(torch.float16).to(torch.float32).numpy().copy()
+        s.dtype = np.uint32
+        wide = np.zeros((e, groups, n * 2), dtype=np.uint32)
+        wide[..., ::2] = s
+        return torch.from_numpy(np.frombuffer(wide.tobytes(), dtype=np.int64).copy()).reshape(e, groups, n), bias
+
+    layers: dict[str, set[int]] = {}
+    others = []
+    for name in index:
+        m = re.match(r"(.+\.experts)\.(\d+)\.", name)
+        if m:
+            layers.setdefault(m[1], set()).add(int(m[2]))
+        else:
+            others.append(name)
+    for n, layer in enumerate(sorted(layers)):
+        experts = sorted(layers[layer])
+        t = load([k for k in index if k.startswith(layer + ".")])
+
+        def stack(proj_names, role, experts=experts, layer=layer, t=t):
+            return torch.stack(
+                [torch.cat([t[f"{layer}.{e}.{p}.{role}"] for p in proj_names]) for e in experts]
+            ).to(torch.float32 if role != "weight" else torch.int8)
+
+        out = {}
+        for prefix, projs in (("w13", ("gate_proj", "up_proj")), ("w2", ("down_proj",))):
+            weight = stack(projs, "weight").transpose(1, 2).contiguous()
+            second = stack(projs, "weight_scale_second") if group_size else None
+            scale, bias = process_scale(weight, stack(projs, "weight_scale"), second)
+            if new_version:
+                bias = stack(projs, "scale_bias").transpose(1, 2).contiguous().sum(axis=1)
+                packed = torch.from_numpy(np.frombuffer(weight.numpy().tobytes(), dtype=np.int32).copy())
+                packed = packed.reshape(*weight.shape[:-1], -1)
+            else:
+                packed = naive_pack(weight)
+            out.update({f"{prefix}_weight": packed, f"{prefix}_weight_scale": scale, f"{prefix}_scale_bias": bias})
+        save_file({f"{layer}.{k}": v.contiguous() for k, v in out.items()}, str(dst / f"layer-{n}.safetensors"))
+    save_file({k: v.contiguous() for k, v in load(others).items()}, str(dst / "others.safetensors"))
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--naive":
+        naive_convert(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size per layout (default 2)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each command; medians are reported")
+    parser.add_argument("--workers", type=int, default=None, help="convert --workers (default: the CLI's)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument("--flat", action="store_true", help="also convert a 4x larger mindie checkpoint (memory)")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where checkpoints are cached")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    out = args.data / "out"
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "layouts": {}}
+    for layout in args.layouts:
+        src = ensure_checkpoint(args.data, layout, args.size_gb)
+        results["layouts"][layout] = bench_layout(src, out, args.repeats, args.workers, not args.no_naive)
+    if args.flat:
+        small = ensure_checkpoint(args.data, "mindie", args.size_gb)
+        large = ensure_checkpoint(args.data, "mindie", args.size_gb * 4)
+        rss = {}
+        for label, src in (("1x", small), ("4x", large)):
+            rss[label] = bench_layout(src, out, 1, args.workers, naive=False)
+        results["flat"] = {
+            label: {"input_bytes": r["input_bytes"], "peak_rss_mb": r["convert"]["peak_rss_mb"]} for label, r in rss.items()
+        }
+        results["flat"]["growth"] = round(rss["4x"]["convert"]["peak_rss_mb"] / rss["1x"]["convert"]["peak_rss_mb"], 3)
+    (args.data / "results.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(results)
+
+
+def print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="w4a8conv bench (medians)")
+    for col in ("layout", "input", "command", "seconds", "GB/s", "peak RSS MB", "ratio"):
+        table.add_column(col)
+    for layout, r in results["layouts"].items():
+        for name in ("copy", "convert", "naive"):
+            if name not in r:
+                continue
+            ratio = {"convert": f"{r['convert_over_copy']}x copy", "naive": f"{r.get('naive_over_convert')}x convert"}
+            table.add_row(
+                layout,
+                f"{r['input_bytes'] / 1e9:.2f} GB",
+                name,
+                f"{r[name]['seconds']:.2f}",
+                f"{r[name]['gb_per_s']:.2f}",
+                f"{r[name]['peak_rss_mb']:.0f}",
+                ratio.get(name, ""),
+            )
+    Console().print(table)
+    if "flat" in results:
+        f = results["flat"]
+        Console().print(
+            f"peak RSS: {f['1x']['peak_rss_mb']:.0f} MB at {f['1x']['input_bytes'] / 1e9:.1f} GB, "
+            f"{f['4x']['peak_rss_mb']:.0f} MB at {f['4x']['input_bytes'] / 1e9:.1f} GB (x{f['growth']})"
+        )
+
+
+if __name__ == "__main__":
+    main()
