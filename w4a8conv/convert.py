@@ -305,9 +305,15 @@ def _convert_projection(
     from .processing import process_projection
 
     _configure_torch(workers)
+    if device == "npu":
+        from .npu import npu_pack_int4_to_int32
+
+        pack_int4 = functools.partial(npu_pack_int4_to_int32, for_moe=projection.is_moe)
+    else:
+        from .packing import pack_int4_to_int32 as pack_int4
 
     tensors = {role: read_tensor(info).to(device) for role, info in projection.sources.items()}
-    for name, tensor in process_projection(projection, tensors, getattr(torch, params_dtype)).items():
+    for name, tensor in process_projection(projection, tensors, getattr(torch, params_dtype), pack_int4).items():
         writer.write_tensor(name, tensor)
 
 

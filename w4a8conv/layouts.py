@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 from .errors import BadInputError
 
 if TYPE_CHECKING:  # the math (and torch) is imported when a projection is processed, not when planning
+    from collections.abc import Callable
+
     import torch
+
+    # int8 int4 values [out, in] -> operator words int32 [in, out/8]
+    Int4Packer = Callable[[torch.Tensor], torch.Tensor]
 
 W4A8_TYPE = "W4A8_DYNAMIC"
 # Our output's quant type: a stock vllm-ascend has no scheme for it and raises NotImplementedError,
@@ -29,8 +34,8 @@ class SourceLayout:
     per_group: bool  # has weight_scale_second [out, in/g]
     stores_scale_bias: bool  # has scale_bias [out, chunks] computed by msModelSlim
 
-    def packed_rows(self, weight: torch.Tensor, where: str) -> torch.Tensor:
-        """The weight as 1.0.0 int4 pair bytes int8 ``[out/2, in]``."""
+    def operator_words(self, weight: torch.Tensor, where: str, pack_int4: Int4Packer) -> torch.Tensor:
+        """The weight as the operator's int32 words ``[in, out/8]``; ``pack_int4`` packs unpacked int4."""
         raise NotImplementedError
 
     def scale_bias(
@@ -53,13 +58,13 @@ class MindieLayout(SourceLayout):
     per_group = True
     stores_scale_bias = False
 
-    def packed_rows(self, weight: torch.Tensor, where: str) -> torch.Tensor:
-        from .packing import int4_range_violation, pack_int4_pairs_along_rows
+    def operator_words(self, weight: torch.Tensor, where: str, pack_int4: Int4Packer) -> torch.Tensor:
+        from .packing import int4_range_violation
 
         violation = int4_range_violation(weight)
         if violation is not None:
             raise BadInputError(f"{where}: int4 weight holds values {violation[0]}..{violation[1]}, outside -8..7")
-        return pack_int4_pairs_along_rows(weight)
+        return pack_int4(weight)
 
     def scale_bias(self, weight, weight_scale, weight_scale_second, stored, num_chunks):
         from .scales import scale_bias_chunks
@@ -75,8 +80,10 @@ class V1PerGroupLayout(SourceLayout):
     per_group = True
     stores_scale_bias = True
 
-    def packed_rows(self, weight: torch.Tensor, where: str) -> torch.Tensor:
-        return weight
+    def operator_words(self, weight: torch.Tensor, where: str, pack_int4: Int4Packer) -> torch.Tensor:
+        from .packing import int4_pair_rows_to_int32_words
+
+        return int4_pair_rows_to_int32_words(weight)
 
     def scale_bias(self, weight, weight_scale, weight_scale_second, stored, num_chunks):
         import torch

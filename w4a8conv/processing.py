@@ -6,10 +6,12 @@ the serving side only stacks experts and concatenates gate/up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .errors import BadInputError
-from .packing import int4_pair_rows_to_int32_words
+from .packing import pack_int4_to_int32
 from .plan import Projection
 from .scales import linear_antiquant_scale, moe_per_channel_scale, moe_per_group_scale
 
@@ -35,7 +37,10 @@ def check_source_values(projection: Projection, tensors: dict[str, torch.Tensor]
 
 
 def process_projection(
-    projection: Projection, tensors: dict[str, torch.Tensor], params_dtype: torch.dtype = torch.bfloat16
+    projection: Projection,
+    tensors: dict[str, torch.Tensor],
+    params_dtype: torch.dtype = torch.bfloat16,
+    pack_int4: Callable[[torch.Tensor], torch.Tensor] = pack_int4_to_int32,
 ) -> dict[str, torch.Tensor]:
     """Turn one projection's source tensors into its output tensors (names as ``projection.outputs()``).
 
@@ -43,6 +48,8 @@ def process_projection(
         projection: the planned projection.
         tensors: its source tensors by role (``weight``, ``weight_scale``, ...), on any device.
         params_dtype: the model dtype; vllm-ascend rounds a W4A8 Linear's scales to it on load.
+        pack_int4: packs int8 int4 values ``[out, in]`` into int32 words ``[in, out/8]`` (mindie);
+            the pure torch packer by default, torch_npu's operator on an NPU.
 
     Returns:
         ``{name: tensor}`` on the tensors' device.
@@ -57,9 +64,8 @@ def process_projection(
         # rounded on load, and both the antiquant scale and the mindie bias see the rounded values.
         scale, second = scale.to(params_dtype), second.to(params_dtype)
     weight = tensors["weight"]
-    packed_rows = layout.packed_rows(weight, _where(projection, "weight"))
     prefix = projection.prefix
-    out = {f"{prefix}.weight": int4_pair_rows_to_int32_words(packed_rows)}
+    out = {f"{prefix}.weight": layout.operator_words(weight, _where(projection, "weight"), pack_int4)}
     if projection.is_moe:
         encoded = moe_per_group_scale(scale, second) if second is not None else moe_per_channel_scale(scale)
         out[f"{prefix}.weight_scale"] = encoded

@@ -1,0 +1,127 @@
+"""Threads inside a process and job arrays across processes give byte-identical output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.cli import app
+from w4a8conv.convert import STATE_DIR, assign_shares, convert_checkpoint, output_shards
+from w4a8conv.plan import build_plan
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+runner = CliRunner()
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Path:
+    """A checkpoint with more shards than the tests' workers, so shares are non-trivial."""
+    return write_checkpoint(tmp_path_factory.mktemp("src") / "ckpt", "mindie", SyntheticSpec(shards=7, moe_layers=3))
+
+
+@pytest.fixture(scope="module")
+def single_run(many_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "out"
+    convert_checkpoint(many_shards, out, workers=1)
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 5])
+def test_workers_give_identical_bytes(many_shards, single_run, tmp_path, workers):
+    convert_checkpoint(many_shards, tmp_path / "out", workers=workers)
+    assert tree_bytes(tmp_path / "out") == tree_bytes(single_run)
+
+
+def test_conversion_is_deterministic(many_shards, single_run, tmp_path):
+    convert_checkpoint(many_shards, tmp_path / "again", workers=1)
+    assert tree_bytes(tmp_path / "again") == tree_bytes(single_run)
+
+
+def test_shares_are_disjoint_complete_and_deterministic(many_shards):
+    shards = output_shards(build_plan(open_checkpoint(many_shards)))
+    for n in (1, 2, 3, 7, 9):
+        shares = assign_shares(shards, n)
+        names = [name for share in shares for name in share]
+        assert sorted(names) == sorted(s.name for s in shards) and len(names) == len(set(names))
+        assert shares == assign_shares(list(reversed(shards)), n)  # same split whatever the order
+
+
+def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_path):
+    out = tmp_path / "out"
+    # Each job of the array is an independent process, as in a Slurm array or a Kubernetes Indexed Job.
+    for index in (2, 0, 1):
+        cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(many_shards), "--out", str(out)]
+        cmd += ["--num-workers", "3", "--worker-index", str(index)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        assert not (out / "quant_model_description.json").exists()  # not complete before finalize
+    result = runner.invoke(app, ["finalize", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["ok"] is True
+    assert tree_bytes(out) == tree_bytes(single_run)
+    assert not (out / STATE_DIR).exists()
+
+
+def test_finalize_names_missing_shares(many_shards, tmp_path):
+    out = tmp_path / "out"
+    for index in (0, 2):
+        result = runner.invoke(
+            app,
+            [
+                "convert",
+                "--in",
+                str(many_shards),
+                "--out",
+                str(out),
+                "--num-workers",
+                "4",
+                "--worker-index",
+                str(index),
+            ],
+        )
+        assert result.exit_code == 0, result.stderr
+    result = runner.invoke(app, ["finalize", str(out)])
+    assert result.exit_code == 1
+    assert "shares 1, 3 of 4 (--worker-index) are not finished" in result.stderr
+    assert not (out / "quant_model_description.json").exists()
+
+
+def test_finalize_refuses_a_directory_with_no_job(tmp_path):
+    result = runner.invoke(app, ["finalize", str(tmp_path)])
+    assert result.exit_code == 2 and "no conversion in progress" in result.stderr
+
+
+def test_array_jobs_refuse_a_different_conversion(many_shards, tmp_path):
+    other = write_checkpoint(tmp_path / "other", "v1.0.0-per-group")
+    out = tmp_path / "out"
+    args = ["--num-workers", "2", "--worker-index", "0"]
+    assert runner.invoke(app, ["convert", "--in", str(many_shards), "--out", str(out), *args]).exit_code == 0
+    result = runner.invoke(app, ["convert", "--in", str(other), "--out", str(out), *args])
+    assert result.exit_code == 2 and "different conversion" in result.stderr
+
+
+def test_bad_worker_index(many_shards, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "--in",
+            str(many_shards),
+            "--out",
+            str(tmp_path / "o"),
+            "--num-workers",
+            "2",
+            "--worker-index",
+            "2",
+        ],
+    )
+    assert result.exit_code == 2 and "--worker-index 2" in result.stderr
