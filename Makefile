@@ -31,8 +31,8 @@ demo: $(STAMP)
 	done
 
 lint: $(STAMP)
-	$(BIN)/ruff check w4a8conv tests
-	$(BIN)/ruff format --check w4a8conv tests
+	$(BIN)/ruff check w4a8conv tests scripts
+	$(BIN)/ruff format --check w4a8conv tests scripts
 
 test: $(STAMP)
 	$(MAKE) --no-print-directory lint

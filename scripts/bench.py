@@ -56,15 +56,15 @@ def _layer_bytes(layout: str) -> int:
 
 
 def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
-    from w4a8conv.synthetic import write_checkpoint
-
     layers = max(1, round(size_gb * 1e9 / _layer_bytes(layout)))
     path = data / f"{layout}-{layers}layers"
     if (path / "quant_model_description.json").is_file():
         return path
     shutil.rmtree(path, ignore_errors=True)
     print(f"generating {path} ...", file=sys.stderr, flush=True)
-    write_checkpoint(path, layout, _spec(layers), shard_bytes=1 << 30)
+    # In a child process: the parent stays small, so the peak RSS it measures for its children
+    # (which start as forks of it) is theirs.
+    subprocess.run([sys.executable, __file__, "--generate", str(path), layout, str(layers)], check=True)
     return path
 
 
@@ -182,9 +182,9 @@ def naive_convert(src: Path, dst: Path) -> None:
         t = load([k for k in index if k.startswith(layer + ".")])
 
         def stack(proj_names, role, experts=experts, layer=layer, t=t):
-            return torch.stack(
-                [torch.cat([t[f"{layer}.{e}.{p}.{role}"] for p in proj_names]) for e in experts]
-            ).to(torch.float32 if role != "weight" else torch.int8)
+            return torch.stack([torch.cat([t[f"{layer}.{e}.{p}.{role}"] for p in proj_names]) for e in experts]).to(
+                torch.float32 if role != "weight" else torch.int8
+            )
 
         out = {}
         for prefix, projs in (("w13", ("gate_proj", "up_proj")), ("w2", ("down_proj",))):
@@ -205,6 +205,11 @@ def naive_convert(src: Path, dst: Path) -> None:
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--naive":
         naive_convert(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    if len(sys.argv) == 5 and sys.argv[1] == "--generate":
+        from w4a8conv.synthetic import write_checkpoint
+
+        write_checkpoint(Path(sys.argv[2]), sys.argv[3], _spec(int(sys.argv[4])), shard_bytes=1 << 30)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size per layout (default 2)")
@@ -230,7 +235,8 @@ def main() -> None:
         for label, src in (("1x", small), ("4x", large)):
             rss[label] = bench_layout(src, out, 1, args.workers, naive=False)
         results["flat"] = {
-            label: {"input_bytes": r["input_bytes"], "peak_rss_mb": r["convert"]["peak_rss_mb"]} for label, r in rss.items()
+            label: {"input_bytes": r["input_bytes"], "peak_rss_mb": r["convert"]["peak_rss_mb"]}
+            for label, r in rss.items()
         }
         results["flat"]["growth"] = round(rss["4x"]["convert"]["peak_rss_mb"] / rss["1x"]["convert"]["peak_rss_mb"], 3)
     (args.data / "results.json").write_text(json.dumps(results, indent=2))
