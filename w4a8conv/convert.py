@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,42 +247,42 @@ def _source_bytes(projection: Projection) -> int:
 def _convert_shards(
     shards: list[OutputShard], dst: Path, device: str, params_dtype: str, workers: int, report: Progress
 ) -> None:
-    """Fill each shard with ``workers`` threads; the previous shard's fsync overlaps the next one's work.
+    """Fill the shards with ``workers`` threads; each shard is fsynced and renamed once its last unit is done.
 
-    Every unit writes a fixed byte range, so the result does not depend on ``workers`` or on timing.
+    Pass-through copies are queued first: they need no torch, so they overlap its import. The fsync
+    runs here while the workers go on. Every unit writes a fixed byte range, so the result does not
+    depend on ``workers`` or on timing.
     """
-    closing: list[Future] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv") as pool, ThreadPoolExecutor(1) as closer:
+    writers = {shard.name: ShardWriter(dst / shard.name, shard.entries, _SHARD_METADATA) for shard in shards}
+    remaining = {shard.name: len(shard.passthrough) + len(shard.projections) for shard in shards}
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
+    try:
+        units: dict[Future, tuple[str, str, str, int]] = {}
         for shard in shards:
-            report.update("shard", shard.name, 0)
-            writer = ShardWriter(dst / shard.name, shard.entries, metadata=_SHARD_METADATA)
-            try:
-                units = [pool.submit(writer.copy_tensor, info.name, info) for info in shard.passthrough]
-                units += [
-                    pool.submit(_convert_projection, writer, p, device, params_dtype, workers)
-                    for p in shard.projections
-                ]
-                names = [("copy", i.name, i.nbytes) for i in shard.passthrough]
-                names += [("module", p.prefix, _source_bytes(p)) for p in shard.projections]
-                done, _ = wait(units, return_when=FIRST_EXCEPTION)
-                for future in units:
-                    if future in done and future.exception() is not None:
-                        for other in units:
-                            other.cancel()
-                        wait(units)
-                        raise future.exception()
-                for event, name, nbytes in names:
-                    report.update(event, name, nbytes)
-            except BaseException:
-                writer.abort()
-                raise
-            closing.append(closer.submit(writer.finish))
-            finished = [f for f in closing if f.done()]
-            for future in finished:
-                future.result()  # surface a failed fsync or rename now, not at the end
-            closing = [f for f in closing if f not in finished]
-        for future in closing:
+            for info in shard.passthrough:
+                future = pool.submit(writers[shard.name].copy_tensor, info.name, info)
+                units[future] = (shard.name, "copy", info.name, info.nbytes)
+        for shard in shards:
+            for p in shard.projections:
+                future = pool.submit(_convert_projection, writers[shard.name], p, device, params_dtype, workers)
+                units[future] = (shard.name, "module", p.prefix, _source_bytes(p))
+        for name in [name for name, count in remaining.items() if count == 0]:
+            writers.pop(name).finish()
+        for future in as_completed(units):
+            shard_name, event, name, nbytes = units[future]
             future.result()
+            report.update(event, name, nbytes)
+            remaining[shard_name] -= 1
+            if remaining[shard_name] == 0:
+                writers.pop(shard_name).finish()
+                report.update("shard", shard_name, 0)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for writer in writers.values():
+            writer.abort()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 _SHARD_METADATA = {"format": "pt", "converted_by": f"w4a8conv {__version__}"}

@@ -88,7 +88,7 @@ class Progress:
         pass
 
     def update(self, event: str, name: str, nbytes: int) -> None:
-        """``event``: ``shard`` when an output shard starts, ``copy`` / ``module`` per unit done."""
+        """``event``: ``copy`` / ``module`` per unit done (``nbytes`` read), ``shard`` per output file done."""
 
     def finish(self) -> None:
         pass
@@ -109,7 +109,7 @@ class LineProgress(Progress):
         self.done_bytes += nbytes
         self.done_modules += event == "module"
         if event == "shard":
-            self._line(f"writing {name}")
+            self._line(f"wrote {name}")
 
     def _line(self, what: str) -> None:
         elapsed = max(time.monotonic() - self.started, 1e-9)
