@@ -11,6 +11,7 @@ in memory. This module knows bytes and dtypes, nothing about int4.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -249,7 +250,9 @@ class ShardWriter:
         self.size = len(header) + sum(e.nbytes for e in entries)
         self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(self._fd, self.size)
+            # Reserve every block now: a full disk fails here, before any work, and the writes into
+            # allocated space are cheaper than filling holes of a sparse file.
+            _allocate(self._fd, self.size)
             self._pwrite_all(header, 0)
         except OSError:
             self.abort()
@@ -302,6 +305,15 @@ class ShardWriter:
             written = os.pwrite(self._fd, view, offset)
             view = view[written:]
             offset += written
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)  # filesystems without fallocate (some network filesystems)
 
 
 def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> int:
