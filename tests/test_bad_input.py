@@ -175,3 +175,111 @@ def test_installed_entry_point_prints_no_traceback(tmp_path, mindie):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert "quant_model_description.json: not valid JSON" in proc.stderr
+
+
+# --- hostile files ------------------------------------------------------------------------------------
+
+
+def rewrite_header(shard: Path, change) -> None:
+    """Let ``change(header_dict)`` edit a shard's JSON header; the data bytes stay as they are."""
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    change(header)
+    new = json.dumps(header).encode()
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+
+
+def first_shard(ckpt: Path) -> Path:
+    return sorted(ckpt.glob("*.safetensors"))[0]
+
+
+def test_header_lies_about_offsets(tmp_path, mindie):
+    shard = first_shard(mindie)
+    victim = {}
+
+    def lie(header):
+        name = next(k for k in header if k != "__metadata__")
+        victim["name"] = name
+        begin, end = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [begin + 10**9, end + 10**9]
+
+    rewrite_header(shard, lie)
+    assert_refused(tmp_path, mindie, shard.name, victim["name"], "truncated shard?")
+
+
+def test_header_overlapping_tensors(tmp_path, mindie):
+    shard = first_shard(mindie)
+
+    def overlap(header):
+        names = [k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32"][:2]
+        header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+        header[names[1]]["shape"] = header[names[0]]["shape"]
+
+    rewrite_header(shard, overlap)
+    assert_refused(tmp_path, mindie, shard.name, "overlap in the file")
+
+
+def test_header_lies_about_dtype(tmp_path, mindie):
+    shard = first_shard(mindie)
+    victim = {}
+
+    def lie(header):
+        name = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "I8")
+        victim["name"] = name
+        header[name]["dtype"] = "I32"
+
+    rewrite_header(shard, lie)
+    assert_refused(tmp_path, mindie, shard.name, victim["name"], "needs")
+
+
+def test_unknown_dtype(tmp_path, mindie):
+    shard = first_shard(mindie)
+    rewrite_header(shard, lambda h: h[next(k for k in h if k != "__metadata__")].update({"dtype": "Q4"}))
+    assert_refused(tmp_path, mindie, shard.name, "unknown dtype 'Q4'")
+
+
+def test_huge_header(tmp_path, mindie):
+    shard = first_shard(mindie)
+    raw = bytearray(shard.read_bytes())
+    raw[:8] = (1 << 40).to_bytes(8, "little")
+    shard.write_bytes(bytes(raw))
+    assert_refused(tmp_path, mindie, shard.name, "header claims 1099511627776 bytes")
+
+
+def test_index_names_a_missing_file(tmp_path, mindie):
+    first_shard(mindie).unlink()
+    assert_refused(tmp_path, mindie, "index.json", "which does not exist")
+
+
+def test_duplicate_tensor_names_across_shards(tmp_path, mindie):
+    shards = sorted(mindie.glob("*.safetensors"))
+    name = "model.norm.weight"
+    holder = next(s for s in shards if name in load_file(s))
+    other = next(s for s in shards if s != holder)
+    tensors = load_file(other)
+    tensors[name] = torch.zeros(4, dtype=torch.bfloat16)
+    save_file(tensors, other, metadata={"format": "pt"})
+    assert_refused(tmp_path, mindie, name, "duplicate name")
+
+
+def test_symlink_out_of_the_checkpoint_is_not_followed(tmp_path, mindie):
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text("{}")
+    (mindie / "tokenizer.json").symlink_to(secret)
+    assert_refused(tmp_path, mindie, "tokenizer.json", "outside the checkpoint directory; not following it")
+
+
+def test_description_disagrees_with_tensors(tmp_path, v1):
+    # A packed int4 weight described as W8A8 would be copied as int8 garbage: refuse, naming it.
+    name = f"{EXPERT}.weight"
+    edit_description(v1, lambda d: d.update({name: "W8A8_DYNAMIC"}))
+    code, stdout, _ = run("inspect", v1, "--json")
+    assert code == 2 and any(f"{name}: described as W8A8_DYNAMIC" in p for p in json.loads(stdout)["problems"])
+    assert_refused(tmp_path, v1, name, "as W4A8_DYNAMIC weights do")
+
+
+def test_linear_described_as_w8a8_is_not_copied_silently(tmp_path, mindie):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    edit_description(mindie, lambda d: d.update({name: "W8A8_DYNAMIC"}))
+    assert_refused(tmp_path, mindie, name, "has model.layers.0.self_attn.o_proj.weight_scale_second")

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import STATE_DIR, assign_shares, convert_checkpoint, output_shards
+from w4a8conv.convert import convert_checkpoint
+from w4a8conv.jobs import STATE_DIR, assign_shares, output_shards
 from w4a8conv.plan import build_plan
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_error
 from .output import Output, human_bytes
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def handle_errors(command):
             output.error(e.message)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:
-            output.error(f"{e.filename or 'I/O'}: {e.strerror or e}")
+            output.error(describe_os_error(e))
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as e:
             if os.environ.get("W4A8CONV_DEBUG"):
@@ -102,6 +102,11 @@ def convert(
         int, typer.Option(help="Jobs sharing this conversion (a job array's size); then run `finalize`.")
     ] = 1,
     worker_index: Annotated[int, typer.Option(help="This job's index in the array, 0-based.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a previous w4a8conv output in --out.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Finish an interrupted conversion into --out, redoing only unfinished shards.")
+    ] = False,
+    verify: Annotated[bool, typer.Option(help="Run `w4a8conv verify` on the result (exit 1 if it fails).")] = False,
     json_output: JsonOpt = False,
     *,
     output: Output,
@@ -116,11 +121,25 @@ def convert(
         workers=workers,
         num_workers=num_workers,
         worker_index=worker_index,
+        overwrite=overwrite,
+        resume=resume,
         progress=output.progress(),
     )
+    verification = None
+    if verify and num_workers == 1:
+        from .verify import verify_conversion
+
+        verification = verify_conversion(src, dst)
     if output.json_mode:
-        output.emit_json({"ok": True, **result.as_dict()})
+        ok = verification is None or verification.ok
+        output.emit_json({"ok": ok, **result.as_dict(), **({"verify": verification.as_dict()} if verification else {})})
+        if not ok:
+            raise typer.Exit(EXIT_FAILURE)
         return
+    if verification is not None:
+        output.verify_report(verification)
+        if not verification.ok:
+            raise typer.Exit(EXIT_FAILURE)
     if num_workers > 1:
         output.info(
             f"share {worker_index} of {num_workers} done in {result.seconds:.1f}s; "
@@ -133,6 +152,31 @@ def convert(
         f"{human_bytes(result.input_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f}s "
         f"on {result.device}\n-> {result.out_dir}"
     )
+
+
+@app.command()
+@handle_errors
+def verify(
+    src: Annotated[Path, typer.Argument(help="The input checkpoint.", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Its conversion, to check.", show_default=False)],
+    sample: Annotated[
+        float, typer.Option(help="Fraction of W4A8 modules to check (1.0: all); the rest is always checked.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed choosing the sampled modules.")] = 0,
+    json_output: JsonOpt = False,
+    *,
+    output: Output,
+) -> None:
+    """Prove DST is a correct conversion of SRC, independently of the code that wrote it (exit 1 if not)."""
+    from .verify import verify_conversion
+
+    report = verify_conversion(src, dst, sample=sample, seed=seed)
+    if output.json_mode:
+        output.emit_json(report.as_dict())
+    else:
+        output.verify_report(report)
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command()

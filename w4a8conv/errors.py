@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -26,3 +28,18 @@ class BadInputError(W4A8ConvError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_BAD_INPUT)
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on device; free space, then rerun with --resume",
+    errno.EDQUOT: "disk quota exceeded; free space, then rerun with --resume",
+    errno.EROFS: "read-only file system; choose an --out on a writable filesystem",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an I/O failure: the file, what happened and what to do."""
+    what = _OS_ERROR_HINTS.get(error.errno or 0, error.strerror or str(error))
+    return f"{error.filename or 'I/O'}: {what}"

@@ -74,6 +74,16 @@ class Output:
         else:
             self.out.print("[green]no problems found[/]")
 
+    def verify_report(self, report) -> None:
+        checked = f"{report.modules_checked} of {report.modules_total} W4A8 modules"
+        summary = f"{checked}, {report.passthrough_checked} pass-through tensors, {report.files_hashed} files hashed"
+        if report.ok:
+            self.out.print(Text.assemble(("verified: ", "bold green"), summary))
+            return
+        self.out.print(Text.assemble(("verification failed: ", "bold red"), summary))
+        for problem in report.problems:
+            self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
+
     def progress(self) -> Progress:
         """Progress for a conversion: a Rich bar on a terminal, a line per shard in logs, none in JSON mode."""
         if self.json_mode:

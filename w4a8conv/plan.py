@@ -135,6 +135,7 @@ def build_plan(ckpt: Checkpoint) -> Plan:
     for name in sorted(types, key=natural_key):
         if name not in ckpt.tensors:
             problems.append(f"{ckpt.root / 'quant_model_description.json'}: lists tensor {name}, which no shard holds")
+    _check_untyped_w4a8(ckpt, types, problems)
     prefixes = sorted(
         (n[: -len(".weight")] for n, t in types.items() if t == W4A8_TYPE and n.endswith(".weight")), key=natural_key
     )
@@ -184,6 +185,23 @@ def build_plan(ckpt: Checkpoint) -> Plan:
         other_quant_types=other_types,
         problems=problems,
     )
+
+
+def _check_untyped_w4a8(ckpt: Checkpoint, types: dict[str, str], problems: list[str]) -> None:
+    """A weight the description does not call W4A8 must not look like one: it would be copied as is."""
+    for name, quant_type in sorted(types.items(), key=lambda kv: natural_key(kv[0])):
+        info = ckpt.tensors.get(name)
+        if quant_type == W4A8_TYPE or not name.endswith(".weight") or info is None:
+            continue
+        prefix = name[: -len(".weight")]
+        companions = [r for r in ("weight_scale_second", "scale_bias") if f"{prefix}.{r}" in ckpt.tensors]
+        scale = ckpt.tensors.get(f"{prefix}.weight_scale")
+        half = info.dtype == "I8" and scale is not None and len(info.shape) == 2 and scale.shape[0] == 2 * info.shape[0]
+        if companions or half:
+            evidence = f"has {prefix}.{companions[0]}" if companions else "holds half the rows its scale has"
+            problems.append(
+                f"{info.path}: tensor {name}: described as {quant_type} but {evidence}, as W4A8_DYNAMIC weights do"
+            )
 
 
 def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Projection | None:

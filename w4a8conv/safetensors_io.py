@@ -248,15 +248,18 @@ class ShardWriter:
         self._pending = set(self.ranges)
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)
-        self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise _name_file(e, self.partial_path) from None
         try:
             # Reserve every block now: a full disk fails here, before any work, and the writes into
             # allocated space are cheaper than filling holes of a sparse file.
             _allocate(self._fd, self.size)
             self._pwrite_all(header, 0)
-        except OSError:
+        except OSError as e:
             self.abort()
-            raise
+            raise _name_file(e, self.partial_path) from None
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (which must match the planned dtype and shape) at its offset."""
@@ -278,7 +281,10 @@ class ShardWriter:
         if end - begin != source.nbytes:
             raise W4A8ConvError(f"internal error: {name} planned with {end - begin} bytes, source has {source.nbytes}")
         with open(source.path, "rb", buffering=0) as src:
-            copied = _copy_range(src.fileno(), source.begin, self._fd, begin, source.nbytes)
+            try:
+                copied = _copy_range(src.fileno(), source.begin, self._fd, begin, source.nbytes)
+            except OSError as e:
+                raise _name_file(e, self.partial_path) from None
         if copied != source.nbytes:
             raise BadInputError(
                 f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes"
@@ -289,10 +295,13 @@ class ShardWriter:
         if self._pending:
             missing = ", ".join(sorted(self._pending)[:3])
             raise W4A8ConvError(f"internal error: {self.path.name}: tensors never written: {missing}")
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.partial_path, self.path)
+        try:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self.partial_path, self.path)
+        except OSError as e:
+            raise _name_file(e, self.path) from None
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -301,10 +310,20 @@ class ShardWriter:
 
     def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
-            offset += written
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view = view[written:]
+                offset += written
+        except OSError as e:
+            raise _name_file(e, self.partial_path) from None
+
+
+def _name_file(error: OSError, path: Path) -> OSError:
+    """Name the file an OSError is about, so the message can say which (os.pwrite does not)."""
+    if error.filename is None:
+        error.filename = str(path)
+    return error
 
 
 def _allocate(fd: int, size: int) -> None:

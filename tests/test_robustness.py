@@ -1,0 +1,249 @@
+"""Never lose or corrupt a checkpoint: atomic output, resume after kill -9, locks, full disks, verify."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.cli import app
+from w4a8conv.convert import convert_checkpoint
+from w4a8conv.jobs import MANIFEST_FILE, STATE_DIR
+from w4a8conv.safetensors_io import read_header
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+from w4a8conv.verify import verify_conversion
+
+from .test_parallel import tree_bytes
+
+runner = CliRunner()
+DESCRIPTION = "quant_model_description.json"
+MEDIUM = SyntheticSpec(hidden=1024, intermediate=512, experts=8, moe_layers=4, group_size=128, shards=6)
+
+
+def cli(*args) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory) -> tuple[Path, Path]:
+    """A checkpoint big enough that a conversion can be caught mid-way, and its uninterrupted conversion."""
+    root = tmp_path_factory.mktemp("medium")
+    src = write_checkpoint(root / "src", "mindie", MEDIUM)
+    reference = root / "reference"
+    convert_checkpoint(src, reference, workers=1)
+    return src, reference
+
+
+# --- verify -----------------------------------------------------------------------------------------
+
+
+def test_verify_accepts_every_layout(source_checkpoints, converted_checkpoints, layout):
+    report = verify_conversion(source_checkpoints[layout], converted_checkpoints[layout])
+    assert report.ok, report.problems
+    assert report.modules_checked == report.modules_total > 0
+    assert report.passthrough_checked > 0 and report.files_hashed >= 5
+
+
+def test_verify_sample_checks_a_fraction(source_checkpoints, converted_checkpoints):
+    code, stdout, _ = cli(
+        "verify", source_checkpoints["mindie"], converted_checkpoints["mindie"], "--sample", "0.2", "--json"
+    )
+    report = json.loads(stdout)
+    assert code == 0 and report["ok"] and report["modules_checked"] == 6 and report["modules_total"] == 30
+
+
+def _copy(tree: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(tree, target)
+    return target
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _tensor(out: Path, name: str):
+    for shard in out.glob("*.safetensors"):
+        header = read_header(shard)
+        if name in header.tensors:
+            return header.tensors[name]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize(
+    "tensor,expected",
+    [
+        ("model.layers.1.mlp.experts.2.up_proj.weight", "int4 values differ"),
+        ("model.layers.2.mlp.experts.0.down_proj.weight_scale", "differs from the source scales"),
+        ("model.layers.1.mlp.experts.3.gate_proj.scale_bias", "recomputed in float64"),
+        ("model.layers.0.self_attn.o_proj.weight_scale_second", "differs from the source scales"),
+        ("model.layers.1.mlp.shared_experts.down_proj.weight", "bytes differ from the source"),
+    ],
+)
+def test_verify_finds_a_changed_tensor(source_checkpoints, converted_checkpoints, tmp_path, tensor, expected):
+    out = _copy(converted_checkpoints["mindie"], tmp_path)
+    info = _tensor(out, tensor)
+    _flip(info.path, info.begin + 1)
+    code, stdout, _ = cli("verify", source_checkpoints["mindie"], out)
+    assert code == 1
+    assert expected in stdout and "sha256 differs" in stdout
+
+
+def test_verify_finds_missing_and_unlisted_files(source_checkpoints, converted_checkpoints, tmp_path):
+    out = _copy(converted_checkpoints["mindie"], tmp_path)
+    (out / "tokenizer_config.json").unlink()
+    (out / "notes.txt").write_text("stray")
+    report = verify_conversion(source_checkpoints["mindie"], out)
+    assert not report.ok
+    assert any("tokenizer_config.json: listed in" in p for p in report.problems)
+    assert any("notes.txt: not in" in p for p in report.problems)
+
+
+def test_verify_finds_a_wrong_index(source_checkpoints, converted_checkpoints, tmp_path):
+    out = _copy(converted_checkpoints["v1.0.0-per-group"], tmp_path)
+    index_path = next(out.glob("*.index.json"))
+    index = json.loads(index_path.read_text())
+    index["metadata"]["total_size"] += 1
+    index_path.write_text(json.dumps(index))
+    report = verify_conversion(source_checkpoints["v1.0.0-per-group"], out)
+    assert any("total_size" in p for p in report.problems)
+
+
+def test_convert_verify_flag_and_manifest(source_checkpoints, tmp_path):
+    code, stdout, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "o", "--verify")
+    assert code == 0, stderr
+    assert "verified: 30 of 30 W4A8 modules" in stdout
+    listed = [line.split("  ")[1] for line in (tmp_path / "o" / MANIFEST_FILE).read_text().splitlines()]
+    assert DESCRIPTION in listed and any(n.endswith(".safetensors") for n in listed)
+    check = subprocess.run(["sha256sum", "--quiet", "-c", MANIFEST_FILE], cwd=tmp_path / "o", check=False)
+    assert check.returncode == 0
+
+
+# --- refusing to clobber, overwrite, resume ---------------------------------------------------------------
+
+
+def test_existing_outputs(source_checkpoints, converted_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    out = tmp_path / "out"
+    assert cli("convert", "--in", src, "--out", out)[0] == 0
+    before = tree_bytes(out)
+    code, _, stderr = cli("convert", "--in", src, "--out", out)
+    assert code == 2 and "holds a finished conversion; pass --overwrite" in stderr
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume")
+    assert code == 0 and tree_bytes(out) == before  # nothing left to do
+    code, _, stderr = cli("convert", "--in", source_checkpoints["v1.0.0-per-group"], "--out", out, "--overwrite")
+    assert code == 0, stderr
+    assert tree_bytes(out) == tree_bytes(converted_checkpoints["v1.0.0-per-group"])
+
+
+def test_overwrite_never_deletes_foreign_files(source_checkpoints, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", out, "--overwrite")
+    assert code == 2 and "--overwrite only replaces w4a8conv output" in stderr
+    assert (out / "thesis.tex").read_text() == "precious" and not (out / STATE_DIR).exists()
+
+
+def test_lock_stops_a_second_conversion(source_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    lock_path = out / STATE_DIR / "lock-0-of-1"
+    with open(lock_path, "w") as held:  # as another process converting into the same directory would
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", out)
+    assert code == 2 and "another w4a8conv (pid 4242) is converting into it" in stderr
+    assert cli("convert", "--in", source_checkpoints["mindie"], "--out", out)[0] == 0  # lock released
+
+
+def _start(src: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(src), "--out", str(out), "--workers", "2"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.0005)
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["job recorded", "first partial shard", "first finished shard", "half the shards"],
+)
+def test_kill_9_then_resume_is_byte_identical(medium, tmp_path, moment):
+    src, reference = medium
+    out = tmp_path / "out"
+    shards = lambda: [p for p in out.glob("*.safetensors")]  # noqa: E731
+    conditions = {
+        "job recorded": lambda: (out / STATE_DIR / "job.json").exists(),
+        "first partial shard": lambda: any(out.glob("*.partial")),
+        "first finished shard": lambda: len(shards()) >= 1,
+        "half the shards": lambda: len(shards()) >= 3,
+    }
+    proc = _start(src, out)
+    _wait_for(conditions[moment], proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if moment in ("job recorded", "first partial shard"):
+        assert proc.returncode == -signal.SIGKILL  # torch alone takes longer to load than this
+    if proc.returncode == -signal.SIGKILL:
+        assert not (out / DESCRIPTION).exists(), "a killed conversion must not look complete"
+        code, _, stderr = cli("convert", "--in", src, "--out", out)
+        assert code == 2 and "rerun with --resume" in stderr
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume")
+    assert code == 0, stderr
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_disk_full_before_start(source_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out")
+    assert code == 1 and "GB free; free space, then rerun with --resume" in stderr
+    assert not (tmp_path / "out" / DESCRIPTION).exists()
+
+
+def test_disk_full_midway_is_resumable(medium, tmp_path, monkeypatch):
+    src, reference = medium
+    out = tmp_path / "out"
+    real_fallocate = os.posix_fallocate
+    calls = {"n": 0}
+
+    def filling_up(fd, offset, length):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", filling_up)
+    code, _, stderr = cli("convert", "--in", src, "--out", out)
+    assert code == 1
+    assert ".safetensors.partial: no space left on device; free space, then rerun with --resume" in stderr
+    assert "Traceback" not in stderr and not (out / DESCRIPTION).exists()
+    monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+    assert cli("convert", "--in", src, "--out", out, "--resume")[0] == 0
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_read_only_output(source_checkpoints, tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "out" / STATE_DIR))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out")
+    assert code == 1 and "read-only file system; choose an --out on a writable filesystem" in stderr

@@ -1,0 +1,275 @@
+"""``w4a8conv verify``: prove an output is a correct conversion of its source, without trusting the converter.
+
+Everything here is re-derived from the source with numpy, from W4A8_FORMATS.md, and shares no code
+with ``packing``, ``scales``, ``processing`` or ``plan``: the int4 nibbles are unpacked with a
+different formula, scales re-encoded and compared bit for bit, mindie biases recomputed in float64.
+Only the file readers are shared. Checks: checksum manifest; index against the shard headers and
+sizes; description against the index and the source; every pass-through tensor byte for byte; every
+(or a sampled fraction of) W4A8 module value for value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, open_checkpoint
+from .errors import BadInputError
+from .jobs import MANIFEST_FILE, STATE_DIR, sha256_file
+from .plan import TOOL_SECTION
+from .safetensors_io import ShardHeader, TensorInfo, read_header
+
+_MOE = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
+_ROLES = ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
+_NUMPY = {"I8": np.int8, "I32": np.int32, "I64": np.int64, "F32": np.float32, "F16": np.float16, "F64": np.float64}
+_MAX_PROBLEMS = 50
+
+
+@dataclass
+class VerifyReport:
+    ok: bool = True
+    modules_checked: int = 0
+    modules_total: int = 0
+    passthrough_checked: int = 0
+    files_hashed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, message: str) -> None:
+        self.ok = False
+        if len(self.problems) < _MAX_PROBLEMS:
+            self.problems.append(message)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def verify_conversion(src: Path | str, dst: Path | str, sample: float = 1.0, seed: int = 0) -> VerifyReport:
+    """Check that ``dst`` is a correct conversion of ``src``.
+
+    Args:
+        src: the source checkpoint.
+        dst: the converted checkpoint.
+        sample: fraction of W4A8 modules (and of files for the checksums) to check; 1.0 checks all.
+        seed: chooses the sample.
+
+    Returns:
+        A report; ``ok`` is False and ``problems`` says why when anything is wrong.
+
+    Raises:
+        BadInputError: when ``src`` or ``dst`` cannot be read at all.
+    """
+    if not 0 < sample <= 1:
+        raise BadInputError(f"--sample {sample}: must be in (0, 1]")
+    src, dst = Path(src), Path(dst)
+    report = VerifyReport()
+    source = open_checkpoint(src)
+    description = _load_json(dst / DESCRIPTION_FILE)
+    if not isinstance(description, dict) or TOOL_SECTION not in description:
+        raise BadInputError(f"{dst / DESCRIPTION_FILE}: not a finished w4a8conv output")
+    section = description[TOOL_SECTION]
+    if (dst / STATE_DIR).exists():
+        report.problem(f"{dst / STATE_DIR}: conversion state left behind; the output was not finalized")
+    rng = random.Random(seed)
+    headers = _check_index(dst, report)
+    out_tensors = {name: info for h in headers.values() for name, info in h.tensors.items()}
+    _check_manifest(dst, sample, rng, report)
+
+    src_types = {k: v for k, v in source.description.items() if "." in k and isinstance(v, str)}
+    prefixes = sorted(
+        n[: -len(".weight")] for n, t in src_types.items() if t == "W4A8_DYNAMIC" and n.endswith(".weight")
+    )
+    consumed = {f"{p}.{r}" for p in prefixes for r in _ROLES}
+    out_types = {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+    if set(out_types) != set(out_tensors):
+        extra = sorted(set(out_types) ^ set(out_tensors))[:1]
+        report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
+    for name, info in sorted(source.tensors.items()):
+        if name in consumed:
+            continue
+        report.passthrough_checked += 1
+        _check_passthrough(info, out_tensors.get(name), out_types.get(name), src_types.get(name), report)
+
+    report.modules_total = len(prefixes)
+    chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
+    for prefix in chosen:
+        try:
+            _check_module(prefix, source.tensors, out_tensors, section, report)
+        except (KeyError, ValueError) as e:
+            report.problem(f"{prefix}: cannot be checked ({e})")
+        report.modules_checked += 1
+    return report
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: cannot read ({e})") from e
+
+
+def _check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
+    indexes = sorted(dst.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) != 1:
+        raise BadInputError(f"{dst}: expected one {INDEX_SUFFIX}, found {len(indexes)}")
+    index = _load_json(indexes[0])
+    weight_map = index.get("weight_map", {})
+    headers = {name: read_header(dst / name) for name in sorted(set(weight_map.values()))}
+    actual = {t: f for f, h in headers.items() for t in h.tensors}
+    if actual != weight_map:
+        wrong = sorted(set(actual.items()) ^ set(weight_map.items()))[:1]
+        report.problem(f"{indexes[0]}: weight_map disagrees with the shards, e.g. {wrong[0][0]}")
+    total = sum(i.nbytes for h in headers.values() for i in h.tensors.values())
+    if index.get("metadata", {}).get("total_size") != total:
+        report.problem(
+            f"{indexes[0]}: total_size {index.get('metadata', {}).get('total_size')} but tensors hold {total}"
+        )
+    return headers
+
+
+def _check_manifest(dst: Path, sample: float, rng: random.Random, report: VerifyReport) -> None:
+    path = dst / MANIFEST_FILE
+    if not path.is_file():
+        report.problem(f"{path}: checksum manifest missing")
+        return
+    listed = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    present = {
+        str(p.relative_to(dst))
+        for p in dst.rglob("*")
+        if p.is_file()
+        and p.name != MANIFEST_FILE
+        and not any(part.startswith(".") for part in p.relative_to(dst).parts)
+    }
+    for name in sorted(present - set(listed)):
+        report.problem(f"{dst / name}: not in {MANIFEST_FILE}")
+    names = sorted(set(listed) & present)
+    if sample < 1:
+        names = rng.sample(names, max(1, math.ceil(sample * len(names)))) if names else []
+    for name in sorted(set(listed) - present):
+        report.problem(f"{dst / name}: listed in {MANIFEST_FILE} but missing")
+    for name in names:
+        report.files_hashed += 1
+        if sha256_file(dst / name) != listed[name]:
+            report.problem(f"{dst / name}: sha256 differs from {MANIFEST_FILE}")
+
+
+def _check_passthrough(src: TensorInfo, out: TensorInfo | None, out_type, src_type, report: VerifyReport) -> None:
+    if out is None:
+        report.problem(f"{src.name}: in the source, missing from the output")
+        return
+    if (src.dtype, src.shape) != (out.dtype, out.shape):
+        report.problem(
+            f"{out.path}: tensor {out.name}: {out.dtype}{list(out.shape)}, source {src.dtype}{list(src.shape)}"
+        )
+        return
+    if out_type != src_type:
+        report.problem(f"{out.name}: described as {out_type!r}, source says {src_type!r}")
+    if _range_digest(src) != _range_digest(out):
+        report.problem(f"{out.path}: tensor {out.name}: bytes differ from the source")
+
+
+def _range_digest(info: TensorInfo) -> str:
+    digest = hashlib.sha256()
+    with open(info.path, "rb", buffering=0) as f:
+        f.seek(info.begin)
+        left = info.nbytes
+        while left:
+            chunk = f.read(min(left, 16 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _array(info: TensorInfo) -> np.ndarray:
+    if info.dtype == "BF16":  # numpy has no bfloat16: widen the bits to float32
+        raw = np.fromfile(info.path, dtype=np.uint16, count=info.nbytes // 2, offset=info.begin)
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+    dtype = _NUMPY[info.dtype]
+    count = info.nbytes // np.dtype(dtype).itemsize
+    return np.fromfile(info.path, dtype=dtype, count=count, offset=info.begin).reshape(info.shape)
+
+
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """Sign-extend 4-bit fields (0..15) to -8..7."""
+    return ((values & 0xF) ^ 8).astype(np.int16) - 8
+
+
+def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Round float32 values to ``dtype`` (round to nearest even) and back to float32."""
+    if dtype == "float32":
+        return values
+    if dtype == "float16":
+        return values.astype(np.float16).astype(np.float32)
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, TensorInfo], section, report) -> None:
+    weight = src[f"{prefix}.weight"]
+    where = f"{prefix}"
+    scale = _array(src[f"{prefix}.weight_scale"]).astype(np.float32).reshape(-1)
+    n, (rows, k) = scale.size, weight.shape
+    raw = _array(weight)
+    if rows * 2 == n:  # 1.0.0: two int4 per byte along out, even row in the low nibble
+        values = np.empty((n, k), dtype=np.int16)
+        values[0::2] = _nibbles(raw.astype(np.int16))
+        values[1::2] = _nibbles(raw.astype(np.int16) >> 4)
+    else:
+        values = raw.astype(np.int16)
+    words = _array(out[f"{prefix}.weight"]).view(np.uint32)  # [in, out/8]
+    unpacked = np.empty((k, n), dtype=np.int16)
+    for j in range(8):
+        unpacked[:, j::8] = _nibbles((words >> (4 * j)).astype(np.int64))
+    if words.shape != (k, n // 8) or not np.array_equal(unpacked.T, values):
+        report.problem(f"{out[f'{prefix}.weight'].path}: tensor {prefix}.weight: int4 values differ from the source")
+
+    second_info = src.get(f"{prefix}.weight_scale_second")
+    second = _array(second_info).astype(np.float32) if second_info is not None else None
+    is_moe = _MOE.search(prefix) is not None
+    if is_moe:
+        encoded = _array(out[f"{prefix}.weight_scale"]).view(np.uint64)
+        if np.any(encoded >> np.uint64(32)):
+            report.problem(f"{prefix}.weight_scale: int64 scale has high bits set")
+        low = (encoded & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        if second is not None:
+            expected = (scale[:, None] * second).astype(np.float16).astype(np.float32).T
+        else:
+            expected = scale[None, :]
+        if low.shape != expected.shape or not np.array_equal(low, expected.view(np.uint32)):
+            report.problem(f"{prefix}.weight_scale: differs from the source scales (fp32 bits)")
+        used_scale, used_second = scale, second
+    else:
+        dtype = section.get("params_dtype", "bfloat16")
+        used_scale, used_second = _round_to(scale, dtype), _round_to(second, dtype)
+        expected = (used_scale[:, None] * used_second).astype(np.float32).T
+        got = _array(out[f"{prefix}.weight_scale_second"])
+        if got.shape != expected.shape or not np.array_equal(got.view(np.uint32), expected.view(np.uint32)):
+            report.problem(f"{prefix}.weight_scale_second: differs from the source scales")
+
+    bias = _array(out[f"{prefix}.scale_bias"])
+    stored = src.get(f"{prefix}.scale_bias")
+    if stored is not None:
+        if not np.array_equal(bias.reshape(-1), _array(stored).astype(np.float32).reshape(-1)):
+            report.problem(f"{prefix}.scale_bias: differs from the stored scale_bias")
+        return
+    chunks = bias.shape[1]
+    per_k = used_scale[:, None].astype(np.float64) * np.repeat(
+        used_second.astype(np.float64), k // used_second.shape[1], 1
+    )
+    terms = values.astype(np.float64) * per_k
+    expected = 8 * terms.reshape(n, chunks, k // chunks).sum(-1)
+    tolerance = 1e-5 * 8 * np.abs(terms).reshape(n, chunks, k // chunks).sum(-1) + 1e-30
+    if bias.shape != (n, chunks) or np.any(np.abs(bias - expected) > tolerance):
+        report.problem(f"{where}.scale_bias: differs from 8 * sum(w * s) recomputed in float64")
