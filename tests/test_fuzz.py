@@ -1,0 +1,61 @@
+"""Mutate a valid tiny checkpoint's bytes at random: the tool must never crash with a traceback or hang."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.cli import app
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+runner = CliRunner()
+CASES = 150
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    spec = SyntheticSpec(hidden=64, intermediate=32, experts=2, moe_layers=1, dense_layers=1, group_size=16)
+    return write_checkpoint(tmp_path_factory.mktemp("fuzz") / "src", "v1.0.0-per-group", spec)
+
+
+def mutate(root: Path, rng: random.Random) -> str:
+    files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json"))
+    target = rng.choice(files)
+    data = bytearray(target.read_bytes())
+    kind = rng.choice(["header", "anywhere", "truncate", "json"] if target.suffix == ".safetensors" else ["json"])
+    if kind == "truncate":
+        del data[rng.randrange(len(data)) :]
+    else:
+        n = int.from_bytes(data[:8], "little") + 8 if kind == "header" and len(data) > 8 else len(data)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(min(n, len(data)))] = rng.randrange(256)
+    target.write_bytes(bytes(data))
+    return f"{kind} {target.name}"
+
+
+def _timeout(signum, frame):
+    raise TimeoutError("the tool hung")
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_mutated_checkpoint_never_crashes(pristine, tmp_path, seed):
+    src = tmp_path / "src"
+    shutil.copytree(pristine, src)
+    what = mutate(src, random.Random(seed))
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(30)
+    try:
+        for args in (["inspect", str(src), "--json"], ["convert", "--in", str(src), "--out", str(tmp_path / "out")]):
+            result = runner.invoke(app, args)
+            output = result.stdout + result.stderr
+            assert result.exit_code in (0, 1, 2), f"{what}: {args[0]} exited {result.exit_code}"
+            assert "Traceback" not in output and "internal error" not in output, f"{what}: {output}"
+            assert result.exception is None or isinstance(result.exception, SystemExit), f"{what}: {result.exception!r}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
