@@ -162,7 +162,10 @@ def verify(
     sample: Annotated[
         float, typer.Option(help="Fraction of W4A8 modules to check (1.0: all); the rest is always checked.")
     ] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed choosing the sampled modules.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed choosing the sampled modules and random activations.")] = 0,
+    numeric: Annotated[
+        bool, typer.Option(help="Also run the CPU reference of the W4A8 operators on random int8 activations.")
+    ] = False,
     json_output: JsonOpt = False,
     *,
     output: Output,
@@ -170,7 +173,7 @@ def verify(
     """Prove DST is a correct conversion of SRC, independently of the code that wrote it (exit 1 if not)."""
     from .verify import verify_conversion
 
-    report = verify_conversion(src, dst, sample=sample, seed=seed)
+    report = verify_conversion(src, dst, sample=sample, seed=seed, numeric=numeric)
     if output.json_mode:
         output.emit_json(report.as_dict())
     else:

@@ -77,6 +77,8 @@ class Output:
     def verify_report(self, report) -> None:
         checked = f"{report.modules_checked} of {report.modules_total} W4A8 modules"
         summary = f"{checked}, {report.passthrough_checked} pass-through tensors, {report.files_hashed} files hashed"
+        if report.numeric_checks:
+            summary += f", {report.numeric_checks} operator checks"
         if report.ok:
             self.out.print(Text.assemble(("verified: ", "bold green"), summary))
             return

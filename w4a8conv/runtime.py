@@ -78,7 +78,12 @@ class ProcessedCheckpoint:
         return found
 
     def load_moe(
-        self, prefix: str, tp_size: int = 1, tp_rank: int = 0, device: str | torch.device = "cpu"
+        self,
+        prefix: str,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        device: str | torch.device = "cpu",
+        experts: list[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The fused MoE tensors of one layer for one tensor-parallel rank.
 
@@ -87,6 +92,8 @@ class ProcessedCheckpoint:
             tp_size: MoE tensor-parallel size; 1 for expert parallelism (every expert whole).
             tp_rank: this rank, ``0 <= tp_rank < tp_size``.
             device: where the tensors are loaded.
+            experts: load only these experts, in this order (an expert-parallel rank's share);
+                all by default.
 
         Returns:
             ``w13_weight`` int32 ``[E, H, 2I/tp/8]``, ``w2_weight`` int32 ``[E, I/tp, H/8]``,
@@ -96,7 +103,11 @@ class ProcessedCheckpoint:
         """
         if not 1 <= tp_size <= MAX_MOE_TP or not 0 <= tp_rank < tp_size:
             raise BadInputError(f"tp_size {tp_size} / tp_rank {tp_rank}: need 1 <= tp_size <= 16, 0 <= rank < size")
-        experts = self.experts(prefix)
+        available = self.experts(prefix)
+        missing = sorted(set(experts or []) - set(available))
+        if missing:
+            raise BadInputError(f"{self.path}: no expert {missing[0]} under {prefix}")
+        experts = available if experts is None else experts
         per_group = self.group_size > 0
         names = [
             f"{prefix}.{e}.{proj}.{role}"

@@ -36,6 +36,7 @@ _MAX_PROBLEMS = 50
 class VerifyReport:
     ok: bool = True
     modules_checked: int = 0
+    numeric_checks: int = 0
     modules_total: int = 0
     passthrough_checked: int = 0
     files_hashed: int = 0
@@ -50,14 +51,19 @@ class VerifyReport:
         return dict(self.__dict__)
 
 
-def verify_conversion(src: Path | str, dst: Path | str, sample: float = 1.0, seed: int = 0) -> VerifyReport:
+def verify_conversion(
+    src: Path | str, dst: Path | str, sample: float = 1.0, seed: int = 0, numeric: bool = False
+) -> VerifyReport:
     """Check that ``dst`` is a correct conversion of ``src``.
 
     Args:
         src: the source checkpoint.
         dst: the converted checkpoint.
         sample: fraction of W4A8 modules (and of files for the checksums) to check; 1.0 checks all.
-        seed: chooses the sample.
+        seed: chooses the sample (and the random activations of ``numeric``).
+        numeric: also run the CPU reference of the Ascend operators (``w4a8conv.reference``) on the
+            output's tensors with random int8 activations, and compare with a float computation
+            from the source's int4 values and scales, for every checked Linear and MoE layer.
 
     Returns:
         A report; ``ok`` is False and ``problems`` says why when anything is wrong.
@@ -104,6 +110,8 @@ def verify_conversion(src: Path | str, dst: Path | str, sample: float = 1.0, see
         except (KeyError, ValueError) as e:
             report.problem(f"{prefix}: cannot be checked ({e})")
         report.modules_checked += 1
+    if numeric and report.ok:
+        _numeric_checks(dst, chosen, source.tensors, section, np.random.default_rng(seed), report)
     return report
 
 
@@ -216,9 +224,9 @@ def _round_to(values: np.ndarray, dtype: str) -> np.ndarray:
     return rounded.astype(np.uint32).view(np.float32)
 
 
-def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, TensorInfo], section, report) -> None:
+def _source_module(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """int4 values int16 ``[out, in]``, weight_scale float32 ``[out]``, weight_scale_second or None."""
     weight = src[f"{prefix}.weight"]
-    where = f"{prefix}"
     scale = _array(src[f"{prefix}.weight_scale"]).astype(np.float32).reshape(-1)
     n, (rows, k) = scale.size, weight.shape
     raw = _array(weight)
@@ -228,6 +236,24 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
         values[1::2] = _nibbles(raw.astype(np.int16) >> 4)
     else:
         values = raw.astype(np.int16)
+    second_info = src.get(f"{prefix}.weight_scale_second")
+    second = _array(second_info).astype(np.float32) if second_info is not None else None
+    return values, scale, second
+
+
+def _kernel_scale(prefix: str, scale: np.ndarray, second: np.ndarray | None, params_dtype: str) -> np.ndarray:
+    """The per-group (or per-channel) scale ``[out, groups]`` the Ascend kernel applies, float32."""
+    if _MOE.search(prefix) is None:
+        return _round_to(scale, params_dtype)[:, None] * _round_to(second, params_dtype)
+    if second is None:
+        return scale[:, None]
+    return (scale[:, None] * second).astype(np.float16).astype(np.float32)
+
+
+def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, TensorInfo], section, report) -> None:
+    where = prefix
+    values, scale, second = _source_module(prefix, src)
+    n, k = values.shape
     words = _array(out[f"{prefix}.weight"]).view(np.uint32)  # [in, out/8]
     unpacked = np.empty((k, n), dtype=np.int16)
     for j in range(8):
@@ -235,8 +261,6 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
     if words.shape != (k, n // 8) or not np.array_equal(unpacked.T, values):
         report.problem(f"{out[f'{prefix}.weight'].path}: tensor {prefix}.weight: int4 values differ from the source")
 
-    second_info = src.get(f"{prefix}.weight_scale_second")
-    second = _array(second_info).astype(np.float32) if second_info is not None else None
     is_moe = _MOE.search(prefix) is not None
     if is_moe:
         encoded = _array(out[f"{prefix}.weight_scale"]).view(np.uint64)
@@ -273,3 +297,104 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
     tolerance = 1e-5 * 8 * np.abs(terms).reshape(n, chunks, k // chunks).sum(-1) + 1e-30
     if bias.shape != (n, chunks) or np.any(np.abs(bias - expected) > tolerance):
         report.problem(f"{where}.scale_bias: differs from 8 * sum(w * s) recomputed in float64")
+
+
+_NUMERIC_TOKENS = 4
+_NUMERIC_EXPERTS = 4  # experts routed to per MoE layer: enough to exercise w13, SwiGLU and w2
+# Relative error allowed (measured on the synthetic checkpoints: matmuls up to 4e-4, layers 6e-3). A
+# matmul's only inexact part is scale_bias: rounded to fp32, and for 1.0.0
+# computed by msModelSlim from bf16 scales (0.4% of a term), while the kernel's scales are fp16.
+_MATMUL_TOLERANCE = 5e-3
+_LAYER_TOLERANCE = 5e-2
+
+
+def _numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: VerifyReport) -> None:
+    import torch
+
+    from . import reference
+    from .runtime import ProcessedCheckpoint
+
+    ckpt = ProcessedCheckpoint(dst)
+    params_dtype = section.get("params_dtype", "bfloat16")
+    layers: dict[str, set[int]] = {}
+    for prefix in prefixes:
+        match = re.match(r"(.+\.experts)\.(\d+)\.", prefix + ".")
+        if match:
+            layers.setdefault(match[1], set()).add(int(match[2]))
+            continue
+        values, scale, second = _source_module(prefix, src)
+        x, pts = _activations(rng, values.shape[1])
+        expected = _float_matmul(x, pts, values, _kernel_scale(prefix, scale, second, params_dtype))
+        got = reference.linear(torch.from_numpy(x), torch.from_numpy(pts), ckpt.load_linear(prefix)).numpy()
+        _compare(prefix, got, expected, _MATMUL_TOLERANCE, report)
+    for layer, experts in sorted(layers.items()):
+        chosen = sorted(experts)[:_NUMERIC_EXPERTS]
+        values, kernel = {}, {}
+        for e in chosen:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                prefix = f"{layer}.{e}.{proj}"
+                v, s1, s2 = _source_module(prefix, src)
+                values[(e, proj)], kernel[(e, proj)] = v, _kernel_scale(prefix, s1, s2, params_dtype)
+        hidden = values[(chosen[0], "gate_proj")].shape[1]
+        x, pts = _activations(rng, hidden)
+        top_k = min(2, len(chosen))
+        slots = np.stack([rng.permutation(len(chosen))[:top_k] for _ in range(_NUMERIC_TOKENS)])
+        weights = rng.uniform(0.1, 1.0, size=slots.shape)
+        expected = np.zeros((_NUMERIC_TOKENS, hidden))
+        for t in range(_NUMERIC_TOKENS):
+            for slot, weight in zip(slots[t], weights[t], strict=True):
+                e = chosen[slot]
+                g = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "gate_proj")], kernel[(e, "gate_proj")])
+                u = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "up_proj")], kernel[(e, "up_proj")])
+                act = g / (1 + np.exp(-g)) * u
+                q_scale = np.maximum(np.abs(act).max(-1), 1e-12) / 127.0
+                q = np.clip(np.round(act / q_scale[:, None]), -128, 127)
+                expected[t] += weight * _float_matmul(q, q_scale, values[(e, "down_proj")], kernel[(e, "down_proj")])[0]
+        tensors = ckpt.load_moe(layer, experts=chosen)
+        for slot, e in enumerate(chosen):  # each matmul alone: tight, a wrong bias or scale shows
+            x13, pts13 = _activations(rng, hidden)
+            up_gate = np.concatenate([values[(e, "gate_proj")], values[(e, "up_proj")]])
+            expected13 = _float_matmul(
+                x13, pts13, up_gate, np.concatenate([kernel[(e, "gate_proj")], kernel[(e, "up_proj")]])
+            )
+            got13 = reference.w4a8_matmul(
+                torch.from_numpy(x13),
+                torch.from_numpy(pts13),
+                tensors["w13_weight"][slot],
+                tensors["w13_weight_scale"][slot],
+                tensors["w13_scale_bias"][slot],
+            ).numpy()
+            _compare(f"{layer}.{e} w13", got13, expected13, _MATMUL_TOLERANCE, report)
+            x2, pts2 = _activations(rng, values[(e, "down_proj")].shape[1])
+            expected2 = _float_matmul(x2, pts2, values[(e, "down_proj")], kernel[(e, "down_proj")])
+            got2 = reference.w4a8_matmul(
+                torch.from_numpy(x2),
+                torch.from_numpy(pts2),
+                tensors["w2_weight"][slot],
+                tensors["w2_weight_scale"][slot],
+                tensors["w2_scale_bias"][slot],
+            ).numpy()
+            _compare(f"{layer}.{e} w2", got2, expected2, _MATMUL_TOLERANCE, report)
+        got = reference.moe(
+            torch.from_numpy(x), torch.from_numpy(pts), torch.from_numpy(slots), torch.from_numpy(weights), tensors
+        ).numpy()
+        # The whole layer: routing, SwiGLU and the int8 re-quantization between w13 and w2, where a
+        # last-bit difference moves a value across a rounding step; hence the looser tolerance.
+        _compare(f"{layer} (experts {chosen})", got, expected, _LAYER_TOLERANCE, report)
+
+
+def _activations(rng, width: int) -> tuple[np.ndarray, np.ndarray]:
+    x = rng.integers(-128, 128, size=(_NUMERIC_TOKENS, width), dtype=np.int8)
+    return x, rng.uniform(0.01, 0.06, size=_NUMERIC_TOKENS)
+
+
+def _float_matmul(x: np.ndarray, pts: np.ndarray, values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    per_k = np.repeat(scale.astype(np.float64), values.shape[1] // scale.shape[1], axis=1)
+    return pts.reshape(-1, 1) * (x.astype(np.float64) @ (values.astype(np.float64) * per_k).T)
+
+
+def _compare(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float, report: VerifyReport) -> None:
+    report.numeric_checks += 1
+    error = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-30)
+    if not error <= tolerance:
+        report.problem(f"{what}: operator reference differs from the float computation (relative error {error:.2e})")

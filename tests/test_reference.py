@@ -1,0 +1,123 @@
+"""The CPU reference of the W4A8 operators, fed with processed tensors, matches a float computation
+from the unconverted checkpoint's int4 values and scales."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from w4a8conv import reference
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.runtime import load_linear, load_moe
+from w4a8conv.safetensors_io import read_header
+from w4a8conv.synthetic import w4a8_truth
+from w4a8conv.verify import VerifyReport, _numeric_checks, verify_conversion
+
+from .conftest import SPEC
+
+GEN = torch.Generator().manual_seed(11)
+
+
+def activations(tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(-128, 128, (tokens, width), generator=GEN, dtype=torch.int8)
+    return x, torch.rand(tokens, generator=GEN, dtype=torch.float64) * 0.05 + 0.01
+
+
+def float_matmul(x, pts, values, scale) -> torch.Tensor:
+    """pts * x @ (w * s)^T in float64, from int4 values [out, in] and scales [out, groups]."""
+    groups = scale.shape[1]
+    s_full = scale.to(torch.float64).repeat_interleave(values.shape[1] // groups, dim=1)
+    return pts.reshape(-1, 1) * (x.to(torch.float64) @ (values.to(torch.float64) * s_full).T)
+
+
+def test_split_int8_halves_rebuild_x():
+    x = torch.arange(-128, 128, dtype=torch.int8)
+    hi, lo = reference._split_int8(x)
+    assert hi.min() >= -8 and hi.max() <= 7 and lo.min() >= -8 and lo.max() <= 7
+    assert torch.equal(16 * hi + lo + 8, x.to(torch.int16))
+
+
+@pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
+@pytest.mark.parametrize("proj", ["q_proj", "o_proj"])
+def test_linear_matches_float_computation(converted_checkpoints, layout_name, proj):
+    prefix = f"model.layers.0.self_attn.{proj}"
+    truth = w4a8_truth(SPEC, layout_name)[prefix]
+    x, pts = activations(5, SPEC.hidden)
+    got = reference.linear(x, pts, load_linear(converted_checkpoints[layout_name], prefix))
+    # The kernel's scales: both rounded to the model dtype (bf16) on load, multiplied in fp32.
+    kernel_scale = truth.weight_scale.bfloat16().float() * truth.weight_scale_second.bfloat16().float()
+    expected = float_matmul(x, pts, truth.values, kernel_scale)
+    # mindie biases come from exactly these scales; msModelSlim's from bf16 scales multiplied in
+    # another order: both agree with the float result to float32 rounding of the bias.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    exact = float_matmul(x, pts, truth.values, truth.weight_scale * truth.weight_scale_second)
+    assert (got - exact).norm() / exact.norm() < 1e-2  # bf16 scales: within 1%
+
+
+def test_a_wrong_scale_bias_shows_in_the_output(converted_checkpoints):
+    prefix = "model.layers.0.self_attn.o_proj"
+    tensors = load_linear(converted_checkpoints["mindie"], prefix)
+    x, pts = activations(3, SPEC.hidden)
+    good = reference.linear(x, pts, tensors)
+    tensors["weight_scale_bias"] = tensors["weight_scale_bias"] * 1.01
+    assert not torch.allclose(reference.linear(x, pts, tensors), good, rtol=1e-4)
+
+
+def float_moe(x, pts, topk_ids, topk_weights, truth, layer, per_channel) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], SPEC.hidden, dtype=torch.float64)
+
+    def kernel_scale(t):
+        if per_channel:
+            return t.weight_scale
+        return (t.weight_scale * t.weight_scale_second).half().float()  # fp16-rounded for the MoE kernel
+
+    for i in range(x.shape[0]):
+        for e, weight in zip(topk_ids[i].tolist(), topk_weights[i].tolist(), strict=True):
+            gate, up, down = (truth[f"{layer}.{e}.{p}"] for p in ("gate_proj", "up_proj", "down_proj"))
+            g = float_matmul(x[i : i + 1], pts[i : i + 1], gate.values, kernel_scale(gate))
+            u = float_matmul(x[i : i + 1], pts[i : i + 1], up.values, kernel_scale(up))
+            q, q_scale = reference.dynamic_quant(torch.nn.functional.silu(g) * u)
+            out[i] += weight * float_matmul(q, q_scale, down.values, kernel_scale(down))[0]
+    return out
+
+
+@pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group", "v1.0.0-per-channel"])
+def test_moe_matches_float_computation(converted_checkpoints, layout_name):
+    layer = f"model.layers.{SPEC.dense_layers}.mlp.experts"
+    truth = w4a8_truth(SPEC, layout_name)
+    tokens, top_k = 6, 2
+    x, pts = activations(tokens, SPEC.hidden)
+    topk_ids = torch.stack([torch.randperm(SPEC.experts, generator=GEN)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=GEN, dtype=torch.float64)
+    got = reference.moe(x, pts, topk_ids, topk_weights, load_moe(converted_checkpoints[layout_name], layer))
+    expected = float_moe(x, pts, topk_ids, topk_weights, truth, layer, layout_name.endswith("per-channel"))
+    # The intermediate is re-quantized to int8; an fp32 bias can move a value across a rounding
+    # boundary, so compare the whole output, not every element.
+    assert (got - expected).norm() / expected.norm() < 1e-3
+
+
+def test_verify_numeric_on_every_layout(source_checkpoints, converted_checkpoints, layout):
+    report = verify_conversion(source_checkpoints[layout], converted_checkpoints[layout], numeric=True)
+    assert report.ok, report.problems
+    assert report.numeric_checks >= 2 * (1 + 2 * 4)  # per MoE layer: the layer and w13, w2 of 4 experts
+
+
+def test_verify_numeric_catches_a_shifted_bias(source_checkpoints, converted_checkpoints, tmp_path):
+    """A scale_bias whose rows are shifted keeps plausible values; the operator check sees it."""
+    out = tmp_path / "out"
+    shutil.copytree(converted_checkpoints["v1.0.0-per-group"], out)
+    name = f"model.layers.{SPEC.dense_layers}.mlp.experts.0.down_proj.scale_bias"
+    info = next(h.tensors[name] for p in out.glob("*.safetensors") if name in (h := read_header(p)).tensors)
+    data = np.fromfile(info.path, dtype=np.float32, count=info.nbytes // 4, offset=info.begin).reshape(info.shape)
+    with open(info.path, "r+b") as f:
+        f.seek(info.begin)
+        f.write(np.roll(data, 1, axis=0).tobytes())
+    report = VerifyReport()
+    source = open_checkpoint(source_checkpoints["v1.0.0-per-group"])
+    section = {"params_dtype": "bfloat16"}
+    prefixes = [f"model.layers.{SPEC.dense_layers}.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    _numeric_checks(out, prefixes, source.tensors, section, np.random.default_rng(0), report)
+    assert not report.ok and any("experts.0 w2" in p for p in report.problems)

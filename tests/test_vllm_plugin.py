@@ -1,0 +1,144 @@
+"""The vLLM plugin loads a converted checkpoint into layers whose parameters equal what stock
+vllm-ascend's processing gives for the unconverted one: both release generations, expert parallel and
+MoE tensor parallel, Linear layers, with stand-ins for vLLM, vllm-ascend and torch_npu."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from w4a8conv import vllm_plugin
+from w4a8conv.layouts import PREPACKED_TYPE
+from w4a8conv.runtime import ProcessedCheckpoint
+
+from . import stand_ins
+from .conftest import SPEC
+from .upstream_reference import UpstreamReference
+
+MOE_LAYER = f"model.layers.{SPEC.dense_layers}.mlp.experts"
+
+
+@pytest.fixture(params=["registry", "quantizer"])
+def release(request):
+    stand_ins.install(request.param)
+    yield request.param
+    stand_ins.uninstall()
+
+
+def registered(release: str) -> tuple[type, type]:
+    vllm_plugin.register()
+    if release == "registry":
+        from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+        return get_scheme_class(PREPACKED_TYPE, "linear"), get_scheme_class(PREPACKED_TYPE, "moe")
+    from vllm_ascend.quantization.quantizer import SUPPORT_ASCEND_QUANTIZER_TYPE
+
+    quantizer = SUPPORT_ASCEND_QUANTIZER_TYPE[PREPACKED_TYPE]
+    return quantizer.build_linear_method, quantizer.build_moe_method
+
+
+def configure(path, tp_size: int = 1) -> ProcessedCheckpoint:
+    ckpt = ProcessedCheckpoint(path)
+    stand_ins.Config.description = json.loads((path / "quant_model_description.json").read_text())
+    stand_ins.Config.tp_size = tp_size
+    return ckpt
+
+
+def all_tensors(ckpt: ProcessedCheckpoint, prefix: str) -> dict[str, torch.Tensor]:
+    return ckpt.tensors([n for n in ckpt.weight_map if n.startswith(prefix + ".")])
+
+
+@pytest.mark.parametrize("tp_size,tp_rank", [(1, 0), (2, 0), (2, 1)])
+def test_moe_parameters_equal_stock_processing(
+    release, layout, converted_checkpoints, source_checkpoints, tp_size, tp_rank
+):
+    if release == "quantizer" and layout.endswith("per-channel"):
+        pytest.skip("the mid-2025 vllm-ascend had no per-channel W4A8 MoE")
+    _, moe_method = registered(release)
+    ckpt = configure(converted_checkpoints[layout], tp_size)
+    layer = stand_ins.FusedMoELayer(
+        moe_method(), list(range(SPEC.experts)), SPEC.hidden, SPEC.intermediate, tp_size, tp_rank
+    )
+    layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+    layer.quant_method.process_weights_after_loading(layer)
+    expected = UpstreamReference(source_checkpoints[layout]).moe(MOE_LAYER, SPEC.experts, tp_size, tp_rank)
+    scale_names = dict(
+        zip(("w13_weight_scale", "w2_weight_scale"), vllm_plugin.detect_api().moe_scale_names, strict=True)
+    )
+    for name, value in expected.items():
+        got = getattr(layer, scale_names.get(name, name))
+        assert got.dtype == value.dtype and got.shape == value.shape, name
+        if name.endswith("scale_bias"):
+            torch.testing.assert_close(got.data, value, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got.data, value), name
+    if release == "registry":  # 0.23 casts the int8 view of both weights to NZ
+        assert [c[0] for c in stand_ins.nz_casts] == ["torch.int8", "torch.int8"]
+
+
+def test_expert_parallel_rank_loads_only_its_experts(release, converted_checkpoints, source_checkpoints):
+    _, moe_method = registered(release)
+    ckpt = configure(converted_checkpoints["mindie"])
+    mine = [1, 3]
+    layer = stand_ins.FusedMoELayer(moe_method(), mine, SPEC.hidden, SPEC.intermediate, 1, 0)
+    layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+    layer.quant_method.process_weights_after_loading(layer)
+    everything = UpstreamReference(source_checkpoints["mindie"]).moe(MOE_LAYER, SPEC.experts)
+    assert torch.equal(layer.w13_weight.data, everything["w13_weight"][mine])
+    torch.testing.assert_close(layer.w2_scale_bias.data, everything["w2_scale_bias"][mine], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
+@pytest.mark.parametrize("proj,row_parallel", [("q_proj", False), ("o_proj", True)])
+def test_linear_parameters_equal_stock_processing(
+    release, converted_checkpoints, source_checkpoints, layout_name, proj, row_parallel
+):
+    linear_method, _ = registered(release)
+    ckpt = configure(converted_checkpoints[layout_name])
+    prefix = f"model.layers.0.self_attn.{proj}"
+    layer = stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, row_parallel, 1, 0)
+    layer.load(prefix, all_tensors(ckpt, prefix))
+    layer.quant_method.process_weights_after_loading(layer)
+    expected = UpstreamReference(source_checkpoints[layout_name]).linear(prefix)
+    if release == "quantizer":  # that release's Linear knew only the mindie bias
+        expected.pop("scale_bias", None)
+    for name, value in expected.items():
+        got = getattr(layer, name).data
+        assert got.dtype == value.dtype and got.shape == value.shape, name
+        if "bias" in name:
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, value), name
+
+
+@pytest.mark.parametrize("row_parallel", [False, True])
+def test_linear_tensor_parallel_shares_reassemble(release, converted_checkpoints, row_parallel):
+    linear_method, _ = registered(release)
+    ckpt = configure(converted_checkpoints["v1.0.0-per-group"])
+    prefix = "model.layers.0.self_attn.o_proj" if row_parallel else "model.layers.0.self_attn.q_proj"
+    tensors = all_tensors(ckpt, prefix)
+    ranks = []
+    for rank in (0, 1):
+        layer = stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, row_parallel, 2, rank)
+        layer.load(prefix, tensors)
+        ranks.append(layer)
+    dim = 0 if row_parallel else 1
+    whole = torch.cat([r.weight.data for r in ranks], dim)
+    assert torch.equal(whole, tensors[f"{prefix}.weight"])
+    scales = torch.cat([r.weight_scale_second.data for r in ranks], dim)
+    assert torch.equal(scales, tensors[f"{prefix}.weight_scale_second"])
+
+
+def test_register_without_vllm_ascend_is_a_no_op():
+    stand_ins.uninstall()
+    vllm_plugin.register()  # must not raise where vllm-ascend is absent (e.g. a CUDA vLLM)
+
+
+def test_entry_point_is_declared():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"]["vllm.general_plugins"]["w4a8conv"] == "w4a8conv.vllm_plugin:register"
+    assert "vllm-ascend" in project["optional-dependencies"]

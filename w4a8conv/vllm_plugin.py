@@ -1,0 +1,234 @@
+"""vLLM plugin: serve a w4a8conv output on vllm-ascend with no repacking at load.
+
+Installed with ``pip install w4a8conv[vllm-ascend]``; vLLM runs :func:`register` in every process
+through the ``vllm.general_plugins`` entry point. It registers, for the ``W4A8_DYNAMIC_PREPACKED``
+quant type our descriptions use, a Linear and a FusedMoE method with vllm-ascend. Both derive from
+vllm-ascend's own W4A8_DYNAMIC methods, so the forward pass is upstream's, unchanged; they replace
+only what happens before it:
+
+* parameters are created in the processed shapes and dtypes (int32 words ``[in, out/8]``, int64 or
+  float32 scales ``[in/g, out]``, float32 scale_bias with its input chunks);
+* the weight loaders are told those tensors are stored transposed, so vLLM's own loaders place each
+  expert's and each tensor-parallel rank's slice;
+* ``process_weights_after_loading`` does what must happen on the device: sum this rank's scale_bias
+  chunks, cast the weights to the NZ format, and give the tensors the names this vllm-ascend release
+  reads. No packing, scale encoding or bias computation is left.
+
+Everything that differs between vllm-ascend releases sits in :class:`VllmAscendApi`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .layouts import PREPACKED_TYPE
+
+
+def _logger() -> logging.Logger:
+    """vLLM's logger when vLLM is there, so the lines show in its output; the standard one otherwise."""
+    try:
+        from vllm.logger import init_logger
+    except ImportError:
+        return logging.getLogger(__name__)
+    return init_logger(__name__)
+
+
+log = _logger()
+SCALE_BIAS_CHUNKS = 16
+
+
+@dataclass(frozen=True)
+class VllmAscendApi:
+    """The vllm-ascend entry points the plugin touches, for the installed release.
+
+    Attributes:
+        release: ``"registry"`` (scheme registry, vllm-ascend 0.11 to 0.23 and on) or ``"quantizer"``
+            (``SUPPORT_ASCEND_QUANTIZER_TYPE``, the mid-2025 releases w4a8conv was seeded from).
+        linear_method, moe_method: upstream's W4A8_DYNAMIC methods, the plugin's base classes.
+        adapters: the wrappers whose ``create_weights`` registers a method's parameters.
+        moe_scale_names: the names upstream's MoE ``apply`` reads the int64 scales from.
+        register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
+        nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
+    """
+
+    release: str
+    linear_method: type
+    moe_method: type
+    adapters: tuple[type, ...]
+    moe_scale_names: tuple[str, str]
+    register: Callable[[type, type], None]
+    nz_cast: Callable[[torch.Tensor], torch.Tensor]
+
+
+def detect_api() -> VllmAscendApi:
+    """Find the installed vllm-ascend's entry points (raises ImportError without vllm-ascend)."""
+    try:
+        from vllm_ascend.quantization.method_adapters import AscendFusedMoEMethod, AscendLinearMethod
+        from vllm_ascend.quantization.methods import registry
+        from vllm_ascend.quantization.methods.w4a8 import (
+            AscendW4A8DynamicFusedMoEMethod,
+            AscendW4A8DynamicLinearMethod,
+        )
+        from vllm_ascend.utils import maybe_trans_nz
+    except ImportError:
+        return _detect_quantizer_release()
+
+    def register(linear: type, moe: type) -> None:
+        registry.register_scheme(PREPACKED_TYPE, "linear")(linear)
+        registry.register_scheme(PREPACKED_TYPE, "moe")(moe)
+
+    return VllmAscendApi(
+        release="registry",
+        linear_method=AscendW4A8DynamicLinearMethod,
+        moe_method=AscendW4A8DynamicFusedMoEMethod,
+        adapters=(AscendLinearMethod, AscendFusedMoEMethod),
+        moe_scale_names=("w13_weight_scale", "w2_weight_scale"),
+        register=register,
+        nz_cast=maybe_trans_nz,
+    )
+
+
+def _detect_quantizer_release() -> VllmAscendApi:
+    from vllm_ascend.quantization import quantizer
+    from vllm_ascend.quantization.quant_config import AscendFusedMoEMethod, AscendLinearMethod
+    from vllm_ascend.quantization.w4a8_dynamic import AscendW4A8DynamicFusedMoEMethod, AscendW4A8DynamicLinearMethod
+
+    def register(linear: type, moe: type) -> None:
+        prepacked_quantizer = type(
+            "W4A8PrepackedQuantizer",
+            (quantizer.VLLMAscendQuantizer,),
+            {"build_linear_method": staticmethod(linear), "build_moe_method": staticmethod(moe)},
+        )
+        quantizer.SUPPORT_ASCEND_QUANTIZER_TYPE[PREPACKED_TYPE] = prepacked_quantizer
+
+    return VllmAscendApi(
+        release="quantizer",
+        linear_method=AscendW4A8DynamicLinearMethod,
+        moe_method=AscendW4A8DynamicFusedMoEMethod,
+        adapters=(AscendLinearMethod, AscendFusedMoEMethod),
+        moe_scale_names=("w13_weight_scale_second", "w2_weight_scale_second"),
+        register=register,
+        nz_cast=lambda tensor: tensor,  # that release kept W4A8 weights in ND
+    )
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: register the prepacked methods with vllm-ascend."""
+    try:
+        api = detect_api()
+    except ImportError:
+        log.debug("w4a8conv: vllm-ascend is not installed; nothing to register")
+        return
+    linear, moe = build_methods(api)
+    for adapter in api.adapters:
+        _follow_create_weights(adapter)
+    api.register(linear, moe)
+    log.info("w4a8conv: %s checkpoints load without process_weights_after_loading's repacking", PREPACKED_TYPE)
+
+
+def _follow_create_weights(adapter: type) -> None:
+    """After an adapter registers a method's parameters, let a prepacked method annotate them."""
+    original = adapter.create_weights
+    if getattr(original, "_w4a8conv", False):
+        return
+
+    @functools.wraps(original)
+    def create_weights(self, layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        original(self, layer, *args, **kwargs)
+        annotate = getattr(self.quant_method, "annotate_parameters", None)
+        if annotate is not None:
+            annotate(layer)
+
+    create_weights._w4a8conv = True
+    adapter.create_weights = create_weights
+
+
+def _nz(api: VllmAscendApi, words: torch.Tensor) -> torch.Tensor:
+    """Cast packed int32 words to NZ as upstream does: on their int8 view, then view back as int32."""
+    return api.nz_cast(words.view(torch.int8)).view(torch.int32)
+
+
+@functools.cache
+def _announce_once() -> None:
+    log.info("w4a8conv: W4A8 MoE weights arrived prepacked; skipping repacking, scale encoding and bias sums")
+
+
+def build_methods(api: VllmAscendApi) -> tuple[type, type]:
+    """The plugin's Linear and MoE methods, derived from this release's W4A8_DYNAMIC methods."""
+
+    class PrepackedW4A8LinearMethod(api.linear_method):
+        """A W4A8_DYNAMIC Linear whose tensors w4a8conv already processed."""
+
+        def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
+            return {"weight": torch.empty(input_size, output_size // 8, dtype=torch.int32)}
+
+        def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None) -> dict[str, Any]:
+            chunks = SCALE_BIAS_CHUNKS if layer_type == "row" else 1
+            return {
+                "weight_scale_second": torch.empty(input_size // self.group_size, output_size, dtype=torch.float32),
+                "scale_bias": torch.empty(output_size, chunks, dtype=torch.float32),
+            }
+
+        def annotate_parameters(self, layer: torch.nn.Module) -> None:
+            # Stored [in, out/8] and [in/g, out]: output on dim 1, 8 outputs per int32 word.
+            layer.weight.input_dim, layer.weight.output_dim = 0, 1
+            layer.weight.packed_dim, layer.weight.packed_factor = 1, 8
+            layer.weight_scale_second.input_dim, layer.weight_scale_second.output_dim = 0, 1
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            layer.weight.data = _nz(api, layer.weight.data)
+            bias = layer.scale_bias.data
+            if getattr(self, "new_quant_version", False):  # 1.0.0 source: upstream keeps scale_bias
+                layer.scale_bias.data = bias.flatten() if bias.shape[1] == 1 else bias.contiguous()
+            else:  # mindie source: upstream computes weight_scale_bias [out]
+                del layer.scale_bias
+                layer.register_parameter("weight_scale_bias", torch.nn.Parameter(bias.sum(-1), requires_grad=False))
+
+    class PrepackedW4A8FusedMoEMethod(api.moe_method):
+        """A W4A8_DYNAMIC FusedMoE layer whose expert tensors w4a8conv already processed."""
+
+        def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+            e, i, h = num_experts, intermediate_size_per_partition, hidden_sizes
+            return {
+                "w13_weight": torch.empty(e, h, 2 * i // 8, dtype=torch.int32),
+                "w2_weight": torch.empty(e, i, h // 8, dtype=torch.int32),
+            }
+
+        def get_dynamic_quant_param(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+            e, i, h, g = num_experts, intermediate_size_per_partition, hidden_sizes, self.group_size
+            return {
+                "w13_weight_scale": torch.empty(e, h // g if g else 1, 2 * i, dtype=torch.int64),
+                "w2_weight_scale": torch.empty(e, i // g if g else 1, h, dtype=torch.int64),
+                "w13_scale_bias": torch.empty(e, 2 * i, 1, dtype=torch.float32),
+                "w2_scale_bias": torch.empty(e, h, SCALE_BIAS_CHUNKS // self.tp_size, dtype=torch.float32),
+            }
+
+        def annotate_parameters(self, layer: torch.nn.Module) -> None:
+            # Weights and scales are stored [in, out]: vLLM's FusedMoE loader then splits w13 on
+            # dim 1 (its output) and w2 on dim 0 (its input) for tensor parallelism. The per-channel
+            # w2 scale [1, H] is whole on every rank.
+            for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+                getattr(layer, name).is_transposed = True
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            _announce_once()
+            # This rank's scale_bias chunks (all 16 with expert parallelism) sum to its bias.
+            layer.w13_scale_bias.data = layer.w13_scale_bias.data.sum(-1)
+            layer.w2_scale_bias.data = layer.w2_scale_bias.data.sum(-1)
+            if self.group_size == 0:
+                layer.w13_weight_scale.data = layer.w13_weight_scale.data.squeeze(1)
+            layer.w13_weight.data = _nz(api, layer.w13_weight.data)
+            layer.w2_weight.data = _nz(api, layer.w2_weight.data)
+            w13_name, w2_name = api.moe_scale_names
+            if w13_name != "w13_weight_scale":
+                for old, new in (("w13_weight_scale", w13_name), ("w2_weight_scale", w2_name)):
+                    layer.register_parameter(new, torch.nn.Parameter(getattr(layer, old).data, requires_grad=False))
+                    delattr(layer, old)
+
+    return PrepackedW4A8LinearMethod, PrepackedW4A8FusedMoEMethod
