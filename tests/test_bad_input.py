@@ -283,3 +283,9 @@ def test_linear_described_as_w8a8_is_not_copied_silently(tmp_path, mindie):
     name = "model.layers.0.self_attn.o_proj.weight"
     edit_description(mindie, lambda d: d.update({name: "W8A8_DYNAMIC"}))
     assert_refused(tmp_path, mindie, name, "has model.layers.0.self_attn.o_proj.weight_scale_second")
+
+
+def test_output_equal_to_or_containing_the_input(tmp_path, mindie):
+    for out in (mindie, mindie.parent):
+        code, _, stderr = run("convert", "--in", mindie, "--out", out)
+        assert code == 2 and "must not be, contain or lie inside --in" in stderr

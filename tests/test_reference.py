@@ -18,12 +18,11 @@ from w4a8conv.verify import VerifyReport, _numeric_checks, verify_conversion
 
 from .conftest import SPEC
 
-GEN = torch.Generator().manual_seed(11)
 
-
-def activations(tokens: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randint(-128, 128, (tokens, width), generator=GEN, dtype=torch.int8)
-    return x, torch.rand(tokens, generator=GEN, dtype=torch.float64) * 0.05 + 0.01
+def activations(tokens: int, width: int, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (tokens, width), generator=gen, dtype=torch.int8)
+    return x, torch.rand(tokens, generator=gen, dtype=torch.float64) * 0.05 + 0.01
 
 
 def float_matmul(x, pts, values, scale) -> torch.Tensor:
@@ -84,19 +83,42 @@ def float_moe(x, pts, topk_ids, topk_weights, truth, layer, per_channel) -> torc
     return out
 
 
-@pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group", "v1.0.0-per-channel"])
-def test_moe_matches_float_computation(converted_checkpoints, layout_name):
+@pytest.mark.parametrize(
+    "layout_name,tolerance",
+    # The only inexact input is scale_bias: from the exact scales for mindie, from bf16 scales in
+    # msModelSlim's 1.0.0 output; the int8 re-quantization between w13 and w2 amplifies either.
+    [("mindie", 5e-3), ("v1.0.0-per-group", 1e-2), ("v1.0.0-per-channel", 1e-2)],
+)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_moe_matches_float_computation(converted_checkpoints, layout_name, tolerance, seed):
     layer = f"model.layers.{SPEC.dense_layers}.mlp.experts"
     truth = w4a8_truth(SPEC, layout_name)
     tokens, top_k = 6, 2
-    x, pts = activations(tokens, SPEC.hidden)
-    topk_ids = torch.stack([torch.randperm(SPEC.experts, generator=GEN)[:top_k] for _ in range(tokens)])
-    topk_weights = torch.rand(tokens, top_k, generator=GEN, dtype=torch.float64)
+    x, pts = activations(tokens, SPEC.hidden, seed)
+    gen = torch.Generator().manual_seed(seed)
+    topk_ids = torch.stack([torch.randperm(SPEC.experts, generator=gen)[:top_k] for _ in range(tokens)])
+    topk_weights = torch.rand(tokens, top_k, generator=gen, dtype=torch.float64)
     got = reference.moe(x, pts, topk_ids, topk_weights, load_moe(converted_checkpoints[layout_name], layer))
     expected = float_moe(x, pts, topk_ids, topk_weights, truth, layer, layout_name.endswith("per-channel"))
-    # The intermediate is re-quantized to int8; an fp32 bias can move a value across a rounding
-    # boundary, so compare the whole output, not every element.
-    assert (got - expected).norm() / expected.norm() < 1e-3
+    assert (got - expected).norm() / expected.norm() < tolerance
+
+
+def test_each_w4a8_matmul_matches_float_computation(converted_checkpoints, layout):
+    """One matmul alone, with no re-quantization after it: agreement to the bias's precision.
+
+    Upstream computes the mindie bias from the fp32 scales but encodes fp16-rounded ones for the
+    kernel (so even stock vllm-ascend is off by 8 * sum w * (s - fp16(s)), ~3e-5 here); msModelSlim
+    computes the 1.0.0 bias from bf16 scales (~1e-4 here).
+    """
+    layer = f"model.layers.{SPEC.dense_layers}.mlp.experts"
+    truth = w4a8_truth(SPEC, layout)[f"{layer}.1.down_proj"]
+    t = load_moe(converted_checkpoints[layout], layer)
+    x, pts = activations(4, SPEC.intermediate)
+    got = reference.w4a8_matmul(x, pts, t["w2_weight"][1], t["w2_weight_scale"][1], t["w2_scale_bias"][1])
+    per_channel = layout.endswith("per-channel")
+    scale = truth.weight_scale if per_channel else (truth.weight_scale * truth.weight_scale_second).half().float()
+    expected = float_matmul(x, pts, truth.values, scale)
+    assert (got - expected).norm() / expected.norm() < (1e-4 if layout == "mindie" else 1e-3)
 
 
 def test_verify_numeric_on_every_layout(source_checkpoints, converted_checkpoints, layout):

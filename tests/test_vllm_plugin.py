@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from w4a8conv import vllm_plugin
+from w4a8conv.convert import convert_checkpoint
 from w4a8conv.layouts import PREPACKED_TYPE
 from w4a8conv.runtime import ProcessedCheckpoint
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import stand_ins
 from .conftest import SPEC
@@ -142,3 +144,23 @@ def test_entry_point_is_declared():
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["vllm.general_plugins"]["w4a8conv"] == "w4a8conv.vllm_plugin:register"
     assert "vllm-ascend" in project["optional-dependencies"]
+
+
+def test_moe_tensor_parallel_16(release, tmp_path):
+    """The largest MoE tensor parallelism upstream allows: each rank gets one of the 16 bias chunks."""
+    if release == "quantizer":
+        pytest.skip("per-channel W4A8 MoE appeared after the mid-2025 release")
+    spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
+    out = convert_checkpoint(src, tmp_path / "out").out_dir
+    _, moe_method = registered(release)
+    ckpt = configure(out, tp_size=16)
+    layer_prefix = f"model.layers.{spec.dense_layers}.mlp.experts"
+    for rank in (0, 5, 15):
+        layer = stand_ins.FusedMoELayer(moe_method(), [0, 1], spec.hidden, spec.intermediate, 16, rank)
+        layer.load(layer_prefix, all_tensors(ckpt, layer_prefix))
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = UpstreamReference(src).moe(layer_prefix, 2, tp_size=16, tp_rank=rank)
+        for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
+            assert torch.equal(getattr(layer, name).data, expected[name]), (rank, name)
+        torch.testing.assert_close(layer.w2_scale_bias.data, expected["w2_scale_bias"], rtol=1e-5, atol=1e-6)
