@@ -72,23 +72,15 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
     assert not (out / STATE_DIR).exists()
 
 
+def convert_share(src: Path, out: Path, num_workers: int, index: int):
+    args = ["--num-workers", str(num_workers), "--worker-index", str(index)]
+    return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), *args])
+
+
 def test_finalize_names_missing_shares(many_shards, tmp_path):
     out = tmp_path / "out"
     for index in (0, 2):
-        result = runner.invoke(
-            app,
-            [
-                "convert",
-                "--in",
-                str(many_shards),
-                "--out",
-                str(out),
-                "--num-workers",
-                "4",
-                "--worker-index",
-                str(index),
-            ],
-        )
+        result = convert_share(many_shards, out, 4, index)
         assert result.exit_code == 0, result.stderr
     result = runner.invoke(app, ["finalize", str(out)])
     assert result.exit_code == 1
@@ -104,25 +96,11 @@ def test_finalize_refuses_a_directory_with_no_job(tmp_path):
 def test_array_jobs_refuse_a_different_conversion(many_shards, tmp_path):
     other = write_checkpoint(tmp_path / "other", "v1.0.0-per-group")
     out = tmp_path / "out"
-    args = ["--num-workers", "2", "--worker-index", "0"]
-    assert runner.invoke(app, ["convert", "--in", str(many_shards), "--out", str(out), *args]).exit_code == 0
-    result = runner.invoke(app, ["convert", "--in", str(other), "--out", str(out), *args])
+    assert convert_share(many_shards, out, 2, 0).exit_code == 0
+    result = convert_share(other, out, 2, 0)
     assert result.exit_code == 2 and "different conversion" in result.stderr
 
 
 def test_bad_worker_index(many_shards, tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "convert",
-            "--in",
-            str(many_shards),
-            "--out",
-            str(tmp_path / "o"),
-            "--num-workers",
-            "2",
-            "--worker-index",
-            "2",
-        ],
-    )
+    result = convert_share(many_shards, tmp_path / "o", 2, 2)
     assert result.exit_code == 2 and "--worker-index 2" in result.stderr

@@ -352,35 +352,35 @@ def _numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: V
                 expected[t] += weight * _float_matmul(q, q_scale, values[(e, "down_proj")], kernel[(e, "down_proj")])[0]
         tensors = ckpt.load_moe(layer, experts=chosen)
         for slot, e in enumerate(chosen):  # each matmul alone: tight, a wrong bias or scale shows
-            x13, pts13 = _activations(rng, hidden)
-            up_gate = np.concatenate([values[(e, "gate_proj")], values[(e, "up_proj")]])
-            expected13 = _float_matmul(
-                x13, pts13, up_gate, np.concatenate([kernel[(e, "gate_proj")], kernel[(e, "up_proj")]])
-            )
-            got13 = reference.w4a8_matmul(
-                torch.from_numpy(x13),
-                torch.from_numpy(pts13),
-                tensors["w13_weight"][slot],
-                tensors["w13_weight_scale"][slot],
-                tensors["w13_scale_bias"][slot],
-            ).numpy()
-            _compare(f"{layer}.{e} w13", got13, expected13, _MATMUL_TOLERANCE, report)
-            x2, pts2 = _activations(rng, values[(e, "down_proj")].shape[1])
-            expected2 = _float_matmul(x2, pts2, values[(e, "down_proj")], kernel[(e, "down_proj")])
-            got2 = reference.w4a8_matmul(
-                torch.from_numpy(x2),
-                torch.from_numpy(pts2),
-                tensors["w2_weight"][slot],
-                tensors["w2_weight_scale"][slot],
-                tensors["w2_scale_bias"][slot],
-            ).numpy()
-            _compare(f"{layer}.{e} w2", got2, expected2, _MATMUL_TOLERANCE, report)
+            gate_up = (e, "gate_proj"), (e, "up_proj")
+            w13_values = np.concatenate([values[key] for key in gate_up])
+            w13_scale = np.concatenate([kernel[key] for key in gate_up])
+            _check_matmul(f"{layer}.{e} w13", w13_values, w13_scale, tensors, "w13", slot, rng, report)
+            down = (e, "down_proj")
+            _check_matmul(f"{layer}.{e} w2", values[down], kernel[down], tensors, "w2", slot, rng, report)
         got = reference.moe(
             torch.from_numpy(x), torch.from_numpy(pts), torch.from_numpy(slots), torch.from_numpy(weights), tensors
         ).numpy()
         # The whole layer: routing, SwiGLU and the int8 re-quantization between w13 and w2, where a
         # last-bit difference moves a value across a rounding step; hence the looser tolerance.
         _compare(f"{layer} (experts {chosen})", got, expected, _LAYER_TOLERANCE, report)
+
+
+def _check_matmul(what, values, scale, tensors, fused: str, slot: int, rng, report: VerifyReport) -> None:
+    """One expert's w13 or w2 alone against the float computation from the source."""
+    import torch
+
+    from . import reference
+
+    x, pts = _activations(rng, values.shape[1])
+    got = reference.w4a8_matmul(
+        torch.from_numpy(x),
+        torch.from_numpy(pts),
+        tensors[f"{fused}_weight"][slot],
+        tensors[f"{fused}_weight_scale"][slot],
+        tensors[f"{fused}_scale_bias"][slot],
+    ).numpy()
+    _compare(what, got, _float_matmul(x, pts, values, scale), _MATMUL_TOLERANCE, report)
 
 
 def _activations(rng, width: int) -> tuple[np.ndarray, np.ndarray]:
