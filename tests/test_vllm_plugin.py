@@ -164,3 +164,23 @@ def test_moe_tensor_parallel_16(release, tmp_path):
         for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
             assert torch.equal(getattr(layer, name).data, expected[name]), (rank, name)
         torch.testing.assert_close(layer.w2_scale_bias.data, expected["w2_scale_bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_eplb_gets_per_expert_lists(converted_checkpoints, source_checkpoints):
+    stand_ins.install("registry")
+    try:
+        _, moe_method = registered("registry")
+        ckpt = configure(converted_checkpoints["v1.0.0-per-group"])
+        method = moe_method()
+        method.dynamic_eplb = True
+        layer = stand_ins.FusedMoELayer(method, list(range(SPEC.experts)), SPEC.hidden, SPEC.intermediate, 1, 0)
+        layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = UpstreamReference(source_checkpoints["v1.0.0-per-group"]).moe(MOE_LAYER, SPEC.experts)
+        assert not hasattr(layer, "w13_weight")
+        assert len(layer.w13_weight_list) == SPEC.experts
+        for e in range(SPEC.experts):
+            assert torch.equal(layer.w13_weight_list[e].view(torch.int32), expected["w13_weight"][e])
+            assert torch.equal(layer.w2_weight_scale_list[e], expected["w2_weight_scale"][e])
+    finally:
+        stand_ins.uninstall()

@@ -154,6 +154,16 @@ def _nz(api: VllmAscendApi, words: torch.Tensor) -> torch.Tensor:
     return api.nz_cast(words.view(torch.int8)).view(torch.int32)
 
 
+def _split_for_eplb(layer: torch.nn.Module) -> None:
+    """Dynamic expert load balancing moves single experts: upstream keeps per-expert lists instead."""
+    for name in ("w13_weight", "w2_weight"):  # int8 views, as upstream's lists (apply views them as int32)
+        setattr(layer, f"{name}_list", [w.view(torch.int8).clone() for w in getattr(layer, name).data.unbind(0)])
+    for name in ("w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias"):
+        setattr(layer, f"{name}_list", [t.clone() for t in getattr(layer, name).data.unbind(0)])
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias"):
+        delattr(layer, name)
+
+
 @functools.cache
 def _announce_once() -> None:
     log.info("w4a8conv: W4A8 MoE weights arrived prepacked; skipping repacking, scale encoding and bias sums")
@@ -225,6 +235,9 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
                 layer.w13_weight_scale.data = layer.w13_weight_scale.data.squeeze(1)
             layer.w13_weight.data = _nz(api, layer.w13_weight.data)
             layer.w2_weight.data = _nz(api, layer.w2_weight.data)
+            if getattr(self, "dynamic_eplb", False):
+                _split_for_eplb(layer)
+                return
             w13_name, w2_name = api.moe_scale_names
             if w13_name != "w13_weight_scale":
                 for old, new in (("w13_weight_scale", w13_name), ("w2_weight_scale", w2_name)):
