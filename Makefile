@@ -28,6 +28,7 @@ demo: $(STAMP)
 		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout || exit 1; \
 		$(BIN)/w4a8conv convert --in $(DEMO)/ds-tiny-$$layout --out $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
 		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
+		$(BIN)/w4a8conv verify $(DEMO)/ds-tiny-$$layout $(DEMO)/ds-tiny-$$layout-converted --numeric || exit 1; \
 	done
 
 lint: $(STAMP)

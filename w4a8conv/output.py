@@ -149,18 +149,15 @@ class RichProgress(Progress):
         )
 
     def start(self, total_bytes: int, total_modules: int) -> None:
-        self.total_modules, self.done_modules = total_modules, 0
+        self.total_modules, self.done_modules, self.done_shards = total_modules, 0, 0
         self.task = self.bar.add_task("converting", total=total_bytes, modules=f"0/{total_modules} modules")
         self.bar.start()
 
     def update(self, event: str, name: str, nbytes: int) -> None:
         self.done_modules += event == "module"
-        self.bar.update(
-            self.task,
-            advance=nbytes,
-            modules=f"{self.done_modules}/{self.total_modules} modules",
-            **({"description": name} if event == "shard" else {}),
-        )
+        self.done_shards += event == "shard"
+        modules = f"{self.done_modules}/{self.total_modules} modules, {self.done_shards} shards written"
+        self.bar.update(self.task, advance=nbytes, modules=modules)
 
     def finish(self) -> None:
         self.bar.stop()
