@@ -6,8 +6,10 @@ import json
 
 import torch
 from safetensors import safe_open
+from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.cli import app
 from w4a8conv.layouts import PREPACKED_TYPE
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header
@@ -122,3 +124,14 @@ def test_single_file_checkpoint_without_index(tmp_path):
     assert result.shards == 1
     assert (tmp_path / "out" / "quant_model_weights.safetensors.index.json").is_file()
     assert ProcessedCheckpoint(tmp_path / "out").load_moe("model.layers.1.mlp.experts")["w2_weight"].shape[0] == 4
+
+
+def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["convert", "--in", str(source_checkpoints["mindie"]), "--out", str(out), "--dry-run", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] and plan["modules"] == 30 and plan["total_shards"] == 3 and len(plan["shards"]) == 3
+    assert plan["output_bytes"] == 551200 and not out.exists()

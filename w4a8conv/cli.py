@@ -107,13 +107,25 @@ def convert(
         bool, typer.Option(help="Finish an interrupted conversion into --out, redoing only unfinished shards.")
     ] = False,
     verify: Annotated[bool, typer.Option(help="Run `w4a8conv verify` on the result (exit 1 if it fails).")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Read headers and plan only: report, check, write nothing.")] = False,
     json_output: JsonOpt = False,
     *,
     output: Output,
 ) -> None:
     """Convert a W4A8_DYNAMIC checkpoint into processed shards a serving engine loads directly."""
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, plan_conversion
 
+    if dry_run:
+        plan = plan_conversion(src, dst, num_workers=num_workers, worker_index=worker_index)
+        if output.json_mode:
+            output.emit_json({"ok": True, "dry_run": True, **plan})
+        else:
+            output.info(
+                f"would convert a {plan['format']} checkpoint (group size {plan['group_size']}): "
+                f"{plan['modules']} W4A8 modules into {len(plan['shards'])} of {plan['total_shards']} shards, "
+                f"{human_bytes(plan['input_bytes'])} -> {human_bytes(plan['output_bytes'])}; nothing written"
+            )
+        return
     result = convert_checkpoint(
         src,
         dst,

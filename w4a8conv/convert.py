@@ -160,6 +160,23 @@ def convert_checkpoint(
     return ConvertResult(dst, seconds=time.monotonic() - started, device=torch_device, **summary)
 
 
+def plan_conversion(src: Path | str, dst: Path | str, num_workers: int = 1, worker_index: int = 0) -> dict:
+    """What :func:`convert_checkpoint` would do, from headers alone, with every check; writes nothing.
+
+    Returns:
+        The job's summary, ``total_shards``, and ``shards``: this share's output files and sizes.
+    """
+    src, dst = Path(src), Path(dst)
+    if num_workers < 1 or not 0 <= worker_index < num_workers:
+        raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
+    check_paths(src, dst)
+    ckpt, plan = prepare(src)
+    job = job_description(ckpt, plan, num_workers)
+    mine = job["shares"][worker_index]
+    summary = job["summary"]
+    return {**summary, "total_shards": summary["shards"], "shards": {name: job["shards"][name] for name in mine}}
+
+
 def _check_free_space(dst: Path, needed: int) -> None:
     free = shutil.disk_usage(dst).free
     if needed > free:
