@@ -71,6 +71,11 @@ def check_paths(src: Path, dst: Path) -> None:
         raise BadInputError(f"--out {dst}: exists and is not a directory")
 
 
+def _check_share(num_workers: int, worker_index: int) -> None:
+    if num_workers < 1 or not 0 <= worker_index < num_workers:
+        raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
+
+
 def prepare(src: Path) -> tuple[Checkpoint, Plan]:
     """Read and plan ``src``; raise on the first problem (``inspect`` lists them all)."""
     ckpt = open_checkpoint(src)
@@ -120,16 +125,15 @@ def convert_checkpoint(
     """
     started = time.monotonic()
     src, dst = Path(src), Path(dst)
-    if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
+    _check_share(num_workers, worker_index)
     if workers < 1:
         raise BadInputError(f"--workers {workers}: need at least 1")
     if overwrite and resume:
         raise BadInputError("--overwrite and --resume: choose one")
     check_paths(src, dst)
-    ckpt, plan = prepare(src)
     # torch takes about a second to import: load it beside the planning and the first copies.
     threading.Thread(target=importlib.import_module, args=(f"{__package__}.processing",), daemon=True).start()
+    ckpt, plan = prepare(src)
     torch_device = resolve_device(device)
     job = job_description(ckpt, plan, num_workers)
     share = start_share(dst, job, worker_index, overwrite=overwrite, resume=resume)
@@ -167,8 +171,7 @@ def plan_conversion(src: Path | str, dst: Path | str, num_workers: int = 1, work
         The job's summary, ``total_shards``, and ``shards``: this share's output files and sizes.
     """
     src, dst = Path(src), Path(dst)
-    if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
+    _check_share(num_workers, worker_index)
     check_paths(src, dst)
     ckpt, plan = prepare(src)
     job = job_description(ckpt, plan, num_workers)
