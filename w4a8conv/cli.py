@@ -19,7 +19,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+# I/O waits overlap better with more threads than cores (measured on 2 cores: 4 beat 2 by 5-10%).
+DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
 
