@@ -52,6 +52,8 @@ class UpstreamMoEMethod:
 
 
 class LinearAdapter:
+    passes_layer_type = True  # 0.23 tells get_pergroup_param the layer type; the mid-2025 release did not
+
     def __init__(self, scheme):
         self.quant_method = scheme
 
@@ -64,9 +66,9 @@ class LinearAdapter:
             _set_attrs(param, {"input_dim": 1, "output_dim": 0})
             layer.register_parameter(name, param)
             _set_attrs(param, extra)
-        layer_type = "row" if layer.row_parallel else "others"
+        layer_type = {"layer_type": "row" if layer.row_parallel else "others"} if self.passes_layer_type else {}
         for name, value in self.quant_method.get_pergroup_param(
-            input_size_per_partition, out, params_dtype, layer_type=layer_type
+            input_size_per_partition, out, params_dtype, **layer_type
         ).items():
             param = torch.nn.Parameter(value, requires_grad=False)
             _set_attrs(param, {"output_dim": 0})
@@ -80,6 +82,8 @@ class LinearAdapter:
 
 
 class MoEAdapter:
+    marks_scale_bias_and_scales_as_group = True
+
     def __init__(self, scheme):
         self.quant_method = scheme
 
@@ -91,8 +95,11 @@ class MoEAdapter:
             layer.register_parameter(name, param)
             _set_attrs(param, extra)
         extra = {**extra, "quant_method": CHANNEL}
-        per_group = ["weight_scale_second", "weight_offset_second", "scale_bias"]
-        per_group += ["weight_scale", "weight_offset"] if self.quant_method.group_size > 0 else []
+        per_group = ["weight_scale_second", "weight_offset_second"]
+        if self.marks_scale_bias_and_scales_as_group:  # 0.23; the mid-2025 release marked only *_second
+            per_group += ["scale_bias"] + (
+                ["weight_scale", "weight_offset"] if self.quant_method.group_size > 0 else []
+            )
         for name, value in self.quant_method.get_dynamic_quant_param(
             num_experts, intermediate_size_per_partition, hidden_size, params_dtype
         ).items():
@@ -155,6 +162,8 @@ class LinearLayer(torch.nn.Module):
     def __init__(self, method, in_features: int, out_features: int, row_parallel: bool, tp_size: int, tp_rank: int):
         super().__init__()
         self.row_parallel, self.tp_rank = row_parallel, tp_rank
+        if row_parallel:
+            self.input_is_parallel = True  # as vLLM's RowParallelLinear
         self.quant_method = LinearAdapter(method)
         in_part = in_features // tp_size if row_parallel else in_features
         out_part = out_features if row_parallel else out_features // tp_size
@@ -192,6 +201,8 @@ def install(release: str) -> None:
         modules[name] = mod
         return mod
 
+    LinearAdapter.passes_layer_type = release == "registry"
+    MoEAdapter.marks_scale_bias_and_scales_as_group = release == "registry"
     module("vllm_ascend")
     module("vllm_ascend.quantization")
     if release == "registry":

@@ -41,6 +41,7 @@ def _logger() -> logging.Logger:
 
 log = _logger()
 SCALE_BIAS_CHUNKS = 16
+_VLLM_GROUP_SCALES = "group"  # vLLM's FusedMoeWeightScaleSupported.GROUP.value
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,17 @@ def _nz(api: VllmAscendApi, words: torch.Tensor) -> torch.Tensor:
     return api.nz_cast(words.view(torch.int8)).view(torch.int32)
 
 
+def _widen_scale_bias(layer: torch.nn.Module) -> None:
+    """A row-parallel Linear keeps 16 scale_bias chunks; releases whose adapter does not pass
+    ``layer_type`` to ``get_pergroup_param`` created it with one, so recreate it."""
+    old = layer.scale_bias
+    new = torch.nn.Parameter(torch.empty(old.shape[0], SCALE_BIAS_CHUNKS, dtype=old.dtype), requires_grad=False)
+    for attr in ("weight_loader", "output_dim"):
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    layer.register_parameter("scale_bias", new)
+
+
 def _split_for_eplb(layer: torch.nn.Module) -> None:
     """Dynamic expert load balancing moves single experts: upstream keeps per-expert lists instead."""
     for name in ("w13_weight", "w2_weight"):  # int8 views, as upstream's lists (apply views them as int32)
@@ -190,6 +202,8 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
             layer.weight.input_dim, layer.weight.output_dim = 0, 1
             layer.weight.packed_dim, layer.weight.packed_factor = 1, 8
             layer.weight_scale_second.input_dim, layer.weight_scale_second.output_dim = 0, 1
+            if hasattr(layer, "input_is_parallel") and layer.scale_bias.shape[1] != SCALE_BIAS_CHUNKS:
+                _widen_scale_bias(layer)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             layer.weight.data = _nz(api, layer.weight.data)
@@ -225,6 +239,13 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
             # w2 scale [1, H] is whole on every rank.
             for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
                 getattr(layer, name).is_transposed = True
+            # Loaded the way vLLM loads group scales (split by rank on the sharded dim), whatever the
+            # release marked: the mid-2025 one marked only *_second tensors, so its loader copied w2's
+            # scales and scale_bias whole, which cannot work with MoE tensor parallelism.
+            sliced = ["w13_scale_bias", "w2_scale_bias"]
+            sliced += ["w13_weight_scale", "w2_weight_scale"] if self.group_size > 0 else []
+            for name in sliced:
+                getattr(layer, name).quant_method = _VLLM_GROUP_SCALES
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             _announce_once()
