@@ -73,9 +73,10 @@ def scale_bias_chunks(
 
     ``s = weight_scale * weight_scale_second`` (or ``weight_scale`` alone, per channel). Chunks are
     what lets a tensor-parallel rank sum only its share of the input dim, as msModelSlim's
-    ``[out, 16]`` scale_bias does. The integer sums are exact and the float64 accumulation runs in a
-    fixed order and is rounded to fp32 once, so every device gives the same bits.
-    ``values`` must be int4 (-8..7) held in int8.
+    ``[out, 16]`` scale_bias does. The integer sums are exact (on the values' device) and the
+    float64 accumulation runs on the CPU in a fixed order and is rounded to fp32 once, so every
+    device gives the same bits, including NPUs without float64 arithmetic.
+    ``values`` must be int4 (-8..7) held in int8. Returns a tensor on the values' device.
     """
     out_features, in_features = values.shape[-2], values.shape[-1]
     if in_features % num_chunks:
@@ -83,20 +84,20 @@ def scale_bias_chunks(
     chunk = in_features // num_chunks
     if weight_scale_second is None:
         group = in_features
-        second = torch.ones(out_features, 1, dtype=torch.float64, device=values.device)
+        second = torch.ones(out_features, 1, dtype=torch.float64)
     else:
         group = in_features // weight_scale_second.shape[-1]
-        second = weight_scale_second.to(torch.float64)
+        second = weight_scale_second.cpu().to(torch.float64)
     # A segment is a run of k inside one chunk and one group. At most 4096 int4 values sum to at most
     # 8 * 4096 in magnitude, so an int16 sum is exact in any order (and ~15x faster than int64).
     segment = math.gcd(chunk, group, _MAX_INT16_SEGMENT)
-    segment_sums = values.reshape(out_features, in_features // segment, segment).sum(-1, dtype=torch.int16)
+    segment_sums = values.reshape(out_features, in_features // segment, segment).sum(-1, dtype=torch.int16).cpu()
     segments_per_chunk = chunk // segment
-    result = torch.zeros(out_features, num_chunks, dtype=torch.float64, device=values.device)
+    result = torch.zeros(out_features, num_chunks, dtype=torch.float64)
     for c in range(num_chunks):
-        acc = torch.zeros(out_features, dtype=torch.float64, device=values.device)
+        acc = torch.zeros(out_features, dtype=torch.float64)
         for j in range(c * segments_per_chunk, (c + 1) * segments_per_chunk):
             acc = acc + segment_sums[:, j].to(torch.float64) * second[:, (j * segment) // group]
         result[:, c] = acc
-    first = weight_scale.to(torch.float64).reshape(out_features, 1)
-    return (8.0 * result * first).to(torch.float32)
+    first = weight_scale.cpu().to(torch.float64).reshape(out_features, 1)
+    return (8.0 * result * first).to(torch.float32).to(values.device)
