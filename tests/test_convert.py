@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 
 import torch
+from rich.console import Console
 from safetensors import safe_open
 from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
+from w4a8conv.convert import convert_checkpoint
 from w4a8conv.layouts import PREPACKED_TYPE
+from w4a8conv.output import LineProgress
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header
-from w4a8conv.synthetic import SHARD_PREFIX
+from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
+from w4a8conv.verify import verify_conversion
 
 INDEX = f"{SHARD_PREFIX}.safetensors.index.json"
 
@@ -94,9 +98,6 @@ def test_non_tensor_files_are_copied(source_checkpoints, converted_checkpoints, 
 
 
 def test_source_is_untouched(tmp_path):
-    from w4a8conv.convert import convert_checkpoint
-    from w4a8conv.synthetic import write_checkpoint
-
     src = write_checkpoint(tmp_path / "src", "mindie")
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()}
     convert_checkpoint(src, tmp_path / "out")
@@ -113,9 +114,6 @@ def test_output_shards_are_aligned_and_loadable(converted_checkpoints):
 
 def test_single_file_checkpoint_without_index(tmp_path):
     """A checkpoint with one unindexed file converts into one shard with an index beside it."""
-    from w4a8conv.convert import convert_checkpoint
-    from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
-
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(shards=1))
     (src / INDEX).unlink()
     only = next(src.glob("*.safetensors"))
@@ -135,3 +133,16 @@ def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
     plan = json.loads(result.stdout)
     assert plan["dry_run"] and plan["modules"] == 30 and plan["total_shards"] == 3 and len(plan["shards"]) == 3
     assert plan["output_bytes"] == 551200 and not out.exists()
+
+
+def test_ci_progress_lines(source_checkpoints, tmp_path):
+    """In CI logs: a line per shard written, and a line at least every interval while work goes on."""
+    console = Console(record=True, width=200)
+    convert_checkpoint(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console))
+    lines = console.export_text().splitlines()
+    assert len(lines) == 3 and all("wrote quant_model_weight_w8a8_dynamic-0000" in line for line in lines)
+    assert "30/30 modules" in lines[-1]
+    console = Console(record=True, width=200)
+    verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))
+    text = console.export_text()
+    assert "working" in text and "30/30 modules" in text.splitlines()[-1]

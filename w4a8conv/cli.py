@@ -186,7 +186,11 @@ def verify(
     """Prove DST is a correct conversion of SRC, independently of the code that wrote it (exit 1 if not)."""
     from .verify import verify_conversion
 
-    report = verify_conversion(src, dst, sample=sample, seed=seed, numeric=numeric)
+    progress = output.progress()
+    try:
+        report = verify_conversion(src, dst, sample=sample, seed=seed, numeric=numeric, progress=progress)
+    finally:
+        progress.finish()
     if output.json_mode:
         output.emit_json(report.as_dict())
     else:

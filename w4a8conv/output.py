@@ -107,24 +107,28 @@ class Progress:
 
 
 class LineProgress(Progress):
-    """Quiet progress for CI logs: one line per output shard, with bytes, modules and rate."""
+    """Quiet progress for CI logs: a line per output shard written, and one at least every
+    ``interval`` seconds, so a CI job that kills silent steps sees it working."""
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, console: Console, interval: float = 30.0):
+        self.console, self.interval = console, interval
 
     def start(self, total_bytes: int, total_modules: int) -> None:
         self.total_bytes, self.total_modules = total_bytes, total_modules
         self.done_bytes = self.done_modules = 0
-        self.started = time.monotonic()
+        self.started = self.last_line = time.monotonic()
 
     def update(self, event: str, name: str, nbytes: int) -> None:
         self.done_bytes += nbytes
         self.done_modules += event == "module"
         if event == "shard":
             self._line(f"wrote {name}")
+        elif time.monotonic() - self.last_line >= self.interval:
+            self._line("working")
 
     def _line(self, what: str) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self.last_line = time.monotonic()
+        elapsed = max(self.last_line - self.started, 1e-9)
         self.console.print(
             f"[{elapsed:7.1f}s] {what}: {human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)} read, "
             f"{self.done_modules}/{self.total_modules} modules, {self.done_bytes / elapsed / 1e6:.0f} MB/s",

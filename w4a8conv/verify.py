@@ -23,6 +23,7 @@ import numpy as np
 from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, open_checkpoint
 from .errors import BadInputError
 from .jobs import MANIFEST_FILE, STATE_DIR, sha256_file
+from .output import Progress
 from .plan import TOOL_SECTION
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 
@@ -52,7 +53,12 @@ class VerifyReport:
 
 
 def verify_conversion(
-    src: Path | str, dst: Path | str, sample: float = 1.0, seed: int = 0, numeric: bool = False
+    src: Path | str,
+    dst: Path | str,
+    sample: float = 1.0,
+    seed: int = 0,
+    numeric: bool = False,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Check that ``dst`` is a correct conversion of ``src``.
 
@@ -64,6 +70,7 @@ def verify_conversion(
         numeric: also run the CPU reference of the Ascend operators (``w4a8conv.reference``) on the
             output's tensors with random int8 activations, and compare with a float computation
             from the source's int4 values and scales, for every checked Linear and MoE layer.
+        progress: receives a report per file hashed, tensor compared and module checked.
 
     Returns:
         A report; ``ok`` is False and ``problems`` says why when anything is wrong.
@@ -83,16 +90,19 @@ def verify_conversion(
     if (dst / STATE_DIR).exists():
         report.problem(f"{dst / STATE_DIR}: conversion state left behind; the output was not finalized")
     rng = random.Random(seed)
+    progress = progress or Progress()
     headers = _check_index(dst, report)
     out_tensors = {name: info for h in headers.values() for name, info in h.tensors.items()}
-    _check_manifest(dst, sample, rng, report)
-
     src_types = {k: v for k, v in source.description.items() if "." in k and isinstance(v, str)}
     prefixes = sorted(
         n[: -len(".weight")] for n, t in src_types.items() if t == "W4A8_DYNAMIC" and n.endswith(".weight")
     )
     consumed = {f"{p}.{r}" for p in prefixes for r in _ROLES}
     out_types = {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+    report.modules_total = len(prefixes)
+    chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
+    progress.start(sum(h.file_size for h in headers.values()) + source.total_bytes, len(chosen))
+    _check_manifest(dst, sample, rng, report, progress)
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
@@ -101,15 +111,14 @@ def verify_conversion(
             continue
         report.passthrough_checked += 1
         _check_passthrough(info, out_tensors.get(name), out_types.get(name), src_types.get(name), report)
-
-    report.modules_total = len(prefixes)
-    chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
+        progress.update("copy", name, info.nbytes)
     for prefix in chosen:
         try:
             _check_module(prefix, source.tensors, out_tensors, section, report)
         except (KeyError, ValueError) as e:
             report.problem(f"{prefix}: cannot be checked ({e})")
         report.modules_checked += 1
+        progress.update("module", prefix, sum(info.nbytes for _, info in _sources(prefix, source.tensors)))
     if numeric and report.ok:
         _numeric_checks(dst, chosen, source.tensors, section, np.random.default_rng(seed), report)
     return report
@@ -141,7 +150,11 @@ def _check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
     return headers
 
 
-def _check_manifest(dst: Path, sample: float, rng: random.Random, report: VerifyReport) -> None:
+def _sources(prefix: str, tensors: dict[str, TensorInfo]) -> list[tuple[str, TensorInfo]]:
+    return [(role, tensors[f"{prefix}.{role}"]) for role in _ROLES if f"{prefix}.{role}" in tensors]
+
+
+def _check_manifest(dst: Path, sample: float, rng: random.Random, report: VerifyReport, progress: Progress) -> None:
     path = dst / MANIFEST_FILE
     if not path.is_file():
         report.problem(f"{path}: checksum manifest missing")
@@ -168,6 +181,7 @@ def _check_manifest(dst: Path, sample: float, rng: random.Random, report: Verify
         report.files_hashed += 1
         if sha256_file(dst / name) != listed[name]:
             report.problem(f"{dst / name}: sha256 differs from {MANIFEST_FILE}")
+        progress.update("copy", name, (dst / name).stat().st_size)
 
 
 def _check_passthrough(src: TensorInfo, out: TensorInfo | None, out_type, src_type, report: VerifyReport) -> None:
