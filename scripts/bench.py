@@ -202,6 +202,67 @@ def naive_convert(src: Path, dst: Path) -> None:
     save_file({k: v.contiguous() for k, v in load(others).items()}, str(dst / "others.safetensors"))
 
 
+def write_header_only_deepseek(path: Path) -> Path:
+    """A DeepSeek-R1-sized mindie checkpoint (58 MoE layers x 256 experts, ~650 GB) of sparse files:
+    real safetensors headers, index and description, no data. Planning reads nothing else."""
+    from w4a8conv.safetensors_io import OutputEntry, layout_header
+
+    if (path / "quant_model_description.json").is_file():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    entries, types = [], {}
+    for layer in range(3, 61):
+        for e in range(256):
+            for proj, n, k in (("gate_proj", INTER, HIDDEN), ("up_proj", INTER, HIDDEN), ("down_proj", HIDDEN, INTER)):
+                prefix = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                for suffix, dtype, shape in (
+                    ("weight", "I8", (n, k)),
+                    ("weight_scale", "F32", (n, 1)),
+                    ("weight_offset", "F32", (n, 1)),
+                    ("weight_scale_second", "F32", (n, k // GROUP)),
+                    ("weight_offset_second", "I64", (n, k // GROUP)),
+                ):
+                    entries.append(OutputEntry(f"{prefix}.{suffix}", dtype, shape))
+                    types[f"{prefix}.{suffix}"] = "W4A8_DYNAMIC"
+    shards: list[list] = [[]]
+    filled = 0
+    for entry in entries:
+        if filled > 4 << 30:  # 4 GiB shards, as msModelSlim writes them
+            shards.append([])
+            filled = 0
+        shards[-1].append(entry)
+        filled += entry.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"quant_model_weight_w8a8_dynamic-{i:05d}-of-{len(shards):05d}.safetensors"
+        header, _ = layout_header(shard)
+        with open(path / name, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + sum(e.nbytes for e in shard))  # sparse: no data written
+        weight_map.update(dict.fromkeys((e.name for e in shard), name))
+    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+    (path / "quant_model_weight_w8a8_dynamic.safetensors.index.json").write_text(json.dumps(index))
+    (path / "quant_model_description.json").write_text(json.dumps({"model_quant_type": "W8A8_DYNAMIC", **types}))
+    return path
+
+
+def bench_planning(data: Path, repeats: int) -> dict:
+    src = write_header_only_deepseek(data / "deepseek-r1-headers-only")
+    cli = str(ROOT / ".venv/bin/w4a8conv")
+    commands = {
+        "inspect": [cli, "inspect", str(src), "--json"],
+        "dry_run": [cli, "convert", "--in", str(src), "--out", str(data / "never"), "--dry-run"],
+    }
+    result = {}
+    for name, cmd in commands.items():
+        runs = [timed(cmd) for _ in range(repeats)]
+        result[name] = {
+            "seconds": round(statistics.median(r[0] for r in runs), 2),
+            "peak_rss_mb": round(runs[0][1] / 1e6),
+        }
+    return result
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--naive":
         naive_convert(Path(sys.argv[2]), Path(sys.argv[3]))
@@ -220,6 +281,9 @@ def main() -> None:
     parser.add_argument("--flat", action="store_true", help="also convert a 4x larger mindie checkpoint (memory)")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where checkpoints are cached")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--planning", action="store_true", help="also time inspect / --dry-run on a header-only DeepSeek-R1"
+    )
     args = parser.parse_args()
 
     args.data.mkdir(parents=True, exist_ok=True)
@@ -239,6 +303,8 @@ def main() -> None:
             for label, r in rss.items()
         }
         results["flat"]["growth"] = round(rss["4x"]["convert"]["peak_rss_mb"] / rss["1x"]["convert"]["peak_rss_mb"], 3)
+    if args.planning:
+        results["planning"] = bench_planning(args.data, args.repeats)
     (args.data / "results.json").write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
@@ -268,6 +334,13 @@ def print_table(results: dict) -> None:
                 ratio.get(name, ""),
             )
     Console().print(table)
+    if "planning" in results:
+        p = results["planning"]
+        Console().print(
+            f"header-only DeepSeek-R1 (223k tensors): inspect {p['inspect']['seconds']} s "
+            f"({p['inspect']['peak_rss_mb']} MB), convert --dry-run {p['dry_run']['seconds']} s "
+            f"({p['dry_run']['peak_rss_mb']} MB)"
+        )
     if "flat" in results:
         f = results["flat"]
         Console().print(

@@ -7,6 +7,7 @@ never raises on a bad checkpoint; it collects every problem it finds so ``inspec
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ SCALE_BIAS_CHUNKS = 16  # msModelSlim's chunk count; vllm-ascend allows MoE tp u
 SOURCE_ROLES = ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
 
 
+@functools.lru_cache(maxsize=1 << 20)  # the same names are sorted several times per plan
 def natural_key(name: str) -> tuple:
     """Sort ``layers.10`` after ``layers.9``."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
