@@ -44,7 +44,6 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     extra_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] | None = None
-    index_name: str | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -131,7 +130,6 @@ def open_checkpoint(root: Path) -> Checkpoint:
         tensors=tensors,
         extra_files=extra,
         config=config if isinstance(config, dict) else None,
-        index_name=index_path.name if index_path else None,
     )
 
 

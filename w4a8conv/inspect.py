@@ -21,6 +21,8 @@ def inspect_checkpoint(path: Path | str) -> dict:
     ckpt = open_checkpoint(Path(path))
     plan = build_plan(ckpt)
     experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers.values()})
+    moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers.values()}
+    hidden, intermediate = moe_shapes.pop() if len(moe_shapes) == 1 else (None, None)
     return {
         "path": str(path),
         "format": plan.format,
@@ -31,6 +33,8 @@ def inspect_checkpoint(path: Path | str) -> dict:
         "moe_layers": len(plan.moe_layers),
         "experts": plan.num_experts,
         "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
+        "hidden_size": hidden or None,
+        "moe_intermediate_size": intermediate or None,
         "other_quant_types": dict(sorted(plan.other_quant_types.items())),
         "params_dtype": ckpt.params_dtype_name,
         "shards": len(ckpt.shards),

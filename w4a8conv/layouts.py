@@ -100,7 +100,6 @@ class V1PerChannelLayout(V1PerGroupLayout):
 
 
 SOURCE_LAYOUTS: tuple[SourceLayout, ...] = (MindieLayout(), V1PerGroupLayout(), V1PerChannelLayout())
-LAYOUTS_BY_NAME = {layout.name: layout for layout in SOURCE_LAYOUTS}
 
 
 def layout_from_evidence(packed_on_disk: bool, per_group: bool) -> SourceLayout | None:

@@ -57,7 +57,15 @@ class Output:
             ("version", report["version"] or "-"),
             ("group size", "per-channel (0)" if report["group_size"] == 0 else report["group_size"]),
             ("W4A8 modules", f"{report['w4a8_modules']} ({report['w4a8_linear']} Linear)"),
-            ("MoE layers", f"{report['moe_layers']} x {report['experts_per_layer']} experts"),
+            (
+                "MoE layers",
+                f"{report['moe_layers']} x {report['experts_per_layer']} experts"
+                + (
+                    f" (hidden {report['hidden_size']}, moe_intermediate {report['moe_intermediate_size']})"
+                    if report["hidden_size"]
+                    else ""
+                ),
+            ),
             ("other quant types", ", ".join(f"{k}: {v}" for k, v in report["other_quant_types"].items()) or "-"),
             ("params dtype", report["params_dtype"]),
             ("shards / tensors", f"{report['shards']} / {report['tensors']}"),

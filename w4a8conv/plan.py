@@ -106,10 +106,6 @@ class Plan:
         return sum(not p.is_moe for p in self.projections) or self.processed_linear
 
     @property
-    def layout(self) -> SourceLayout | None:
-        return self.projections[0].layout if self.projections and self.format != "unknown" else None
-
-    @property
     def output_bytes(self) -> int:
         return sum(e.nbytes for entries in self.shard_entries.values() for e in entries)
 
