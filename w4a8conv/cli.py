@@ -1,6 +1,7 @@
 """The ``w4a8conv`` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
 
 import functools
+import inspect as _inspect  # the `inspect` command below takes the plain name
 import os
 from pathlib import Path
 from typing import Annotated
@@ -48,8 +49,6 @@ def handle_errors(command):
             raise typer.Exit(EXIT_FAILURE) from None
 
     # Typer reads the signature: hide the injected ``output`` parameter from it.
-    import inspect as _inspect
-
     sig = _inspect.signature(command)
     wrapper.__signature__ = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "output"])
     return wrapper

@@ -8,6 +8,7 @@ never raises on a bad checkpoint; it collects every problem it finds so ``inspec
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -283,7 +284,7 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
     for role in ("weight_offset", "weight_offset_second"):
         info = sources.get(role)
         twin = scale if role == "weight_offset" else second
-        if info is not None and (twin is None or _numel(info) != _numel(twin)):
+        if info is not None and (twin is None or math.prod(info.shape) != math.prod(twin.shape)):
             problems.append(f"{info.path}: tensor {info.name}: shape {list(info.shape)} does not match its scale")
     if len(problems) > before:
         return None
@@ -298,13 +299,6 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
         sources=sources,
         shard=weight.path.name,
     )
-
-
-def _numel(info: TensorInfo) -> int:
-    n = 1
-    for d in info.shape:
-        n *= d
-    return n
 
 
 def _check_description_agrees(ckpt: Checkpoint, layout: SourceLayout, problems: list[str]) -> None:
