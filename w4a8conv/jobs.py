@@ -165,8 +165,10 @@ class JobShare:
         return (self.state / SUMS_DIR / f"{shard}.sha256").is_file()
 
     def record_checksum(self, shard: str) -> None:
-        """Hash a finished shard (from the page cache, just written) for the manifest."""
-        digest = sha256_file(self.dst / shard)
+        """Hash a shard an earlier run finished without saving its hash, for the manifest."""
+        self.save_checksum(shard, sha256_file(self.dst / shard))
+
+    def save_checksum(self, shard: str, digest: str) -> None:
         (self.state / SUMS_DIR).mkdir(exist_ok=True)
         write_atomic(self.state / SUMS_DIR / f"{shard}.sha256", f"{digest}\n".encode())
 

@@ -12,10 +12,12 @@ in memory. This module knows bytes and dtypes, nothing about int4.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,7 @@ def dtype_name(dtype: torch.dtype) -> str | None:
 # The safetensors reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _COPY_CHUNK = 64 * 1024 * 1024
+_HASH_CHUNK = 4 * 1024 * 1024  # read back in pieces that stay in the CPU cache until hashed
 
 
 @dataclass(frozen=True)
@@ -208,10 +211,14 @@ def layout_header(
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Lay out a safetensors file: the header bytes (length prefix included) and each tensor's range.
 
-    Tensors are ordered by descending item size, then name, as ``safetensors.save_file`` does, so
-    every tensor starts aligned to its own item size after the 8-byte aligned header.
+    Tensors keep the order given (the order they are produced in), so a file fills front to back
+    and its checksum can follow the writes. The format allows no gaps, so to start every tensor
+    aligned to its item size, those whose size is not a multiple of 8 bytes go last, by descending
+    item size (as ``safetensors.save_file`` orders all of them).
     """
-    ordered = sorted(entries, key=lambda e: (-ITEMSIZE[e.dtype], e.name))
+    entries = list(entries)
+    ordered = [e for e in entries if e.nbytes % 8 == 0]
+    ordered += sorted((e for e in entries if e.nbytes % 8), key=lambda e: -ITEMSIZE[e.dtype])
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -237,7 +244,9 @@ class ShardWriter:
     """Write a safetensors file tensor by tensor, each at its planned offset, in any order.
 
     The file is written as ``<name>.partial``; :meth:`finish` checks every tensor arrived, fsyncs and
-    renames it, so a file under its final name is always complete.
+    renames it, so a file under its final name is always complete. Its sha256 is computed while it
+    is written: whichever thread extends the written prefix of the file hashes it (read back from
+    the page cache), so hashing overlaps the conversion instead of re-reading the finished file.
     """
 
     def __init__(self, path: Path, entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None):
@@ -248,8 +257,13 @@ class ShardWriter:
         self._pending = set(self.ranges)
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)
+        self._digest = hashlib.sha256()
+        self._hashed = 0  # bytes [0, _hashed) are in the digest
+        self._written: dict[int, int] = {}  # begin -> end of written ranges past _hashed
+        self._hashing = False  # a thread is extending the digest
+        self._lock = threading.Lock()
         try:
-            self._fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
         try:
@@ -260,6 +274,7 @@ class ShardWriter:
         except OSError as e:
             self.abort()
             raise _name_file(e, self.partial_path) from None
+        self._written_range(0, len(header))
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Write ``tensor`` (which must match the planned dtype and shape) at its offset."""
@@ -274,6 +289,7 @@ class ShardWriter:
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
         self._pwrite_all(memoryview(data), self.ranges[name][0])
         self._pending.discard(name)
+        self._written_range(*self.ranges[name])
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes verbatim from a source file (kernel-side copy where possible)."""
@@ -290,11 +306,18 @@ class ShardWriter:
                 f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes"
             )
         self._pending.discard(name)
+        self._written_range(begin, end)
 
-    def finish(self) -> None:
+    def finish(self) -> str:
+        """Fsync and rename the complete file; returns its sha256 (hex).
+
+        Call it once every write has returned: by then the digest covers the whole file.
+        """
         if self._pending:
             missing = ", ".join(sorted(self._pending)[:3])
             raise W4A8ConvError(f"internal error: {self.path.name}: tensors never written: {missing}")
+        if self._hashed != self.size:
+            raise W4A8ConvError(f"internal error: {self.path.name}: hashed {self._hashed} of {self.size} bytes")
         try:
             os.fsync(self._fd)
             os.close(self._fd)
@@ -302,6 +325,7 @@ class ShardWriter:
             os.replace(self.partial_path, self.path)
         except OSError as e:
             raise _name_file(e, self.path) from None
+        return self._digest.hexdigest()
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -317,6 +341,45 @@ class ShardWriter:
                 offset += written
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
+
+    def _written_range(self, begin: int, end: int) -> None:
+        """Record ``[begin, end)`` as written; hash the file's written prefix unless a thread already is."""
+        if begin == end:
+            return
+        with self._lock:
+            self._written[begin] = end
+            if self._hashing:
+                return  # that thread picks this range up before it stops
+            self._hashing = True
+        buffer = bytearray(_HASH_CHUNK)
+        while True:
+            with self._lock:
+                start = stop = self._hashed
+                while stop in self._written:
+                    stop = self._written.pop(stop)
+                if stop == start:
+                    self._hashing = False
+                    return
+            try:
+                self._hash_file_range(start, stop, buffer)
+            except BaseException:
+                with self._lock:
+                    self._hashing = False
+                raise
+            with self._lock:
+                self._hashed = stop
+
+    def _hash_file_range(self, offset: int, stop: int, buffer: bytearray) -> None:
+        view = memoryview(buffer)
+        while offset < stop:
+            try:
+                n = os.preadv(self._fd, [view[: min(len(view), stop - offset)]], offset)
+            except OSError as e:
+                raise _name_file(e, self.partial_path) from None
+            if n == 0:
+                raise W4A8ConvError(f"{self.partial_path}: ended at {offset} bytes while reading it back")
+            self._digest.update(view[:n])
+            offset += n
 
 
 def _name_file(error: OSError, path: Path) -> OSError:
