@@ -10,6 +10,13 @@ bytes), `w4a8conv convert`, and the naive reference below. It reports wall time,
 convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON. `--flat` also
 converts a checkpoint 4x larger to show that peak memory does not grow with size.
 
+`--cache disk` (the default) measures what a checkpoint larger than memory sees: before each
+command the input's pages are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root
+needed; the tools' own libraries stay cached), and each command is timed until its output is on
+the disk (a `sync` after it; `convert` fsyncs its shards itself, `cp` leaves them dirty). The time
+`cp` takes to exit is reported too. `--cache memory` leaves the input in the page cache and stops
+the clock when the command exits, so `cp` is a memory copy.
+
 The naive reference processes the way the seed code (vllm-ascend's process_weights_after_loading)
 does, on the CPU: it loads each MoE layer whole, stacks the experts, transposes, builds fp32
 temporaries for the bias, encodes scales through numpy round trips, packs int4 with a numpy
@@ -68,24 +75,45 @@ def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
     return path
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command, run after a sync so dirty pages don't carry over."""
+def evict(path: Path) -> None:
+    """Drop a directory's file pages from the page cache, so the next command reads them from the disk."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def timed(cmd: list[str], cold_input: Path | None = None) -> tuple[float, float | None, int]:
+    """Seconds to exit, seconds until the output is on disk (with ``cold_input``), peak RSS (bytes).
+
+    Runs after a sync so dirty pages don't carry over; with ``cold_input``, that directory is
+    evicted from the page cache first and a sync after the command is timed too.
+    """
     os.sync()
+    if cold_input is not None:
+        evict(cold_input)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    synced = None
+    if cold_input is not None:
+        os.sync()
+        synced = time.perf_counter() - started
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr}")
-    return seconds, usage.ru_maxrss * 1024
+    return seconds, synced, usage.ru_maxrss * 1024
 
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive: bool) -> dict:
+def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive: bool, cache: str) -> dict:
     commands = {
         "copy": ["cp", "-r", str(src), str(out)],
         "convert": [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
@@ -93,23 +121,28 @@ def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive:
     }
     if naive:
         commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
-    runs: dict[str, list[tuple[float, int]]] = {k: [] for k in commands}
+    runs: dict[str, list[tuple[float, float | None, int]]] = {k: [] for k in commands}
+    cold_input = src if cache == "disk" else None
     for _ in range(repeats):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
-            runs[name].append(timed(cmd))
+            runs[name].append(timed(cmd, cold_input))
             shutil.rmtree(out, ignore_errors=True)
     size = dir_bytes(src)
-    result: dict = {"input_bytes": size, "repeats": repeats}
+    result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache}
     for name, values in runs.items():
-        seconds = statistics.median(v[0] for v in values)
+        # "seconds": until the output is on disk (--cache disk) or until the command exits (memory)
+        all_seconds = [v[1] if v[1] is not None else v[0] for v in values]
+        seconds = statistics.median(all_seconds)
         result[name] = {
             "seconds": round(seconds, 3),
-            "all_seconds": [round(v[0], 3) for v in values],
+            "all_seconds": [round(v, 3) for v in all_seconds],
+            "exit_seconds": round(statistics.median(v[0] for v in values), 3),
             "gb_per_s": round(size / seconds / 1e9, 3),
-            "peak_rss_mb": round(statistics.median(v[1] for v in values) / 1e6, 1),
+            "peak_rss_mb": round(statistics.median(v[2] for v in values) / 1e6, 1),
         }
     result["convert_over_copy"] = round(result["convert"]["seconds"] / result["copy"]["seconds"], 2)
+    result["convert_over_copy_exit"] = round(result["convert"]["seconds"] / result["copy"]["exit_seconds"], 2)
     if naive:
         result["naive_over_convert"] = round(result["naive"]["seconds"] / result["convert"]["seconds"], 2)
     return result
@@ -258,7 +291,7 @@ def bench_planning(data: Path, repeats: int) -> dict:
         runs = [timed(cmd) for _ in range(repeats)]
         result[name] = {
             "seconds": round(statistics.median(r[0] for r in runs), 2),
-            "peak_rss_mb": round(runs[0][1] / 1e6),
+            "peak_rss_mb": round(runs[0][2] / 1e6),
         }
     return result
 
@@ -279,6 +312,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="convert --workers (default: the CLI's)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
     parser.add_argument("--flat", action="store_true", help="also convert a 4x larger mindie checkpoint (memory)")
+    parser.add_argument(
+        "--cache",
+        choices=("disk", "memory"),
+        default="disk",
+        help="disk: input read from disk, timed until the output is on disk (default); memory: page cache",
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where checkpoints are cached")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -288,16 +327,20 @@ def main() -> None:
 
     args.data.mkdir(parents=True, exist_ok=True)
     out = args.data / "out"
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "layouts": {}}
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "cache": args.cache,
+        "layouts": {},
+    }
     for layout in args.layouts:
         src = ensure_checkpoint(args.data, layout, args.size_gb)
-        results["layouts"][layout] = bench_layout(src, out, args.repeats, args.workers, not args.no_naive)
+        results["layouts"][layout] = bench_layout(src, out, args.repeats, args.workers, not args.no_naive, args.cache)
     if args.flat:
         small = ensure_checkpoint(args.data, "mindie", args.size_gb)
         large = ensure_checkpoint(args.data, "mindie", args.size_gb * 4)
         rss = {}
         for label, src in (("1x", small), ("4x", large)):
-            rss[label] = bench_layout(src, out, 1, args.workers, naive=False)
+            rss[label] = bench_layout(src, out, 1, args.workers, naive=False, cache=args.cache)
         results["flat"] = {
             label: {"input_bytes": r["input_bytes"], "peak_rss_mb": r["convert"]["peak_rss_mb"]}
             for label, r in rss.items()
@@ -316,15 +359,23 @@ def print_table(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="w4a8conv bench (medians)")
-    for col in ("layout", "input", "command", "seconds", "GB/s", "peak RSS MB", "ratio"):
+    disk = results["cache"] == "disk"
+    title = "input from disk, timed until the output is on disk" if disk else "input in the page cache"
+    table = Table(title=f"w4a8conv bench: {title} (medians)")
+    columns = ["layout", "input", "command", "seconds", "GB/s", "peak RSS MB", "ratio"]
+    if disk:
+        columns.insert(4, "exit s")
+    for col in columns:
         table.add_column(col)
     for layout, r in results["layouts"].items():
         for name in ("copy", "convert", "naive"):
             if name not in r:
                 continue
-            ratio = {"convert": f"{r['convert_over_copy']}x copy", "naive": f"{r.get('naive_over_convert')}x convert"}
-            table.add_row(
+            convert_ratio = f"{r['convert_over_copy']}x copy"
+            if disk:
+                convert_ratio += f" ({r['convert_over_copy_exit']}x at cp's exit)"
+            ratio = {"convert": convert_ratio, "naive": f"{r.get('naive_over_convert')}x convert"}
+            row = [
                 layout,
                 f"{r['input_bytes'] / 1e9:.2f} GB",
                 name,
@@ -332,8 +383,11 @@ def print_table(results: dict) -> None:
                 f"{r[name]['gb_per_s']:.2f}",
                 f"{r[name]['peak_rss_mb']:.0f}",
                 ratio.get(name, ""),
-            )
-    Console().print(table)
+            ]
+            if disk:
+                row.insert(4, f"{r[name]['exit_seconds']:.2f}")
+            table.add_row(*row)
+    Console(width=max(Console().width, 130)).print(table)
     if "planning" in results:
         p = results["planning"]
         Console().print(

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.convert import _ReadAhead, convert_checkpoint
 from w4a8conv.jobs import STATE_DIR, assign_shares, output_shards
 from w4a8conv.plan import build_plan
+from w4a8conv.safetensors_io import TensorInfo
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 runner = CliRunner()
@@ -104,3 +105,36 @@ def test_array_jobs_refuse_a_different_conversion(many_shards, tmp_path):
 def test_bad_worker_index(many_shards, tmp_path):
     result = convert_share(many_shards, tmp_path / "o", 2, 2)
     assert result.exit_code == 2 and "--worker-index 2" in result.stderr
+
+
+def _units(sizes: list[int]) -> list[list[TensorInfo]]:
+    return [[TensorInfo(f"t{i}", Path(f"f{i}"), "U8", (n,), 0, n)] for i, n in enumerate(sizes)]
+
+
+def test_read_ahead_hints_each_later_unit_once_and_stays_within_its_window(monkeypatch):
+    hinted: list[str] = []
+    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    read_ahead = _ReadAhead(_units([10] * 20), window=30)
+    ran = []
+    read_ahead.around(0, ran.append, 0)
+    assert hinted == ["t1", "t2", "t3"]  # 30 bytes past unit 0
+    read_ahead.around(2, ran.append, 2)  # units start out of order under several workers
+    assert hinted == ["t1", "t2", "t3", "t4", "t5"]
+    read_ahead.around(1, ran.append, 1)  # an earlier unit hints nothing new
+    assert hinted == ["t1", "t2", "t3", "t4", "t5"]
+    read_ahead.around(9, ran.append, 9)  # past everything hinted: what it skipped is read by its own worker
+    assert hinted[5:] == ["t10", "t11", "t12"]
+    for i in range(10, 20):
+        read_ahead.around(i, ran.append, i)
+    assert ran == [0, 2, 1, 9, *range(10, 20)]
+    assert len(hinted) == len(set(hinted)) and hinted[-1] == "t19"
+
+
+def test_read_ahead_hints_a_unit_larger_than_its_window(monkeypatch):
+    hinted: list[str] = []
+    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    read_ahead = _ReadAhead(_units([1, 500, 1, 1]), window=30)
+    read_ahead.around(0, lambda: None)
+    assert hinted == ["t1"]
+    read_ahead.around(1, lambda: None)
+    assert hinted == ["t1", "t2", "t3"]
