@@ -286,6 +286,7 @@ class ShardWriter:
         self._written: dict[int, int] = {}  # begin -> end of written ranges past _hashed
         self._hashing = False  # a thread is extending the digest
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         try:
             self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
@@ -357,12 +358,16 @@ class ShardWriter:
             self._fd = -1
 
     def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
+        # A buffered write holds the file's inode lock while it copies, and the kernel lets the other
+        # writers of the file spin on it, burning a core (5% of all CPU time with 4 workers here):
+        # this file's writers queue on a lock of ours instead, where they sleep.
         view = memoryview(data).cast("B")
         try:
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view = view[written:]
-                offset += written
+            with self._write_lock:
+                while view:
+                    written = os.pwrite(self._fd, view, offset)
+                    view = view[written:]
+                    offset += written
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
 
