@@ -68,3 +68,15 @@ def test_finish_refuses_a_file_with_a_missing_tensor(tmp_path):
         writer.finish()
     writer.abort()
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_hash_falls_back_to_reading_where_files_cannot_be_mapped(tmp_path, monkeypatch):
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")  # ENODEV: what mmap gives on filesystems without it
+
+    monkeypatch.setattr("w4a8conv.safetensors_io.mmap.mmap", no_mmap)
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _entries())
+    for name in reversed(TENSORS):
+        writer.write_tensor(name, TENSORS[name])
+    assert writer.finish() == hashlib.sha256(path.read_bytes()).hexdigest()

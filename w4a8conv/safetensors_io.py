@@ -400,16 +400,29 @@ class ShardWriter:
     def _hash_file_range(self, offset: int, stop: int) -> None:
         # Hash through a read-only mapping of what was just written: the digest reads the page cache
         # in place, where a read() would copy every byte once more (mapped in pieces to bound RSS).
+        # Filesystems that cannot map files get read() instead.
         while offset < stop:
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             length = min(stop, start + _HASH_CHUNK) - start
             try:
                 mapped = mmap.mmap(self._fd, length, prot=mmap.PROT_READ, flags=_MAP_FLAGS, offset=start)
+            except OSError:
+                self._hash_by_reading(offset, start + length)
+            else:
                 with mapped, memoryview(mapped) as view, view[offset - start :] as piece:
                     self._digest.update(piece)
-            except OSError as e:
-                raise _name_file(e, self.partial_path) from None
             offset = start + length
+
+    def _hash_by_reading(self, offset: int, stop: int) -> None:
+        try:
+            while offset < stop:
+                data = os.pread(self._fd, stop - offset, offset)
+                if not data:
+                    raise W4A8ConvError(f"{self.partial_path}: ended at byte {offset} while reading it back")
+                self._digest.update(data)
+                offset += len(data)
+        except OSError as e:
+            raise _name_file(e, self.partial_path) from None
 
 
 def _name_file(error: OSError, path: Path) -> OSError:
