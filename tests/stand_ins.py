@@ -38,6 +38,15 @@ def _set_attrs(param: torch.nn.Parameter, attrs: dict) -> None:
         setattr(param, key, value)
 
 
+def _register(layer, name: str, value: torch.Tensor, *attrs: dict) -> torch.nn.Parameter:
+    """Register ``value`` as a frozen parameter of ``layer`` and set each dict of attributes in turn."""
+    param = torch.nn.Parameter(value, requires_grad=False)
+    layer.register_parameter(name, param)
+    for each in attrs:
+        _set_attrs(param, each)
+    return param
+
+
 class UpstreamLinearMethod:
     def __init__(self):
         self.group_size = Config.description.get("group_size", 256)
@@ -62,18 +71,12 @@ class LinearAdapter:
     ):
         out = sum(output_partition_sizes)
         for name, value in self.quant_method.get_weight(input_size_per_partition, out, params_dtype).items():
-            param = torch.nn.Parameter(value, requires_grad=False)
-            _set_attrs(param, {"input_dim": 1, "output_dim": 0})
-            layer.register_parameter(name, param)
-            _set_attrs(param, extra)
+            _register(layer, name, value, {"input_dim": 1, "output_dim": 0}, extra)
         layer_type = {"layer_type": "row" if layer.row_parallel else "others"} if self.passes_layer_type else {}
         for name, value in self.quant_method.get_pergroup_param(
             input_size_per_partition, out, params_dtype, **layer_type
         ).items():
-            param = torch.nn.Parameter(value, requires_grad=False)
-            _set_attrs(param, {"output_dim": 0})
-            layer.register_parameter(name, param)
-            _set_attrs(param, extra)
+            param = _register(layer, name, value, {"output_dim": 0}, extra)
             if "weight_scale_second" in name:
                 param.input_dim = 1
 
@@ -91,9 +94,7 @@ class MoEAdapter:
         for name, value in self.quant_method.get_weight(
             num_experts, intermediate_size_per_partition, hidden_size, params_dtype
         ).items():
-            param = torch.nn.Parameter(value, requires_grad=False)
-            layer.register_parameter(name, param)
-            _set_attrs(param, extra)
+            _register(layer, name, value, extra)
         extra = {**extra, "quant_method": CHANNEL}
         per_group = ["weight_scale_second", "weight_offset_second"]
         if self.marks_scale_bias_and_scales_as_group:  # 0.23; the mid-2025 release marked only *_second
@@ -103,9 +104,7 @@ class MoEAdapter:
         for name, value in self.quant_method.get_dynamic_quant_param(
             num_experts, intermediate_size_per_partition, hidden_size, params_dtype
         ).items():
-            param = torch.nn.Parameter(value, requires_grad=False)
-            layer.register_parameter(name, param)
-            _set_attrs(param, extra)
+            param = _register(layer, name, value, extra)
             if any(field in name for field in per_group):
                 param.quant_method = GROUP
 
