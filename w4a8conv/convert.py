@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
+import itertools
 import shutil
 import threading
 import time
@@ -290,25 +291,20 @@ class _ReadAhead:
 
     def __init__(self, units: list[list[TensorInfo]], window: int = _READ_AHEAD_BYTES):
         self._units = units
-        self._sizes = [sum(i.nbytes for i in unit) for unit in units]
+        # _starts[i]: bytes of the units before unit i, so any run of units is sized by one subtraction
+        self._starts = list(itertools.accumulate((sum(i.nbytes for i in unit) for unit in units), initial=0))
         self._window = window
         self._furthest = -1  # furthest unit started
         self._next = 0  # first unit not hinted yet
-        self._ahead = 0  # bytes of the units hinted beyond the furthest started
         self._lock = threading.Lock()
 
     def around(self, index: int, work: Callable[..., None], *args: object) -> None:
         """Run ``work(*args)`` as unit ``index``, first hinting at the units after it."""
         with self._lock:
-            if index > self._furthest:
-                for started in range(self._furthest + 1, min(index + 1, self._next)):
-                    self._ahead -= self._sizes[started]
-                self._furthest = index
-                if self._next <= index:
-                    self._next, self._ahead = index + 1, 0
-            start = self._next
-            while self._next < len(self._units) and self._ahead < self._window:
-                self._ahead += self._sizes[self._next]
+            self._furthest = max(self._furthest, index)
+            start = self._next = max(self._next, self._furthest + 1)
+            beyond = self._starts[self._furthest + 1]  # where the units not started yet begin
+            while self._next < len(self._units) and self._starts[self._next] - beyond < self._window:
                 self._next += 1
             stop = self._next
         for unit in self._units[start:stop]:
