@@ -1,18 +1,20 @@
-"""The streaming safetensors writer: layout, out-of-order and concurrent writes, the running sha256."""
+"""The streaming safetensors writer: layout, out-of-order and concurrent writes, direct I/O, the running sha256."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from w4a8conv.errors import W4A8ConvError
-from w4a8conv.safetensors_io import ITEMSIZE, OutputEntry, ShardWriter, dtype_name, layout_header
+from w4a8conv.errors import BadInputError, W4A8ConvError
+from w4a8conv.safetensors_io import ITEMSIZE, OutputEntry, ShardWriter, dtype_name, layout_header, read_header
 
 TENSORS = {
     "a.weight": torch.arange(4096 * 3, dtype=torch.int32).reshape(4096, 3),
@@ -80,3 +82,127 @@ def test_the_hash_falls_back_to_reading_where_files_cannot_be_mapped(tmp_path, m
     for name in reversed(TENSORS):
         writer.write_tensor(name, TENSORS[name])
     assert writer.finish() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Large enough to go direct (>= 1 MiB), with sizes that are not whole blocks, so that they start and end
+# inside blocks and the partial blocks at either end take the buffered path.
+LARGE = {
+    "big.first": torch.arange(300_001, dtype=torch.int32),  # 1,200,004 bytes
+    "small.between": torch.arange(10, dtype=torch.int64),
+    "big.second": (torch.arange(1_500_003, dtype=torch.int32) * 7).to(torch.int8),
+    "big.third": torch.linspace(-3, 3, 700_001, dtype=torch.float64),
+}
+
+
+def _large_entries() -> list[OutputEntry]:
+    return [OutputEntry(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in LARGE.items()]
+
+
+def _record_pwrites(monkeypatch) -> list[tuple[int, int, int]]:
+    """Spy on os.pwrite: (fd, offset, length) of every call."""
+    calls: list[tuple[int, int, int]] = []
+    real = os.pwrite
+
+    def spy(fd, data, offset):
+        calls.append((fd, offset, memoryview(data).nbytes))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr("w4a8conv.safetensors_io.os.pwrite", spy)
+    return calls
+
+
+def _check_file(path, digest, tensors):
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_file(path)
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_large_tensors_go_direct_in_whole_blocks_and_the_file_is_exact(tmp_path, monkeypatch, seed):
+    calls = _record_pwrites(monkeypatch)
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries())
+    if not writer._direct:
+        pytest.skip("this filesystem takes no O_DIRECT")
+    names = list(LARGE)
+    random.Random(seed).shuffle(names)
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda name: writer.write_tensor(name, LARGE[name]), names))
+    direct = [(offset, length) for fd, offset, length in calls if fd == writer._direct_fd]
+    _check_file(path, writer.finish(), LARGE)
+    assert len(direct) == 3  # one per large tensor, all of it but the partial blocks at its ends
+    assert all(offset % 4096 == 0 and length % 4096 == 0 and length > 1_000_000 for offset, length in direct)
+
+
+def test_direct_writes_past_the_retention_limit_fall_back_to_the_page_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr("w4a8conv.safetensors_io._RETAINED_BYTES", 2_000_000)
+    calls = _record_pwrites(monkeypatch)
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries())
+    if not writer._direct:
+        pytest.skip("this filesystem takes no O_DIRECT")
+    # In the file: small.between, big.third, big.first, big.second (sizes not a multiple of 8 go last).
+    # big.third waits for small.between to be hashed and holds its 5.6 MB buffer meanwhile, so
+    # big.second cannot be held as well and goes through the page cache; by the time big.first
+    # comes nothing is held.
+    for name in ["big.third", "big.second", "small.between", "big.first"]:
+        writer.write_tensor(name, LARGE[name])
+    direct = [offset for fd, offset, _ in calls if fd == writer._direct_fd]
+    inside = [name for offset in direct for name, (b, e) in writer.ranges.items() if b <= offset < e]
+    assert inside == ["big.third", "big.first"]
+    _check_file(path, writer.finish(), LARGE)
+
+
+def test_a_file_that_refuses_direct_writes_is_written_through_the_page_cache(tmp_path, monkeypatch):
+    real = os.pwrite
+    refused = []
+
+    def refuse_direct(fd, data, offset):
+        if fd == writer._direct_fd:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries())
+    monkeypatch.setattr("w4a8conv.safetensors_io.os.pwrite", refuse_direct)
+    for name in LARGE:
+        writer.write_tensor(name, LARGE[name])
+    assert len(refused) == (1 if writer._direct_fd >= 0 else 0)  # tried once, then never again
+    _check_file(path, writer.finish(), LARGE)
+
+
+def test_without_o_direct_every_write_is_buffered(tmp_path, monkeypatch):
+    monkeypatch.delattr("w4a8conv.safetensors_io.os.O_DIRECT", raising=False)
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries())
+    assert not writer._direct
+    for name in reversed(LARGE):
+        writer.write_tensor(name, LARGE[name])
+    _check_file(path, writer.finish(), LARGE)
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 64 << 20])
+def test_copies_are_verbatim_in_pieces_direct_or_not(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr("w4a8conv.safetensors_io._COPY_CHUNK", chunk)
+    source = tmp_path / "in.safetensors"
+    save_file(LARGE, source)
+    infos = read_header(source).tensors
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries())
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda name: writer.copy_tensor(name, infos[name]), reversed(LARGE)))
+    _check_file(path, writer.finish(), LARGE)
+
+
+def test_a_source_that_shrinks_during_a_copy_is_named(tmp_path):
+    source = tmp_path / "in.safetensors"
+    save_file(LARGE, source)
+    infos = read_header(source).tensors
+    os.truncate(source, infos["big.second"].begin + 100)
+    writer = ShardWriter(tmp_path / "out.safetensors", _large_entries())
+    with pytest.raises(BadInputError, match=r"in\.safetensors: tensor big\.second: file ended"):
+        writer.copy_tensor("big.second", infos["big.second"])
+    writer.abort()

@@ -12,6 +12,7 @@ in memory. This module knows bytes and dtypes, nothing about int4.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +72,12 @@ _COPY_CHUNK = 64 * 1024 * 1024
 _HASH_CHUNK = 8 * 1024 * 1024  # mapped at a time: small, as mapped pages count in RSS
 # Map pages that are already in the page cache in one call rather than fault them in one by one.
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+# O_DIRECT wants file offsets, lengths and memory aligned to the device's logical block; 4096 covers
+# every block device we know of (a device that wants more makes the write fail and the writer fall back).
+_BLOCK = 4096
+_DIRECT_MIN_BYTES = 1 << 20  # smaller tensors go through the page cache
+_RETAINED_BYTES = 256 << 20  # direct-written tensors a shard may hold in memory until its hash reaches them
+_IDLE_STAGING_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -180,17 +187,8 @@ def _check_no_overlap(path: Path, infos: Iterable[TensorInfo]) -> None:
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor with ``pread`` into fresh memory (no mmap, so RSS holds only this tensor)."""
     buffer = np.empty(info.nbytes, dtype=np.uint8)
-    view = memoryview(buffer)
-    got = 0
     with open(info.path, "rb", buffering=0) as f:
-        f.seek(info.begin)
-        while got < info.nbytes:
-            n = f.readinto(view[got:])  # one read() returns at most ~2 GiB on Linux
-            if not n:
-                break
-            got += n
-    if got != info.nbytes:
-        raise BadInputError(f"{info.path}: tensor {info.name}: file ended after {got} of {info.nbytes} bytes")
+        _read_exactly(info, f.fileno(), info.begin, buffer)
     import torch
 
     if info.nbytes == 0:
@@ -264,13 +262,59 @@ def layout_header(
     return prefix, {name: (len(prefix) + b, len(prefix) + e) for name, (b, e) in ranges.items()}
 
 
+class _StagingBuffers:
+    """Reused block-aligned memory for direct writes.
+
+    Reuse matters: the first touch of a fresh page costs a fault and zeroing (and, in a VM, often a
+    trip to the host), which for a freshly allocated buffer per tensor was most of the write's cost.
+    """
+
+    def __init__(self, idle_limit: int):
+        self._idle: list[np.ndarray] = []
+        self._idle_limit = idle_limit
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A buffer of at least ``nbytes + _BLOCK`` bytes whose first byte is block-aligned."""
+        with self._lock:
+            fitting = [i for i, b in enumerate(self._idle) if len(b) >= nbytes + _BLOCK]
+            if fitting:
+                return self._idle.pop(min(fitting, key=lambda i: len(self._idle[i])))
+        raw = np.empty(nbytes + 2 * _BLOCK, dtype=np.uint8)
+        return raw[-raw.ctypes.data % _BLOCK :]
+
+    def give(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            if sum(len(b) for b in self._idle) + len(buffer) <= self._idle_limit:
+                self._idle.append(buffer)
+
+
+_STAGING = _StagingBuffers(_IDLE_STAGING_BYTES)
+
+
+@dataclass
+class _Staged:
+    """A tensor's bytes in a staging buffer, kept until the shard's hash has read them."""
+
+    buffer: np.ndarray
+    data: np.ndarray  # the tensor's bytes: buffer[begin % _BLOCK :][:nbytes]
+
+
 class ShardWriter:
     """Write a safetensors file tensor by tensor, each at its planned offset, in any order.
 
     The file is written as ``<name>.partial``; :meth:`finish` checks every tensor arrived, fsyncs and
     renames it, so a file under its final name is always complete. Its sha256 is computed while it
-    is written: whichever thread extends the written prefix of the file hashes it (read back from
-    the page cache), so hashing overlaps the conversion instead of re-reading the finished file.
+    is written: whichever thread extends the written prefix of the file hashes it, so hashing
+    overlaps the conversion instead of re-reading the finished file.
+
+    Large processed tensors are written with ``O_DIRECT`` from a staging buffer, bypassing the page
+    cache: the device reads our memory, where a buffered write would have the CPU copy every byte into
+    freshly allocated cache pages and write them back later (on a 2-core VM that costs more CPU than
+    the conversion's math). Their block-aligned middle goes direct, the partial blocks at either end
+    through the page cache, and the buffer is kept until the hash reaches it. Everything else, and
+    every write on filesystems that refuse ``O_DIRECT``, goes through the page cache and is hashed
+    from there.
     """
 
     def __init__(self, path: Path, entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None):
@@ -283,14 +327,23 @@ class ShardWriter:
         self.size = len(header) + sum(e.nbytes for e in entries)
         self._digest = hashlib.sha256()
         self._hashed = 0  # bytes [0, _hashed) are in the digest
-        self._written: dict[int, int] = {}  # begin -> end of written ranges past _hashed
+        # begin -> (end, its bytes if staged) of written ranges past _hashed
+        self._written: dict[int, tuple[int, _Staged | None]] = {}
         self._hashing = False  # a thread is extending the digest
+        self._retained = 0  # bytes of staged tensors not hashed yet
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._direct_fd = -1
+        self._direct = False  # large tensors go direct
         try:
             self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
+        try:
+            self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+            self._direct = True
+        except (OSError, AttributeError):
+            pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
         try:
             # Reserve every block now: a full disk fails here, before any work, and the writes into
             # allocated space are cheaper than filling holes of a sparse file.
@@ -312,26 +365,36 @@ class ShardWriter:
                 f"produced {tensor.dtype}{list(tensor.shape)}"
             )
         data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-        self._pwrite_all(memoryview(data), self.ranges[name][0])
+        begin, end = self.ranges[name]
+        if not self._write_staged(begin, len(data), lambda staged: np.copyto(staged, data)):
+            self._pwrite_all(memoryview(data), begin)
+            self._written_range(begin, end)
         self._pending.discard(name)
-        self._written_range(*self.ranges[name])
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
-        """Copy a tensor's bytes verbatim from a source file (kernel-side copy where possible)."""
+        """Copy a tensor's bytes verbatim from a source file, in pieces of at most 64 MiB.
+
+        Large pieces are read into a staging buffer and written direct; the rest are copied by the
+        kernel (``copy_file_range``) where it can.
+        """
         begin, end = self.ranges[name]
         if end - begin != source.nbytes:
             raise W4A8ConvError(f"internal error: {name} planned with {end - begin} bytes, source has {source.nbytes}")
         with open(source.path, "rb", buffering=0) as src:
-            try:
-                copied = _copy_range(src.fileno(), source.begin, self._fd, begin, source.nbytes)
-            except OSError as e:
-                raise _name_file(e, self.partial_path) from None
-        if copied != source.nbytes:
-            raise BadInputError(
-                f"{source.path}: tensor {source.name}: file ended after {copied} of {source.nbytes} bytes"
-            )
+            for done in range(0, source.nbytes, _COPY_CHUNK):
+                size = min(_COPY_CHUNK, source.nbytes - done)
+                where = source.begin + done
+                read = functools.partial(_read_exactly, source, src.fileno(), where)
+                if self._write_staged(begin + done, size, read):
+                    continue
+                try:
+                    copied = _copy_range(src.fileno(), where, self._fd, begin + done, size)
+                except OSError as e:
+                    raise _name_file(e, self.partial_path) from None
+                if copied != size:
+                    raise _truncated(source)
+                self._written_range(begin + done, begin + done + size)
         self._pending.discard(name)
-        self._written_range(begin, end)
 
     def finish(self) -> str:
         """Fsync and rename the complete file; returns its sha256 (hex).
@@ -345,57 +408,125 @@ class ShardWriter:
             raise W4A8ConvError(f"internal error: {self.path.name}: hashed {self._hashed} of {self.size} bytes")
         try:
             os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+            self.abort()
             os.replace(self.partial_path, self.path)
         except OSError as e:
             raise _name_file(e, self.path) from None
         return self._digest.hexdigest()
 
     def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for fd in (self._fd, self._direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct_fd = -1
+
+    def _retain(self, nbytes: int) -> bool:
+        """Reserve room to keep a staged tensor until it is hashed; one is always allowed."""
+        with self._lock:
+            if self._retained and self._retained + nbytes > _RETAINED_BYTES:
+                return False
+            self._retained += nbytes
+            return True
+
+    def _release(self, staged: _Staged) -> None:
+        with self._lock:
+            self._retained -= len(staged.data)
+        _STAGING.give(staged.buffer)
+
+    def _write_staged(self, begin: int, nbytes: int, fill: Callable[[np.ndarray], None]) -> bool:
+        """Write ``nbytes`` at ``begin`` that ``fill`` puts into a staging array, whole blocks with O_DIRECT.
+
+        The bytes are staged so that file offset ``x`` sits at a block-aligned address exactly when
+        ``x`` is block-aligned, which is what O_DIRECT asks of both; the partial blocks at either end
+        go through the page cache. Returns False, having done nothing, for ranges too small to be
+        worth it, when this file takes no direct writes, or when too much is held for the hash.
+        """
+        if nbytes < _DIRECT_MIN_BYTES or not self._direct or not self._retain(nbytes):
+            return False
+        pad = begin % _BLOCK
+        buffer = _STAGING.take(pad + nbytes)
+        staged = _Staged(buffer, buffer[pad : pad + nbytes])
+        try:
+            fill(staged.data)
+        except BaseException:
+            self._release(staged)
+            raise
+        end = begin + nbytes
+        first, last = -(-begin // _BLOCK) * _BLOCK, end // _BLOCK * _BLOCK  # whole blocks: [first, last)
+        view = memoryview(buffer)[: pad + nbytes]
+        base = begin - pad  # file offset of view[0]
+        try:
+            _pwrite_fd(self._direct_fd, view[first - base : last - base], first)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                self._release(staged)
+                raise _name_file(e, self.partial_path) from None
+            # The device wants more alignment than we give (or the filesystem no direct I/O after all):
+            # from now on this file is written through the page cache. The descriptor stays open until
+            # the end, as another thread may be writing through it.
+            self._direct = False
+            self._pwrite_all(view[pad:], begin)
+            self._release(staged)
+            self._written_range(begin, end)
+            return True
+        self._pwrite_all(view[pad : first - base], begin)
+        self._pwrite_all(view[last - base :], last)
+        self._written_range(begin, end, staged)
+        return True
 
     def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
         # A buffered write holds the file's inode lock while it copies, and the kernel lets the other
         # writers of the file spin on it, burning a core (5% of all CPU time with 4 workers here):
         # this file's writers queue on a lock of ours instead, where they sleep.
-        view = memoryview(data).cast("B")
         try:
             with self._write_lock:
-                while view:
-                    written = os.pwrite(self._fd, view, offset)
-                    view = view[written:]
-                    offset += written
+                _pwrite_fd(self._fd, memoryview(data).cast("B"), offset)
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
 
-    def _written_range(self, begin: int, end: int) -> None:
+    def _written_range(self, begin: int, end: int, staged: _Staged | None = None) -> None:
         """Record ``[begin, end)`` as written; hash the file's written prefix unless a thread already is."""
         if begin == end:
             return
         with self._lock:
-            self._written[begin] = end
+            self._written[begin] = (end, staged)
             if self._hashing:
                 return  # that thread picks this range up before it stops
             self._hashing = True
         while True:
             with self._lock:
                 start = stop = self._hashed
+                ready = []
                 while stop in self._written:
-                    stop = self._written.pop(stop)
+                    begin = stop
+                    stop, staged = self._written.pop(begin)
+                    ready.append((begin, stop, staged))
                 if stop == start:
                     self._hashing = False
                     return
             try:
-                self._hash_file_range(start, stop)
+                self._hash_ranges(ready)
             except BaseException:
                 with self._lock:
                     self._hashing = False
                 raise
             with self._lock:
                 self._hashed = stop
+
+    def _hash_ranges(self, ready: list[tuple[int, int, _Staged | None]]) -> None:
+        """Hash consecutive written ranges: staged ones from memory, runs of the others from the file."""
+        from_file: list[int] = []  # [begin, end] of a run of unstaged ranges
+        for begin, end, staged in ready:
+            if staged is None:
+                from_file = [from_file[0] if from_file else begin, end]
+                continue
+            if from_file:
+                self._hash_file_range(*from_file)
+                from_file = []
+            self._digest.update(staged.data)
+            self._release(staged)
+        if from_file:
+            self._hash_file_range(*from_file)
 
     def _hash_file_range(self, offset: int, stop: int) -> None:
         # Hash through a read-only mapping of what was just written: the digest reads the page cache
@@ -430,6 +561,28 @@ def _name_file(error: OSError, path: Path) -> OSError:
     if error.filename is None:
         error.filename = str(path)
     return error
+
+
+def _truncated(source: TensorInfo) -> BadInputError:
+    return BadInputError(f"{source.path}: tensor {source.name}: file ended before its last byte ({source.end})")
+
+
+def _read_exactly(source: TensorInfo, fd: int, offset: int, buffer: np.ndarray) -> None:
+    """Fill ``buffer`` from ``offset`` of ``source``'s open file; a file that ends first is truncated."""
+    view = memoryview(buffer).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)  # one read returns at most ~2 GiB on Linux
+        if not n:
+            raise _truncated(source)
+        got += n
+
+
+def _pwrite_fd(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _allocate(fd: int, size: int) -> None:
