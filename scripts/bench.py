@@ -17,6 +17,14 @@ the disk (a `sync` after it; `convert` fsyncs its shards itself, `cp` leaves the
 `cp` takes to exit is reported too. `--cache memory` leaves the input in the page cache and stops
 the clock when the command exits, so `cp` is a memory copy.
 
+Before each command the bench also touches about twice the input's size of memory in a child
+process that then exits (`--no-prime` skips this). On a VM whose free memory goes back to the host
+(virtio-balloon free page reporting, as on the machine this was written on), the first touch of a
+page that sat free is a fault on the host: a `cp -r` of 2 GB took 3.4 s (3.2 s of it system time)
+after a command that left little recently freed memory, and 1.0-1.2 s after one that freed 4 GB.
+Priming puts every command in the state of a long conversion, which reuses the page cache's own
+pages, instead of one that depends on what ran before it.
+
 The naive reference processes the way the seed code (vllm-ascend's process_weights_after_loading)
 does, on the CPU: it loads each MoE layer whole, stacks the experts, transposes, builds fp32
 temporaries for the bias, encodes scales through numpy round trips, packs int4 with a numpy
@@ -86,15 +94,26 @@ def evict(path: Path) -> None:
                 os.close(fd)
 
 
-def timed(cmd: list[str], cold_input: Path | None = None) -> tuple[float, float | None, int]:
+def prime_memory(nbytes: int) -> None:
+    """Leave ``nbytes`` of recently used free memory: a child touches that much and exits (see the top)."""
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
+    nbytes = min(nbytes, int(available * 0.8))
+    subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({nbytes}, numpy.uint8)"], check=True)
+
+
+def timed(cmd: list[str], cold_input: Path | None = None, prime_bytes: int = 0) -> tuple[float, float | None, int]:
     """Seconds to exit, seconds until the output is on disk (with ``cold_input``), peak RSS (bytes).
 
     Runs after a sync so dirty pages don't carry over; with ``cold_input``, that directory is
-    evicted from the page cache first and a sync after the command is timed too.
+    evicted from the page cache first and a sync after the command is timed too. ``prime_bytes``
+    of memory are primed before the clock starts.
     """
     os.sync()
     if cold_input is not None:
         evict(cold_input)
+    if prime_bytes:
+        prime_memory(prime_bytes)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -113,7 +132,9 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive: bool, cache: str) -> dict:
+def bench_layout(
+    src: Path, out: Path, repeats: int, workers: int | None, naive: bool, cache: str, prime: bool = True
+) -> dict:
     commands = {
         "copy": ["cp", "-r", str(src), str(out)],
         "convert": [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
@@ -123,13 +144,14 @@ def bench_layout(src: Path, out: Path, repeats: int, workers: int | None, naive:
         commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
     runs: dict[str, list[tuple[float, float | None, int]]] = {k: [] for k in commands}
     cold_input = src if cache == "disk" else None
+    size = dir_bytes(src)
+    prime_bytes = 2 * size + (1 << 30) if prime else 0
     for _ in range(repeats):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
-            runs[name].append(timed(cmd, cold_input))
+            runs[name].append(timed(cmd, cold_input, prime_bytes))
             shutil.rmtree(out, ignore_errors=True)
-    size = dir_bytes(src)
-    result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache}
+    result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache, "primed": prime}
     for name, values in runs.items():
         # "seconds": until the output is on disk (--cache disk) or until the command exits (memory)
         all_seconds = [v[1] if v[1] is not None else v[0] for v in values]
@@ -318,6 +340,9 @@ def main() -> None:
         default="disk",
         help="disk: input read from disk, timed until the output is on disk (default); memory: page cache",
     )
+    parser.add_argument(
+        "--no-prime", action="store_true", help="don't prime free memory before each command (see the top)"
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data", help="where checkpoints are cached")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -330,17 +355,20 @@ def main() -> None:
     results: dict = {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "cache": args.cache,
+        "primed": not args.no_prime,
         "layouts": {},
     }
     for layout in args.layouts:
         src = ensure_checkpoint(args.data, layout, args.size_gb)
-        results["layouts"][layout] = bench_layout(src, out, args.repeats, args.workers, not args.no_naive, args.cache)
+        results["layouts"][layout] = bench_layout(
+            src, out, args.repeats, args.workers, not args.no_naive, args.cache, not args.no_prime
+        )
     if args.flat:
         small = ensure_checkpoint(args.data, "mindie", args.size_gb)
         large = ensure_checkpoint(args.data, "mindie", args.size_gb * 4)
         rss = {}
         for label, src in (("1x", small), ("4x", large)):
-            rss[label] = bench_layout(src, out, 1, args.workers, naive=False, cache=args.cache)
+            rss[label] = bench_layout(src, out, 1, args.workers, False, args.cache, not args.no_prime)
         results["flat"] = {
             label: {"input_bytes": r["input_bytes"], "peak_rss_mb": r["convert"]["peak_rss_mb"]}
             for label, r in rss.items()
@@ -361,6 +389,7 @@ def print_table(results: dict) -> None:
 
     disk = results["cache"] == "disk"
     title = "input from disk, timed until the output is on disk" if disk else "input in the page cache"
+    title += ", memory primed" if results["primed"] else ""
     table = Table(title=f"w4a8conv bench: {title} (medians)")
     columns = ["layout", "input", "command", "seconds", "GB/s", "peak RSS MB", "ratio"]
     if disk:

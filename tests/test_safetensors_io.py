@@ -184,9 +184,11 @@ def test_without_o_direct_every_write_is_buffered(tmp_path, monkeypatch):
     _check_file(path, writer.finish(), LARGE)
 
 
-@pytest.mark.parametrize("chunk", [1 << 20, 64 << 20])
-def test_copies_are_verbatim_in_pieces_direct_or_not(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr("w4a8conv.safetensors_io._COPY_CHUNK", chunk)
+@pytest.mark.parametrize(("piece", "direct"), [(1 << 20, True), (64 << 20, True), (1 << 20, False)])
+def test_copies_are_verbatim_in_pieces_direct_or_not(tmp_path, monkeypatch, piece, direct):
+    monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", piece)
+    if not direct:
+        monkeypatch.delattr("w4a8conv.safetensors_io.os.O_DIRECT", raising=False)
     source = tmp_path / "in.safetensors"
     save_file(LARGE, source)
     infos = read_header(source).tensors

@@ -12,6 +12,10 @@ from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_error
 from .output import Output, human_bytes
 
+# numpy's OpenBLAS starts a thread per core that spins while idle (about 2% of a conversion's CPU time
+# on 2 cores); nothing here calls BLAS. Set before numpy is first imported, which the commands do lazily.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 app = typer.Typer(
     name="w4a8conv",
     help="Convert msModelSlim W4A8_DYNAMIC checkpoints offline into the layout Ascend operators consume.",

@@ -76,8 +76,9 @@ _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 # every block device we know of (a device that wants more makes the write fail and the writer fall back).
 _BLOCK = 4096
 _DIRECT_MIN_BYTES = 1 << 20  # smaller tensors go through the page cache
-_RETAINED_BYTES = 256 << 20  # direct-written tensors a shard may hold in memory until its hash reaches them
-_IDLE_STAGING_BYTES = 512 << 20
+_STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
+_RETAINED_BYTES = 128 << 20  # direct-written bytes a shard may hold in memory until its hash reaches them
+_IDLE_STAGING_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -372,17 +373,18 @@ class ShardWriter:
         self._pending.discard(name)
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
-        """Copy a tensor's bytes verbatim from a source file, in pieces of at most 64 MiB.
+        """Copy a tensor's bytes verbatim from a source file, in pieces.
 
-        Large pieces are read into a staging buffer and written direct; the rest are copied by the
-        kernel (``copy_file_range``) where it can.
+        Pieces of 1-8 MiB are read into a staging buffer and written direct; the rest, and every piece
+        where direct writes are off, are copied by the kernel (``copy_file_range``) where it can.
         """
         begin, end = self.ranges[name]
         if end - begin != source.nbytes:
             raise W4A8ConvError(f"internal error: {name} planned with {end - begin} bytes, source has {source.nbytes}")
+        piece = _STAGED_COPY_BYTES if self._direct else _COPY_CHUNK
         with open(source.path, "rb", buffering=0) as src:
-            for done in range(0, source.nbytes, _COPY_CHUNK):
-                size = min(_COPY_CHUNK, source.nbytes - done)
+            for done in range(0, source.nbytes, piece):
+                size = min(piece, source.nbytes - done)
                 where = source.begin + done
                 read = functools.partial(_read_exactly, source, src.fileno(), where)
                 if self._write_staged(begin + done, size, read):
