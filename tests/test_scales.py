@@ -109,3 +109,17 @@ def test_scale_bias_exact_at_int16_limits():
     assert scale_bias_chunks(values, torch.ones(8, 1), None, 1).flatten().tolist() == [8.0 * -32768] * 8
     values = torch.full((8, 7168), 7, dtype=torch.int8)
     assert scale_bias_chunks(values, torch.ones(8, 1), None, 1).flatten().tolist() == [8.0 * 7 * 7168] * 8
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 24, 80, 448, 4096])
+def test_scale_bias_is_exact_for_every_run_length(chunk):
+    # Runs are summed by adding halves in int8 while they halve evenly (at most 4 times), then in
+    # int16: odd, even and power-of-two run lengths, at the int4 extremes and at random.
+    gen = torch.Generator().manual_seed(chunk)
+    for values in (
+        torch.full((4, 2 * chunk), -8, dtype=torch.int8),
+        torch.full((4, 2 * chunk), 7, dtype=torch.int8),
+        torch.randint(-8, 8, (4, 2 * chunk), generator=gen, dtype=torch.int8),
+    ):
+        expected = 8 * values.long().reshape(4, 2, chunk).sum(-1)
+        assert torch.equal(scale_bias_chunks(values, torch.ones(4, 1), None, 2), expected.float())

