@@ -15,7 +15,7 @@ from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
 from w4a8conv.jobs import STATE_DIR, assign_shares, output_shards
 from w4a8conv.plan import build_plan
-from w4a8conv.safetensors_io import TensorInfo
+from w4a8conv.safetensors_io import ShardWriter, TensorInfo
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 runner = CliRunner()
@@ -42,6 +42,31 @@ def single_run(many_shards, tmp_path_factory) -> Path:
 def test_workers_give_identical_bytes(many_shards, single_run, tmp_path, workers):
     convert_checkpoint(many_shards, tmp_path / "out", workers=workers)
     assert tree_bytes(tmp_path / "out") == tree_bytes(single_run)
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_path, monkeypatch, workers):
+    # The synthetic tensors are small: lower the threshold so that most of them, and pieces of the
+    # pass-through copies, go direct (including out-of-order ones held for the hash, and fallbacks
+    # past a low retention limit); then the same conversion with no O_DIRECT at all.
+    monkeypatch.setattr("w4a8conv.safetensors_io._DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", 8192)
+    monkeypatch.setattr("w4a8conv.safetensors_io._RETAINED_BYTES", 64 * 1024)
+    staged = []
+    write_staged = ShardWriter._write_staged
+
+    def counting(self, begin, nbytes, fill):
+        staged.append(write_staged(self, begin, nbytes, fill))
+        return staged[-1]
+
+    monkeypatch.setattr(ShardWriter, "_write_staged", counting)
+    convert_checkpoint(many_shards, tmp_path / "direct", workers=workers)
+    if not any(staged):
+        pytest.skip("this filesystem takes no O_DIRECT")
+    assert staged.count(True) > 50
+    monkeypatch.delattr("w4a8conv.safetensors_io.os.O_DIRECT")
+    convert_checkpoint(many_shards, tmp_path / "buffered", workers=workers)
+    assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
 
 
 def test_conversion_is_deterministic(many_shards, single_run, tmp_path):
