@@ -48,7 +48,7 @@ def test_workers_give_identical_bytes(many_shards, single_run, tmp_path, workers
 def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_path, monkeypatch, workers):
     # The synthetic tensors are small: lower the threshold so that most of them, and pieces of the
     # pass-through copies, go direct (including out-of-order ones held for the hash, and fallbacks
-    # past a low retention limit); then the same conversion with no O_DIRECT at all.
+    # past a low retention limit); then the same conversion with --no-direct-io.
     monkeypatch.setattr("w4a8conv.safetensors_io._DIRECT_MIN_BYTES", 4096)
     monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", 8192)
     monkeypatch.setattr("w4a8conv.safetensors_io._RETAINED_BYTES", 64 * 1024)
@@ -60,12 +60,14 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
         return staged[-1]
 
     monkeypatch.setattr(ShardWriter, "_write_staged", counting)
-    convert_checkpoint(many_shards, tmp_path / "direct", workers=workers)
+    args = ["convert", "--in", str(many_shards), "--workers", str(workers)]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct")]).exit_code == 0
     if not any(staged):
         pytest.skip("this filesystem takes no O_DIRECT")
     assert staged.count(True) > 50
-    monkeypatch.delattr("w4a8conv.safetensors_io.os.O_DIRECT")
-    convert_checkpoint(many_shards, tmp_path / "buffered", workers=workers)
+    staged.clear()
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "buffered"), "--no-direct-io"]).exit_code == 0
+    assert not any(staged)
     assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
 
 

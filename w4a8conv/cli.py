@@ -111,6 +111,13 @@ def convert(
         bool, typer.Option(help="Finish an interrupted conversion into --out, redoing only unfinished shards.")
     ] = False,
     verify: Annotated[bool, typer.Option(help="Run `w4a8conv verify` on the result (exit 1 if it fails).")] = False,
+    direct_io: Annotated[
+        bool,
+        typer.Option(
+            help="Write large tensors with O_DIRECT, bypassing the page cache, where the filesystem takes it. "
+            "Turn off if writes to your storage are slower that way (untested on network filesystems)."
+        ),
+    ] = True,
     dry_run: Annotated[bool, typer.Option(help="Read headers and plan only: report, check, write nothing.")] = False,
     json_output: JsonOpt = False,
     *,
@@ -139,6 +146,7 @@ def convert(
         worker_index=worker_index,
         overwrite=overwrite,
         resume=resume,
+        direct_io=direct_io,
         progress=output.progress(),
     )
     verification = None

@@ -103,6 +103,7 @@ def convert_checkpoint(
     worker_index: int = 0,
     overwrite: bool = False,
     resume: bool = False,
+    direct_io: bool = True,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
@@ -117,6 +118,8 @@ def convert_checkpoint(
         worker_index: this job's index, ``0 <= worker_index < num_workers``.
         overwrite: replace a previous w4a8conv output in ``dst``.
         resume: finish an interrupted conversion of the same input, redoing only unfinished shards.
+        direct_io: write large tensors with O_DIRECT where the output's filesystem takes it; the
+            bytes are the same either way.
         progress: receives progress reports.
 
     Returns:
@@ -158,7 +161,7 @@ def convert_checkpoint(
                 copy_file_atomic(ckpt.root / rel, dst / rel)
         unhashed = [name for name in share.shard_names if name not in {s.name for s in todo}]
         _import_math_in_background()
-        _convert_shards(todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, report)
+        _convert_shards(todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, report)
         share.mark_done()
         if num_workers == 1:
             finalize(dst)
@@ -228,6 +231,7 @@ def _convert_shards(
     device: str,
     params_dtype: str,
     workers: int,
+    direct_io: bool,
     report: Progress,
 ) -> None:
     """Fill the shards with ``workers`` threads; each is fsynced, renamed and its hash saved after its last unit.
@@ -237,7 +241,7 @@ def _convert_shards(
     ``unhashed`` are shards finished by an earlier run whose checksum may still be missing.
     """
     dst = share.dst
-    writers = {shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA) for shard in shards}
+    writers = {shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA, direct_io) for shard in shards}
     remaining = {shard.name: len(shard.passthrough) + len(shard.projections) for shard in shards}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
     pending: dict[Future, tuple[str, str, str, int]] = {}

@@ -318,7 +318,13 @@ class ShardWriter:
     through the page cache and are hashed from there.
     """
 
-    def __init__(self, path: Path, entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        entries: Iterable[OutputEntry],
+        metadata: dict[str, str] | None = None,
+        direct_io: bool = True,
+    ):
         entries = list(entries)
         self.path = path
         self.partial_path = path.with_name(path.name + ".partial")
@@ -341,8 +347,9 @@ class ShardWriter:
         except OSError as e:
             raise _name_file(e, self.partial_path) from None
         try:
-            self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
-            self._direct = True
+            if direct_io:
+                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+                self._direct = True
         except (OSError, AttributeError):
             pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
         try:
