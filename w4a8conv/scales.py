@@ -67,7 +67,7 @@ def _segment_sums(values: torch.Tensor, segment: int) -> torch.Tensor:
     """Exact int16 sums of each run of ``segment`` int4 values (held in int8) along the last dim.
 
     The two halves of every run are first added in int8, up to four times: a sum of 16 int4 values
-    lies in -128..112, still exact in int8, and these adds are 3.5x faster than one int16 reduction.
+    lies in -128..112, still exact in int8, and these adds are 2.5-3.5x faster than one int16 reduction.
     """
     runs = values.reshape(values.shape[-2], values.shape[-1] // segment, segment)
     width = segment
