@@ -61,7 +61,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
 
     monkeypatch.setattr(ShardWriter, "_write_staged", counting)
     args = ["convert", "--in", str(many_shards), "--workers", str(workers)]
-    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--direct-io"]).exit_code == 0
     if not any(staged):
         pytest.skip("this filesystem takes no O_DIRECT")
     assert staged.count(True) > 50
@@ -69,6 +69,16 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "buffered"), "--no-direct-io"]).exit_code == 0
     assert not any(staged)
     assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
+    # On a filesystem not known to stream direct writes well, the page cache is the default ...
+    monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: "nfs4")
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-default"), "--json"])
+    assert result.exit_code == 0 and not any(staged)
+    assert json.loads(result.output)["direct_io"] is False
+    # ... and --direct-io asks for it anyway.
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-direct"), "--direct-io"]).exit_code == 0
+    assert any(staged)
+    direct = tree_bytes(tmp_path / "direct")
+    assert tree_bytes(tmp_path / "nfs-default") == direct and tree_bytes(tmp_path / "nfs-direct") == direct
 
 
 def test_conversion_is_deterministic(many_shards, single_run, tmp_path):

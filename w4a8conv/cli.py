@@ -112,12 +112,15 @@ def convert(
     ] = False,
     verify: Annotated[bool, typer.Option(help="Run `w4a8conv verify` on the result (exit 1 if it fails).")] = False,
     direct_io: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Write large tensors with O_DIRECT, bypassing the page cache, where the filesystem takes it. "
-            "Turn off if writes to your storage are slower that way (untested on network filesystems)."
+            "--direct-io/--no-direct-io",
+            help="Write large tensors with O_DIRECT, bypassing the page cache (same bytes either way). "
+            "Default: on for local filesystems (ext4, xfs, btrfs, f2fs, tmpfs...), off elsewhere: direct "
+            "writes to network and FUSE filesystems were not measured.",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Read headers and plan only: report, check, write nothing.")] = False,
     json_output: JsonOpt = False,
     *,

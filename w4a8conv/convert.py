@@ -27,6 +27,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
+from .filesystems import direct_io_by_default
 from .jobs import (
     SHARD_METADATA,
     JobShare,
@@ -60,6 +61,7 @@ class ConvertResult:
     output_bytes: int
     seconds: float
     device: str
+    direct_io: bool
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -103,7 +105,7 @@ def convert_checkpoint(
     worker_index: int = 0,
     overwrite: bool = False,
     resume: bool = False,
-    direct_io: bool = True,
+    direct_io: bool | None = None,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
@@ -118,8 +120,8 @@ def convert_checkpoint(
         worker_index: this job's index, ``0 <= worker_index < num_workers``.
         overwrite: replace a previous w4a8conv output in ``dst``.
         resume: finish an interrupted conversion of the same input, redoing only unfinished shards.
-        direct_io: write large tensors with O_DIRECT where the output's filesystem takes it; the
-            bytes are the same either way.
+        direct_io: write large tensors with O_DIRECT (the bytes are the same either way); None
+            chooses by the output's filesystem (:func:`~w4a8conv.filesystems.direct_io_by_default`).
         progress: receives progress reports.
 
     Returns:
@@ -139,13 +141,17 @@ def convert_checkpoint(
     if overwrite and resume:
         raise BadInputError("--overwrite and --resume: choose one")
     check_paths(src, dst)
+    if direct_io is None:
+        direct_io = direct_io_by_default(dst)
     ckpt, plan = prepare(src)
     torch_device = resolve_device(device)
     job = job_description(ckpt, plan, num_workers)
     share = start_share(dst, job, worker_index, overwrite=overwrite, resume=resume)
     summary = job["summary"]
     if share is None:  # --resume found it finished
-        return ConvertResult(dst, seconds=time.monotonic() - started, device=torch_device, **summary)
+        return ConvertResult(
+            dst, seconds=time.monotonic() - started, device=torch_device, direct_io=direct_io, **summary
+        )
     report = progress or Progress()
     try:
         mine = set(share.shard_names)
@@ -168,7 +174,7 @@ def convert_checkpoint(
     finally:
         report.finish()
         share.close()
-    return ConvertResult(dst, seconds=time.monotonic() - started, device=torch_device, **summary)
+    return ConvertResult(dst, seconds=time.monotonic() - started, device=torch_device, direct_io=direct_io, **summary)
 
 
 def _import_math_in_background() -> None:
