@@ -115,6 +115,26 @@ def convert_share(src: Path, out: Path, num_workers: int, index: int):
     return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), *args])
 
 
+def test_array_jobs_starting_together_do_not_refuse_each_other(many_shards, single_run, tmp_path, monkeypatch):
+    # Job 1 finds no state directory, then job 0 creates it just before job 1 lists the output
+    # directory: job 1 must not take that for someone else's files.
+    out = tmp_path / "out"
+    out.mkdir()
+    listing = Path.iterdir
+
+    def sibling_starts_first(path):
+        if path == out:
+            (out / STATE_DIR).mkdir(exist_ok=True)
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", sibling_starts_first)
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1)
+    monkeypatch.undo()
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0)
+    assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
+    assert tree_bytes(out) == tree_bytes(single_run)
+
+
 def test_finalize_names_missing_shares(many_shards, tmp_path):
     out = tmp_path / "out"
     for index in (0, 2):

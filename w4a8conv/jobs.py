@@ -214,7 +214,9 @@ def start_share(
                 return None
             if not overwrite:
                 raise BadInputError(f"--out {dst}: holds a finished conversion; pass --overwrite to replace it")
-        elif dst.exists() and any(dst.iterdir()):
+        # The last test matters to job arrays: a sibling job may create the state directory between
+        # the first test and the listing, and that is no reason to refuse.
+        elif dst.exists() and any(dst.iterdir()) and not state.is_dir():
             what = "--overwrite only replaces w4a8conv output" if overwrite else "choose a new one"
             raise BadInputError(f"--out {dst}: exists and is not an empty directory; {what}")
     state.mkdir(parents=True, exist_ok=True)
