@@ -135,6 +135,21 @@ def test_array_jobs_starting_together_do_not_refuse_each_other(many_shards, sing
     assert tree_bytes(out) == tree_bytes(single_run)
 
 
+def test_job_zero_leaves_a_siblings_job_file_being_written_alone(many_shards, single_run, tmp_path):
+    # Job 1 is between writing its temporary job file and renaming it when job 0 starts and clears
+    # what a killed run of job 0 left behind; job 1's file must survive.
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    sibling = out / STATE_DIR / "job.json.4242.1.partial"
+    sibling.write_text("{}")
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0)
+    assert sibling.read_text() == "{}"
+    sibling.unlink()  # job 1 renames it
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1)
+    assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
+    assert tree_bytes(out) == tree_bytes(single_run)
+
+
 def test_finalize_names_missing_shares(many_shards, tmp_path):
     out = tmp_path / "out"
     for index in (0, 2):

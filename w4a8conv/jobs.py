@@ -177,7 +177,9 @@ class JobShare:
         owned = [*self.shard_names, *(f"{SUMS_DIR}/{name}.sha256" for name in self.shard_names)]
         owned.append(f"share-{self.worker_index}-of-{self.job['num_workers']}.json")
         if self.worker_index == 0:
-            owned += [*self.job["extra_files"], self.job["index_name"], DESCRIPTION_FILE, MANIFEST_FILE, JOB_FILE]
+            # Not the job file's: every job of an array writes it, and one starting beside this one may
+            # be writing it right now. Leftovers of a killed run go when finalize removes the state.
+            owned += [*self.job["extra_files"], self.job["index_name"], DESCRIPTION_FILE, MANIFEST_FILE]
         for name in owned:
             for base in (self.dst, self.state):
                 target = base / name
