@@ -620,10 +620,7 @@ def _copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, coun
         else:
             chunk = os.pread(src_fd, todo, src_offset + done)
             n = len(chunk)
-            mv = memoryview(chunk)
-            while mv:
-                w = os.pwrite(dst_fd, mv, dst_offset + done + (n - len(mv)))
-                mv = mv[w:]
+            _pwrite_fd(dst_fd, memoryview(chunk), dst_offset + done)
         if n == 0:
             break
         done += n
