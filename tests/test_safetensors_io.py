@@ -208,3 +208,19 @@ def test_a_source_that_shrinks_during_a_copy_is_named(tmp_path):
     with pytest.raises(BadInputError, match=r"in\.safetensors: tensor big\.second: file ended"):
         writer.copy_tensor("big.second", infos["big.second"])
     writer.abort()
+
+
+def test_copies_fall_back_to_read_and_write_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    def no_kernel_copy(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr("w4a8conv.safetensors_io.os.copy_file_range", no_kernel_copy)
+    monkeypatch.setattr("w4a8conv.safetensors_io._COPY_CHUNK", 1 << 20)  # several pieces per tensor
+    source = tmp_path / "in.safetensors"
+    save_file(LARGE, source)
+    infos = read_header(source).tensors
+    path = tmp_path / "out.safetensors"
+    writer = ShardWriter(path, _large_entries(), direct_io=False)
+    for name in LARGE:
+        writer.copy_tensor(name, infos[name])
+    _check_file(path, writer.finish(), LARGE)
