@@ -276,12 +276,12 @@ class _StagingBuffers:
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> np.ndarray:
-        """A buffer of at least ``nbytes + _BLOCK`` bytes whose first byte is block-aligned."""
+        """A buffer of at least ``nbytes`` bytes whose first byte is block-aligned."""
         with self._lock:
-            fitting = [i for i, b in enumerate(self._idle) if len(b) >= nbytes + _BLOCK]
+            fitting = [i for i, b in enumerate(self._idle) if len(b) >= nbytes]
             if fitting:
                 return self._idle.pop(min(fitting, key=lambda i: len(self._idle[i])))
-        raw = np.empty(nbytes + 2 * _BLOCK, dtype=np.uint8)
+        raw = np.empty(nbytes + _BLOCK, dtype=np.uint8)  # room to start at the next block boundary
         return raw[-raw.ctypes.data % _BLOCK :]
 
     def give(self, buffer: np.ndarray) -> None:
