@@ -177,6 +177,19 @@ def test_installed_entry_point_prints_no_traceback(tmp_path, mindie):
     assert "quant_model_description.json: not valid JSON" in proc.stderr
 
 
+def test_entry_point_reports_a_problem_found_after_torch_loaded(tmp_path, mindie):
+    # The entry point ends the process without Python's teardown once torch is loaded: the exit code
+    # and the error line must still come out.
+    name = f"{EXPERT}.weight"
+    edit_tensor(mindie, name, lambda t: t[name].__setitem__((0, 0), 9))
+    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(mindie), "--out", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {mindie}/")
+    assert "outside -8..7" in proc.stderr
+
+
 # --- hostile files ------------------------------------------------------------------------------------
 
 

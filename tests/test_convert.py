@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 from rich.console import Console
@@ -18,6 +20,8 @@ from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header
 from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
+
+from .test_parallel import tree_bytes
 
 INDEX = f"{SHARD_PREFIX}.safetensors.index.json"
 
@@ -122,6 +126,20 @@ def test_single_file_checkpoint_without_index(tmp_path):
     assert result.shards == 1
     assert (tmp_path / "out" / "quant_model_weights.safetensors.index.json").is_file()
     assert ProcessedCheckpoint(tmp_path / "out").load_moe("model.layers.1.mlp.experts")["w2_weight"].shape[0] == 4
+
+
+def test_entry_point_json_summary_through_a_pipe(source_checkpoints, converted_checkpoints, tmp_path):
+    """The installed command's JSON summary reaches a reading process whole, with exit code 0.
+
+    (The entry point skips Python's teardown once torch is loaded, so this checks it flushes first.)
+    """
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(source_checkpoints["mindie"])]
+    proc = subprocess.run([*cmd, "--out", str(out), "--json"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["modules"] == 30 and summary["out_dir"] == str(out)
+    assert tree_bytes(out) == tree_bytes(converted_checkpoints["mindie"])
 
 
 def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
