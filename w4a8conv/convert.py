@@ -46,9 +46,6 @@ from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
 
 _READ_AHEAD_BYTES = 256 * 1024 * 1024
-# Threads copying pass-through tensors. A copy waits on the disk most of the time (reads, direct
-# writes); two keep a local disk busy, and more would only compete with the modules for the CPU.
-_COPY_THREADS = 2
 
 
 @dataclass
@@ -243,19 +240,15 @@ def _convert_shards(
     direct_io: bool,
     report: Progress,
 ) -> None:
-    """Fill the shards; each is fsynced, renamed and its hash saved after its last unit.
+    """Fill the shards with ``workers`` threads; each is fsynced, renamed and its hash saved after its last unit.
 
-    Pass-through copies run on their own threads, beside the ``workers`` threads that process
-    modules: a copy mostly waits for the disk and needs no torch, so copies overlap torch's import
-    and then the processing, which mostly needs the CPU. (Queued ahead of the modules on the same
-    threads, the copies held every module back until the last of them was done, with the CPU
-    half idle.) Every unit writes a fixed byte range, so the result does not depend on ``workers``
-    or on timing. ``unhashed`` are shards finished by an earlier run whose checksum may still be missing.
+    Pass-through copies are queued first: they need no torch, so they overlap its import. Every unit
+    writes a fixed byte range, so the result does not depend on ``workers`` or on timing.
+    ``unhashed`` are shards finished by an earlier run whose checksum may still be missing.
     """
     dst = share.dst
     writers = {shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA, direct_io) for shard in shards}
     remaining = {shard.name: len(shard.passthrough) + len(shard.projections) for shard in shards}
-    copy_pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="w4a8conv-copy")
     pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
     pending: dict[Future, tuple[str, str, str, int]] = {}
 
@@ -266,14 +259,13 @@ def _convert_shards(
     try:
         copies = [(shard.name, info) for shard in shards for info in shard.passthrough]
         projections = [(shard.name, p) for shard in shards for p in shard.projections]
-        copies_ahead = _ReadAhead([[info] for _, info in copies])
-        projections_ahead = _ReadAhead([list(p.sources.values()) for _, p in projections])
+        read_ahead = _ReadAhead([[info] for _, info in copies] + [list(p.sources.values()) for _, p in projections])
         for i, (shard_name, info) in enumerate(copies):
-            future = copy_pool.submit(copies_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)
+            future = pool.submit(read_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)
             pending[future] = (shard_name, "copy", info.name, info.nbytes)
-        for i, (shard_name, p) in enumerate(projections):
+        for i, (shard_name, p) in enumerate(projections, start=len(copies)):
             future = pool.submit(
-                projections_ahead.around, i, _convert_projection, writers[shard_name], p, device, params_dtype, workers
+                read_ahead.around, i, _convert_projection, writers[shard_name], p, device, params_dtype, workers
             )
             pending[future] = (shard_name, "module", p.prefix, _source_bytes(p))
         for name in unhashed:
@@ -293,15 +285,11 @@ def _convert_shards(
                 if remaining[shard_name] == 0:
                     finish(shard_name)
     except BaseException:
-        for executor in (copy_pool, pool):
-            executor.shutdown(wait=False, cancel_futures=True)
-        for executor in (copy_pool, pool):
-            executor.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)
         for writer in writers.values():
             writer.abort()
         raise
     finally:
-        copy_pool.shutdown(wait=True)
         pool.shutdown(wait=True)
 
 
