@@ -235,12 +235,6 @@ def write_checkpoint(
     }
     (path / f"{SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC"}
-    if layout != "mindie":  # mindie output usually has neither version nor group_size
-        description["version"] = "1.0.0"
-        description["group_size"] = 0 if layout == "v1.0.0-per-channel" else spec.group_size
-    description.update(dict(sorted(types.items(), key=lambda kv: natural_key(kv[0]))))
-    (path / "quant_model_description.json").write_text(json.dumps(description, indent=2))
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
         "model_type": "deepseek_v3",
@@ -256,4 +250,12 @@ def write_checkpoint(
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
+
+    description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC"}
+    if layout != "mindie":  # mindie output usually has neither version nor group_size
+        description["version"] = "1.0.0"
+        description["group_size"] = 0 if layout == "v1.0.0-per-channel" else spec.group_size
+    description.update(dict(sorted(types.items(), key=lambda kv: natural_key(kv[0]))))
+    # Last: a directory with a description is complete (as the converter treats its output).
+    (path / "quant_model_description.json").write_text(json.dumps(description, indent=2))
     return path
