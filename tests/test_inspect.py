@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -80,3 +81,17 @@ def test_human_table(source_checkpoints):
     result = runner.invoke(app, ["inspect", str(source_checkpoints["mindie"])])
     assert result.exit_code == 0
     assert "mindie" in result.stdout and "no problems found" in result.stdout
+
+
+def test_synthetic_checkpoint_writes_its_description_last(tmp_path, monkeypatch):
+    """Cached bench checkpoints count as complete once they have a description: it must come last."""
+    written: list[str] = []
+    write_text = Path.write_text
+
+    def recording(self, *args, **kwargs):
+        written.append(self.name)
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", recording)
+    write_checkpoint(tmp_path / "ckpt", "mindie")
+    assert written[-1] == "quant_model_description.json" and "config.json" in written
