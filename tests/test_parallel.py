@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from w4a8conv import safetensors_io
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
@@ -60,20 +61,30 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
         return staged[-1]
 
     monkeypatch.setattr(ShardWriter, "_write_staged", counting)
+    # Sources are read direct too (weights of 4 KiB or more here); those are never hinted to the page cache.
+    read_direct, hinted = [], set()
+    real_read_direct = safetensors_io._read_direct
+    monkeypatch.setattr(
+        safetensors_io, "_read_direct", lambda info: read_direct.append(info.name) or real_read_direct(info)
+    )
+    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.update(i.name for i in infos))
     args = ["convert", "--in", str(many_shards), "--workers", str(workers)]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--direct-io"]).exit_code == 0
     if not any(staged):
         pytest.skip("this filesystem takes no O_DIRECT")
     assert staged.count(True) > 50
+    assert len(read_direct) > 50 and hinted and not hinted & set(read_direct)
     staged.clear()
+    read_direct.clear()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "buffered"), "--no-direct-io"]).exit_code == 0
-    assert not any(staged)
+    assert not any(staged) and not read_direct
     assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
     # On a filesystem not known to stream direct writes well, the page cache is the default ...
     monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: "nfs4")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-default"), "--json"])
-    assert result.exit_code == 0 and not any(staged)
-    assert json.loads(result.output)["direct_io"] is False
+    assert result.exit_code == 0 and not any(staged) and not read_direct
+    summary = json.loads(result.output)
+    assert summary["direct_io"] is False and summary["direct_reads"] is False
     # ... and --direct-io asks for it anyway.
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-direct"), "--direct-io"]).exit_code == 0
     assert any(staged)

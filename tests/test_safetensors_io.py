@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -14,7 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from w4a8conv.errors import BadInputError, W4A8ConvError
-from w4a8conv.safetensors_io import ITEMSIZE, OutputEntry, ShardWriter, dtype_name, layout_header, read_header
+from w4a8conv.safetensors_io import (
+    ITEMSIZE,
+    OutputEntry,
+    ShardWriter,
+    dtype_name,
+    layout_header,
+    read_header,
+    read_tensor,
+    reads_direct,
+)
 
 TENSORS = {
     "a.weight": torch.arange(4096 * 3, dtype=torch.int32).reshape(4096, 3),
@@ -224,3 +234,84 @@ def test_copies_fall_back_to_read_and_write_where_the_kernel_cannot_copy(tmp_pat
     for name in LARGE:
         writer.copy_tensor(name, infos[name])
     _check_file(path, writer.finish(), LARGE)
+
+
+# --- direct reads -------------------------------------------------------------------------------------
+
+
+def _large_file(tmp_path):
+    """A safetensors file of LARGE (tensors at offsets inside blocks; the file is no whole number of blocks)."""
+    path = tmp_path / "in.safetensors"
+    save_file(LARGE, path)
+    assert path.stat().st_size % 4096
+    return path, read_header(path).tensors
+
+
+def _record_direct_preadv(monkeypatch) -> list[tuple[int, int]]:
+    """Spy on os.preadv: (offset, length) of every read through an O_DIRECT descriptor."""
+    calls: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def spy(fd, buffers, offset, *flags):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append((offset, sum(memoryview(b).nbytes for b in buffers)))
+        return real(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr("w4a8conv.safetensors_io.os.preadv", spy)
+    return calls
+
+
+def _takes_direct_reads(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def test_direct_reads_give_the_same_tensors_in_whole_blocks(tmp_path, monkeypatch):
+    path, infos = _large_file(tmp_path)
+    if not _takes_direct_reads(path):
+        pytest.skip("this filesystem takes no O_DIRECT")
+    calls = _record_direct_preadv(monkeypatch)
+    for name, tensor in LARGE.items():
+        assert torch.equal(read_tensor(infos[name], direct=True), tensor), name
+    # the three tensors of 1 MiB or more, the last one up to the end of the file; the small one buffered
+    assert len(calls) == 3 and all(offset % 4096 == 0 and length % 4096 == 0 for offset, length in calls)
+    assert [reads_direct(infos[name]) for name in LARGE] == [True, False, True, True]
+
+
+def test_direct_read_of_a_truncated_file_names_it_and_the_tensor(tmp_path):
+    path, infos = _large_file(tmp_path)
+    os.truncate(path, infos["big.third"].begin + 4096 * 100 + 5)
+    with pytest.raises(BadInputError, match=rf"{path}: tensor big.third: file ended before its last byte"):
+        read_tensor(infos["big.third"], direct=True)
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_direct_reads_refused_by_the_filesystem_fall_back_to_buffered(tmp_path, monkeypatch, where):
+    _, infos = _large_file(tmp_path)
+    real_open, real_preadv = os.open, os.preadv
+    refused: list[str] = []
+
+    def refuse_open(file, flags, *args):
+        if flags & os.O_DIRECT:
+            refused.append("open")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(file, flags, *args)
+
+    def refuse_read(fd, buffers, offset, *flags):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append("read")
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *flags)
+
+    if where == "open":
+        monkeypatch.setattr("w4a8conv.safetensors_io.os.open", refuse_open)
+    elif _takes_direct_reads(tmp_path / "in.safetensors"):
+        monkeypatch.setattr("w4a8conv.safetensors_io.os.preadv", refuse_read)
+    else:
+        pytest.skip("this filesystem takes no O_DIRECT")
+    for name, tensor in LARGE.items():
+        assert torch.equal(read_tensor(infos[name], direct=True), tensor), name
+    assert refused == [where] * 3  # each large tensor tried direct once

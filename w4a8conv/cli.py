@@ -117,9 +117,10 @@ def convert(
         bool | None,
         typer.Option(
             "--direct-io/--no-direct-io",
-            help="Write large tensors with O_DIRECT, bypassing the page cache (same bytes either way). "
-            "Default: on for local filesystems (ext4, xfs, btrfs, f2fs, tmpfs...), off elsewhere: direct "
-            "writes to network and FUSE filesystems were not measured.",
+            help="Read W4A8 weights and write large tensors with O_DIRECT, bypassing the page cache (same "
+            "bytes either way). Default: on where the input (for reads) or the output (for writes) is on a "
+            "local filesystem (ext4, xfs, btrfs, f2fs, tmpfs...), off elsewhere: direct I/O on network and "
+            "FUSE filesystems was not measured.",
             show_default=False,
         ),
     ] = None,

@@ -41,7 +41,7 @@ from .jobs import (
 from .layouts import PROCESSED_FORMAT
 from .output import Progress
 from .plan import Plan, Projection, build_plan
-from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor
+from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor, reads_direct
 
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
 
@@ -61,7 +61,8 @@ class ConvertResult:
     output_bytes: int
     seconds: float
     device: str
-    direct_io: bool
+    direct_io: bool  # large output tensors were written with O_DIRECT
+    direct_reads: bool  # large W4A8 weights were read with O_DIRECT
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -120,8 +121,9 @@ def convert_checkpoint(
         worker_index: this job's index, ``0 <= worker_index < num_workers``.
         overwrite: replace a previous w4a8conv output in ``dst``.
         resume: finish an interrupted conversion of the same input, redoing only unfinished shards.
-        direct_io: write large tensors with O_DIRECT (the bytes are the same either way); None
-            chooses by the output's filesystem (:func:`~w4a8conv.filesystems.direct_io_by_default`).
+        direct_io: read and write large tensors with O_DIRECT (the bytes are the same either way);
+            None chooses reads by the input's filesystem and writes by the output's
+            (:func:`~w4a8conv.filesystems.direct_io_by_default`).
         progress: receives progress reports.
 
     Returns:
@@ -141,6 +143,7 @@ def convert_checkpoint(
     if overwrite and resume:
         raise BadInputError("--overwrite and --resume: choose one")
     check_paths(src, dst)
+    direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
     ckpt, plan = prepare(src)
@@ -149,9 +152,7 @@ def convert_checkpoint(
     share = start_share(dst, job, worker_index, overwrite=overwrite, resume=resume)
     summary = job["summary"]
     if share is None:  # --resume found it finished
-        return ConvertResult(
-            dst, seconds=time.monotonic() - started, device=torch_device, direct_io=direct_io, **summary
-        )
+        return _result(dst, started, torch_device, direct_io, direct_reads, summary)
     report = progress or Progress()
     try:
         mine = set(share.shard_names)
@@ -167,14 +168,23 @@ def convert_checkpoint(
                 copy_file_atomic(ckpt.root / rel, dst / rel)
         unhashed = [name for name in share.shard_names if name not in {s.name for s in todo}]
         _import_math_in_background()
-        _convert_shards(todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, report)
+        _convert_shards(
+            todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, direct_reads, report
+        )
         share.mark_done()
         if num_workers == 1:
             finalize(dst)
     finally:
         report.finish()
         share.close()
-    return ConvertResult(dst, seconds=time.monotonic() - started, device=torch_device, direct_io=direct_io, **summary)
+    return _result(dst, started, torch_device, direct_io, direct_reads, summary)
+
+
+def _result(
+    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, summary: dict
+) -> ConvertResult:
+    seconds = time.monotonic() - started
+    return ConvertResult(dst, seconds=seconds, device=device, direct_io=direct_io, direct_reads=direct_reads, **summary)
 
 
 def _import_math_in_background() -> None:
@@ -238,6 +248,7 @@ def _convert_shards(
     params_dtype: str,
     workers: int,
     direct_io: bool,
+    direct_reads: bool,
     report: Progress,
 ) -> None:
     """Fill the shards with ``workers`` threads; each is fsynced, renamed and its hash saved after its last unit.
@@ -259,13 +270,23 @@ def _convert_shards(
     try:
         copies = [(shard.name, info) for shard in shards for info in shard.passthrough]
         projections = [(shard.name, p) for shard in shards for p in shard.projections]
-        read_ahead = _ReadAhead([[info] for _, info in copies] + [list(p.sources.values()) for _, p in projections])
+        # Sources read with O_DIRECT bypass the page cache, so hinting them would read them twice.
+        sources = [[i for i in p.sources.values() if not (direct_reads and reads_direct(i))] for _, p in projections]
+        read_ahead = _ReadAhead([[info] for _, info in copies] + sources)
         for i, (shard_name, info) in enumerate(copies):
             future = pool.submit(read_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)
             pending[future] = (shard_name, "copy", info.name, info.nbytes)
         for i, (shard_name, p) in enumerate(projections, start=len(copies)):
             future = pool.submit(
-                read_ahead.around, i, _convert_projection, writers[shard_name], p, device, params_dtype, workers
+                read_ahead.around,
+                i,
+                _convert_projection,
+                writers[shard_name],
+                p,
+                device,
+                params_dtype,
+                workers,
+                direct_reads,
             )
             pending[future] = (shard_name, "module", p.prefix, _source_bytes(p))
         for name in unhashed:
@@ -334,7 +355,7 @@ def _configure_torch(workers: int) -> None:
 
 
 def _convert_projection(
-    writer: ShardWriter, projection: Projection, device: str, params_dtype: str, workers: int
+    writer: ShardWriter, projection: Projection, device: str, params_dtype: str, workers: int, direct_reads: bool
 ) -> None:
     import torch
 
@@ -348,6 +369,6 @@ def _convert_projection(
     else:
         from .packing import pack_int4_to_int32 as pack_int4
 
-    tensors = {role: read_tensor(info).to(device) for role, info in projection.sources.items()}
+    tensors = {role: read_tensor(info, direct_reads).to(device) for role, info in projection.sources.items()}
     for name, tensor in process_projection(projection, tensors, getattr(torch, params_dtype), pack_int4).items():
         writer.write_tensor(name, tensor)

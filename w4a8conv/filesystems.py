@@ -1,7 +1,7 @@
-"""Which filesystem a path lives on, and whether w4a8conv writes there with O_DIRECT by default.
+"""Which filesystem a path lives on, and whether w4a8conv reads and writes there with O_DIRECT by default.
 
-Direct writes were measured on a local ext4 (and are correct wherever the kernel accepts them). On
-network and FUSE filesystems an O_DIRECT write can wait for the server on every call, which nobody
+Direct I/O was measured on a local ext4 (and is correct wherever the kernel accepts it). On network
+and FUSE filesystems an O_DIRECT read or write can wait for the server on every call, which nobody
 here has measured, so those get the page cache unless the user asks for ``--direct-io``.
 """
 
@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-# Local filesystems whose O_DIRECT path streams large aligned writes to the device.
+# Local filesystems whose O_DIRECT path streams large aligned reads and writes to and from the device.
 DIRECT_IO_FILESYSTEMS = frozenset({"ext4", "ext3", "ext2", "xfs", "btrfs", "f2fs", "bcachefs", "jfs", "tmpfs"})
 
 
@@ -50,5 +50,5 @@ def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
 
 
 def direct_io_by_default(path: Path) -> bool:
-    """Whether output under ``path`` is written with O_DIRECT when the user does not say."""
+    """Whether files under ``path`` are read or written with O_DIRECT when the user does not say."""
     return filesystem_type(path) in DIRECT_IO_FILESYSTEMS
