@@ -65,7 +65,9 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
     read_direct, hinted = [], set()
     real_read_direct = safetensors_io._read_direct
     monkeypatch.setattr(
-        safetensors_io, "_read_direct", lambda info: read_direct.append(info.name) or real_read_direct(info)
+        safetensors_io,
+        "_read_direct",
+        lambda info, *args: read_direct.append(info.name) or real_read_direct(info, *args),
     )
     monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.update(i.name for i in infos))
     args = ["convert", "--in", str(many_shards), "--workers", str(workers)]

@@ -19,6 +19,7 @@ from w4a8conv.safetensors_io import (
     ITEMSIZE,
     OutputEntry,
     ShardWriter,
+    _StagingBuffers,
     dtype_name,
     layout_header,
     read_header,
@@ -315,3 +316,29 @@ def test_direct_reads_refused_by_the_filesystem_fall_back_to_buffered(tmp_path, 
     for name, tensor in LARGE.items():
         assert torch.equal(read_tensor(infos[name], direct=True), tensor), name
     assert refused == [where] * 3  # each large tensor tried direct once
+
+
+def test_staging_buffers_are_reused_for_requests_of_about_their_size():
+    # Requests for one tensor differ by where its first block starts; a buffer must serve them all,
+    # or the pool fills with buffers nothing can use (peak RSS grew 30-50% from 2 to 8 GB).
+    pool = _StagingBuffers(idle_limit=64 << 20)
+    first = pool.take(7_340_032 + 100)
+    assert first.ctypes.data % 4096 == 0 and len(first) >= 7_340_132
+    pool.give(first)
+    again = pool.take(7_340_032 + 4000)
+    assert again is first
+
+
+def test_direct_read_memory_goes_back_to_the_pool_once_the_tensor_is_gone(tmp_path, monkeypatch):
+    _, infos = _large_file(tmp_path)
+    pool = _StagingBuffers(idle_limit=64 << 20)
+    monkeypatch.setattr("w4a8conv.safetensors_io._STAGING", pool)
+    tensor = read_tensor(infos["big.third"], direct=True)
+    view = tensor[1:]
+    del tensor
+    assert not pool._idle  # a view still uses it
+    del view
+    assert len(pool._idle) == 1
+    again = read_tensor(infos["big.third"], direct=True)
+    assert not pool._idle  # reused
+    assert torch.equal(again, LARGE["big.third"])

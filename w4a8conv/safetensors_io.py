@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ _DIRECT_MIN_BYTES = 1 << 20  # smaller tensors go through the page cache
 _STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
 _RETAINED_BYTES = 128 << 20  # direct-written bytes a shard may hold in memory until its hash reaches them
 _IDLE_STAGING_BYTES = 128 << 20
+_POOL_GRANULE = 64 << 10  # staging buffers come in whole multiples of this
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,15 @@ def read_tensor(info: TensorInfo, direct: bool = False) -> torch.Tensor:
     a checkpoint larger than memory never reads twice). Filesystems that refuse it get a buffered read.
     """
     if direct and reads_direct(info):
-        buffer = _read_direct(info)
+        # Reused memory, as for staging: a fresh buffer per weight costs a page fault per 4 KiB.
+        first = info.begin - info.begin % _BLOCK
+        memory = _STAGING.take(-(-(info.end - first) // _BLOCK) * _BLOCK)
+        try:
+            buffer = _read_direct(info, memory)
+        except BaseException:
+            _STAGING.give(memory)
+            raise
+        weakref.finalize(buffer, _STAGING.give, memory)  # back to the pool once no tensor uses it
     else:
         buffer = np.empty(info.nbytes, dtype=np.uint8)
         with open(info.path, "rb", buffering=0) as f:
@@ -211,11 +221,14 @@ def reads_direct(info: TensorInfo) -> bool:
     return info.nbytes >= _DIRECT_MIN_BYTES
 
 
-def _read_direct(info: TensorInfo) -> np.ndarray:
-    """Read ``info``'s bytes with O_DIRECT: the whole blocks around it into aligned memory; returns its bytes."""
+def _read_direct(info: TensorInfo, memory: np.ndarray) -> np.ndarray:
+    """Read ``info``'s bytes with O_DIRECT: the whole blocks around them into the aligned ``memory``.
+
+    Returns the tensor's bytes, a view into ``memory``, which must hold those blocks.
+    """
     first = info.begin - info.begin % _BLOCK
     need = -(-(info.end - first) // _BLOCK) * _BLOCK
-    raw = _aligned_empty(need)
+    raw = memory[:need]
     view = memoryview(raw)
     got = 0
     try:
@@ -336,9 +349,16 @@ _STAGING = _StagingBuffers(_IDLE_STAGING_BYTES)
 
 
 def _aligned_empty(nbytes: int) -> np.ndarray:
-    """``nbytes`` of uninitialised memory whose first byte is block-aligned, as O_DIRECT asks."""
-    raw = np.empty(nbytes + _BLOCK, dtype=np.uint8)  # room to start at the next block boundary
-    return raw[-raw.ctypes.data % _BLOCK :][:nbytes]
+    """At least ``nbytes`` of uninitialised memory whose first byte is block-aligned, as O_DIRECT asks.
+
+    Sizes are rounded up to whole 64 KiB so that a pooled buffer serves every request of about its
+    size (requests for one tensor differ by where its first block starts). Exact-size buffers were
+    passed over for requests a few bytes larger, and the pool filled with buffers nothing could use:
+    peak RSS grew by 30-50% from a 2 GB to an 8 GB conversion.
+    """
+    size = -(-nbytes // _POOL_GRANULE) * _POOL_GRANULE
+    raw = np.empty(size + _BLOCK, dtype=np.uint8)  # room to start at the next block boundary
+    return raw[-raw.ctypes.data % _BLOCK :][:size]
 
 
 @dataclass
