@@ -63,6 +63,7 @@ class ConvertResult:
     device: str
     direct_io: bool  # large output tensors were written with O_DIRECT
     direct_reads: bool  # large W4A8 weights were read with O_DIRECT
+    checksums: bool  # the output has a sha256 manifest
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -107,6 +108,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     direct_io: bool | None = None,
+    checksums: bool = True,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
@@ -124,6 +126,8 @@ def convert_checkpoint(
         direct_io: read and write large tensors with O_DIRECT (the bytes are the same either way);
             None chooses reads by the input's filesystem and writes by the output's
             (:func:`~w4a8conv.filesystems.direct_io_by_default`).
+        checksums: hash every output file while writing it, for the ``w4a8conv.sha256`` manifest
+            (about 0.5 CPU-seconds per GB); every job of an array must pass the same value.
         progress: receives progress reports.
 
     Returns:
@@ -148,11 +152,11 @@ def convert_checkpoint(
         direct_io = direct_io_by_default(dst)
     ckpt, plan = prepare(src)
     torch_device = resolve_device(device)
-    job = job_description(ckpt, plan, num_workers)
+    job = job_description(ckpt, plan, num_workers, checksums)
     share = start_share(dst, job, worker_index, overwrite=overwrite, resume=resume)
     summary = job["summary"]
     if share is None:  # --resume found it finished
-        return _result(dst, started, torch_device, direct_io, direct_reads, summary)
+        return _result(dst, started, torch_device, direct_io, direct_reads, checksums, summary)
     report = progress or Progress()
     try:
         mine = set(share.shard_names)
@@ -166,7 +170,8 @@ def convert_checkpoint(
         if worker_index == 0:
             for rel in ckpt.extra_files:
                 copy_file_atomic(ckpt.root / rel, dst / rel)
-        unhashed = [name for name in share.shard_names if name not in {s.name for s in todo}]
+        done = {s.name for s in todo}
+        unhashed = [name for name in share.shard_names if name not in done] if checksums else []
         _import_math_in_background()
         _convert_shards(
             todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, direct_reads, report
@@ -177,14 +182,21 @@ def convert_checkpoint(
     finally:
         report.finish()
         share.close()
-    return _result(dst, started, torch_device, direct_io, direct_reads, summary)
+    return _result(dst, started, torch_device, direct_io, direct_reads, checksums, summary)
 
 
 def _result(
-    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, summary: dict
+    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, checksums: bool, summary: dict
 ) -> ConvertResult:
-    seconds = time.monotonic() - started
-    return ConvertResult(dst, seconds=seconds, device=device, direct_io=direct_io, direct_reads=direct_reads, **summary)
+    return ConvertResult(
+        dst,
+        seconds=time.monotonic() - started,
+        device=device,
+        direct_io=direct_io,
+        direct_reads=direct_reads,
+        checksums=checksums,
+        **summary,
+    )
 
 
 def _import_math_in_background() -> None:
@@ -210,7 +222,9 @@ def _import_math_in_background() -> None:
     threading.Thread(target=load, daemon=True).start()
 
 
-def plan_conversion(src: Path | str, dst: Path | str, num_workers: int = 1, worker_index: int = 0) -> dict:
+def plan_conversion(
+    src: Path | str, dst: Path | str, num_workers: int = 1, worker_index: int = 0, checksums: bool = True
+) -> dict:
     """What :func:`convert_checkpoint` would do, from headers alone, with every check; writes nothing.
 
     Returns:
@@ -220,7 +234,7 @@ def plan_conversion(src: Path | str, dst: Path | str, num_workers: int = 1, work
     _check_share(num_workers, worker_index)
     check_paths(src, dst)
     ckpt, plan = prepare(src)
-    job = job_description(ckpt, plan, num_workers)
+    job = job_description(ckpt, plan, num_workers, checksums)
     mine = job["shares"][worker_index]
     summary = job["summary"]
     return {**summary, "total_shards": summary["shards"], "shards": {name: job["shards"][name] for name in mine}}
@@ -258,13 +272,18 @@ def _convert_shards(
     ``unhashed`` are shards finished by an earlier run whose checksum may still be missing.
     """
     dst = share.dst
-    writers = {shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA, direct_io) for shard in shards}
+    writers = {
+        shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA, direct_io, share.checksums)
+        for shard in shards
+    }
     remaining = {shard.name: len(shard.passthrough) + len(shard.projections) for shard in shards}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
     pending: dict[Future, tuple[str, str, str, int]] = {}
 
     def finish(shard_name: str) -> None:
-        share.save_checksum(shard_name, writers.pop(shard_name).finish())
+        digest = writers.pop(shard_name).finish()
+        if digest is not None:
+            share.save_checksum(shard_name, digest)
         report.update("shard", shard_name, 0)
 
     try:

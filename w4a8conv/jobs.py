@@ -72,7 +72,7 @@ def assign_shares(shards: list[OutputShard], num_workers: int) -> list[list[str]
     return [sorted(share, key=natural_key) for share in shares]
 
 
-def processed_description(ckpt: Checkpoint, plan: Plan) -> dict:
+def processed_description(ckpt: Checkpoint, plan: Plan, checksums: bool = True) -> dict:
     """The source description with processed tensors re-typed and a section recording what was done."""
     consumed = {info.name for p in plan.projections for info in p.sources.values()}
     entries = tensor_entries(ckpt.description)
@@ -95,18 +95,24 @@ def processed_description(ckpt: Checkpoint, plan: Plan) -> dict:
         "params_dtype": ckpt.params_dtype_name,
         "target": "vllm-ascend 0.23 process_weights_after_loading",
         "scale_bias": "float32 [out, chunks]; a tensor-parallel rank sums the chunks of its input slice",
+        "checksum_manifest": MANIFEST_FILE if checksums else None,
     }
     return dict(sorted(description.items(), key=lambda kv: natural_key(kv[0])))
 
 
-def job_description(ckpt: Checkpoint, plan: Plan, num_workers: int) -> dict:
-    """Everything :func:`finalize` needs, fixed before any shard is written."""
+def job_description(ckpt: Checkpoint, plan: Plan, num_workers: int, checksums: bool = True) -> dict:
+    """Everything :func:`finalize` needs, fixed before any shard is written.
+
+    ``checksums``: hash every output file for the manifest (``w4a8conv.sha256``); every job of an
+    array must agree, as the manifest lists all shares' files.
+    """
     shards = output_shards(plan)
     weight_map = ((e.name, shard) for shard, entries in plan.shard_entries.items() for e in entries)
     return {
         "tool_version": __version__,
         "source": str(ckpt.root.resolve()),
         "num_workers": num_workers,
+        "checksums": checksums,
         "shares": assign_shares(shards, num_workers),
         "shards": _shard_file_sizes(shards),
         "extra_files": [str(p) for p in ckpt.extra_files],
@@ -115,7 +121,7 @@ def job_description(ckpt: Checkpoint, plan: Plan, num_workers: int) -> dict:
             "metadata": {"total_size": plan.output_bytes},
             "weight_map": dict(sorted(weight_map, key=lambda kv: natural_key(kv[0]))),
         },
-        "description": processed_description(ckpt, plan),
+        "description": processed_description(ckpt, plan, checksums),
         "summary": {
             "format": plan.format,
             "group_size": plan.group_size,
@@ -155,6 +161,10 @@ class JobShare:
     @property
     def shard_names(self) -> list[str]:
         return self.job["shares"][self.worker_index]
+
+    @property
+    def checksums(self) -> bool:
+        return self.job["checksums"]
 
     def is_complete(self, shard: str) -> bool:
         """A shard under its final name and size was fsynced before its rename: it is complete."""
@@ -229,6 +239,9 @@ def start_share(
             _clear(dst, keep=state / f"lock-{worker_index}-of-{job['num_workers']}")
             existing = None
         elif existing is not None and existing != json.loads(json.dumps(job)):
+            if "checksums" in existing and _without_checksums(existing) == _without_checksums(job):
+                flag = "--checksums" if existing["checksums"] else "--no-checksums"
+                raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
             raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
         elif existing is not None and not (resume or is_array):
             raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
@@ -240,6 +253,14 @@ def start_share(
         os.close(lock_fd)
         raise
     return share
+
+
+def _without_checksums(job: dict) -> dict:
+    """A job as JSON holds it, less what ``--checksums/--no-checksums`` changes."""
+    job = json.loads(json.dumps(job))
+    job.pop("checksums", None)
+    job.get("description", {}).get(TOOL_SECTION, {}).pop("checksum_manifest", None)
+    return job
 
 
 def _finished_description(dst: Path) -> dict | None:
@@ -283,7 +304,7 @@ def _clear(dst: Path, keep: Path) -> None:
 
 
 def finalize(dst: Path | str) -> dict:
-    """Write the manifest, the index and then the description once every share of a job is done.
+    """Write the manifest (if the job has checksums), the index and then the description once every share is done.
 
     Refuses, naming them, while shares are missing or still running. Returns the job's summary.
     """
@@ -310,14 +331,15 @@ def finalize(dst: Path | str) -> dict:
             raise W4A8ConvError(f"{dst / rel}: missing although share 0 is marked done")
     index_bytes = json_bytes(job["index"])
     description_bytes = json_bytes(job["description"])
-    sums = {name: _read_checksum(state, dst, name) for name in job["shards"]}
-    sums.update({rel: sha256_file(dst / rel) for rel in job["extra_files"]})
-    sums[job["index_name"]] = hashlib.sha256(index_bytes).hexdigest()
-    sums[DESCRIPTION_FILE] = hashlib.sha256(description_bytes).hexdigest()
-    manifest = "".join(
-        f"{digest}  {name}\n" for name, digest in sorted(sums.items(), key=lambda kv: natural_key(kv[0]))
-    )
-    write_atomic(dst / MANIFEST_FILE, manifest.encode())
+    if job["checksums"]:
+        sums = {name: _read_checksum(state, dst, name) for name in job["shards"]}
+        sums.update({rel: sha256_file(dst / rel) for rel in job["extra_files"]})
+        sums[job["index_name"]] = hashlib.sha256(index_bytes).hexdigest()
+        sums[DESCRIPTION_FILE] = hashlib.sha256(description_bytes).hexdigest()
+        manifest = "".join(
+            f"{digest}  {name}\n" for name, digest in sorted(sums.items(), key=lambda kv: natural_key(kv[0]))
+        )
+        write_atomic(dst / MANIFEST_FILE, manifest.encode())
     write_atomic(dst / job["index_name"], index_bytes)
     write_atomic(dst / DESCRIPTION_FILE, description_bytes)  # last: its presence means complete
     shutil.rmtree(state)

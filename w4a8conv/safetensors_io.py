@@ -378,8 +378,8 @@ class ShardWriter:
 
     The file is written as ``<name>.partial``; :meth:`finish` checks every tensor arrived, fsyncs and
     renames it, so a file under its final name is always complete. Its sha256 is computed while it
-    is written: whichever thread extends the written prefix of the file hashes it, so hashing
-    overlaps the conversion instead of re-reading the finished file.
+    is written (unless ``checksum`` is False): whichever thread extends the written prefix of the
+    file hashes it, so hashing overlaps the conversion instead of re-reading the finished file.
 
     Large tensors, and pass-through copies in pieces, are written with ``O_DIRECT`` from a staging
     buffer, bypassing the page cache: the device reads our memory, where a buffered write has the CPU
@@ -396,6 +396,7 @@ class ShardWriter:
         entries: Iterable[OutputEntry],
         metadata: dict[str, str] | None = None,
         direct_io: bool = True,
+        checksum: bool = True,
     ):
         entries = list(entries)
         self.path = path
@@ -404,7 +405,7 @@ class ShardWriter:
         self._pending = set(self.ranges)
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)
-        self._digest = hashlib.sha256()
+        self._digest = hashlib.sha256() if checksum else None
         self._hashed = 0  # bytes [0, _hashed) are in the digest
         # begin -> (end, its bytes if staged) of written ranges past _hashed
         self._written: dict[int, tuple[int, _Staged | None]] = {}
@@ -477,15 +478,15 @@ class ShardWriter:
                 self._written_range(begin + done, begin + done + size)
         self._pending.discard(name)
 
-    def finish(self) -> str:
-        """Fsync and rename the complete file; returns its sha256 (hex).
+    def finish(self) -> str | None:
+        """Fsync and rename the complete file; returns its sha256 (hex), or None without ``checksum``.
 
         Call it once every write has returned: by then the digest covers the whole file.
         """
         if self._pending:
             missing = ", ".join(sorted(self._pending)[:3])
             raise W4A8ConvError(f"internal error: {self.path.name}: tensors never written: {missing}")
-        if self._hashed != self.size:
+        if self._digest is not None and self._hashed != self.size:
             raise W4A8ConvError(f"internal error: {self.path.name}: hashed {self._hashed} of {self.size} bytes")
         try:
             os.fsync(self._fd)
@@ -493,7 +494,7 @@ class ShardWriter:
             os.replace(self.partial_path, self.path)
         except OSError as e:
             raise _name_file(e, self.path) from None
-        return self._digest.hexdigest()
+        return None if self._digest is None else self._digest.hexdigest()
 
     def abort(self) -> None:
         for fd in (self._fd, self._direct_fd):
@@ -570,6 +571,10 @@ class ShardWriter:
     def _written_range(self, begin: int, end: int, staged: _Staged | None = None) -> None:
         """Record ``[begin, end)`` as written; hash the file's written prefix unless a thread already is."""
         if begin == end:
+            return
+        if self._digest is None:  # nothing to hash: the staged bytes are on disk and can go
+            if staged is not None:
+                self._release(staged)
             return
         with self._lock:
             self._written[begin] = (end, staged)

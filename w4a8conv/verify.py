@@ -3,9 +3,9 @@
 Everything here is re-derived from the source with numpy, from W4A8_FORMATS.md, and shares no code
 with ``packing``, ``scales``, ``processing`` or ``plan``: the int4 nibbles are unpacked with a
 different formula, scales re-encoded and compared bit for bit, mindie biases recomputed in float64.
-Only the file readers are shared. Checks: checksum manifest; index against the shard headers and
-sizes; description against the index and the source; every pass-through tensor byte for byte; every
-(or a sampled fraction of) W4A8 module value for value.
+Only the file readers are shared. Checks: checksum manifest (unless converted without one); index
+against the shard headers and sizes; description against the index and the source; every
+pass-through tensor byte for byte; every (or a sampled fraction of) W4A8 module value for value.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class VerifyReport:
     modules_total: int = 0
     passthrough_checked: int = 0
     files_hashed: int = 0
+    manifest: bool = True  # False: converted with --no-checksums, so there are no sums to check
     problems: list[str] = field(default_factory=list)
 
     def problem(self, message: str) -> None:
@@ -102,7 +103,10 @@ def verify_conversion(
     report.modules_total = len(prefixes)
     chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
     progress.start(sum(h.file_size for h in headers.values()) + source.total_bytes, len(chosen))
-    _check_manifest(dst, sample, rng, report, progress)
+    if section.get("checksum_manifest", MANIFEST_FILE) is None and not (dst / MANIFEST_FILE).exists():
+        report.manifest = False
+    else:
+        _check_manifest(dst, sample, rng, report, progress)
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
