@@ -11,13 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv import safetensors_io
-from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.checkpoint import DESCRIPTION_FILE, open_checkpoint
 from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
-from w4a8conv.jobs import STATE_DIR, assign_shares, output_shards
+from w4a8conv.jobs import MANIFEST_FILE, STATE_DIR, assign_shares, output_shards
 from w4a8conv.plan import build_plan
 from w4a8conv.safetensors_io import ShardWriter, TensorInfo
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+from w4a8conv.verify import verify_conversion
 
 runner = CliRunner()
 
@@ -94,6 +95,46 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
     assert tree_bytes(tmp_path / "nfs-default") == direct and tree_bytes(tmp_path / "nfs-direct") == direct
 
 
+def _without_manifest(root: Path) -> dict[str, bytes]:
+    files = tree_bytes(root)
+    assert files.pop(MANIFEST_FILE, None) is not None or not (root / MANIFEST_FILE).exists()
+    description = json.loads(files.pop(DESCRIPTION_FILE))
+    return {**files, "manifest named": description["w4a8conv"].pop("checksum_manifest"), "rest": description}
+
+
+def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_run, tmp_path, monkeypatch):
+    # Direct writes of small pieces, so staged buffers, with no hash to wait for, go back to the pool.
+    monkeypatch.setattr("w4a8conv.safetensors_io._DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", 8192)
+    released = []
+    real_release = ShardWriter._release
+    monkeypatch.setattr(ShardWriter, "_release", lambda self, staged: released.append(1) or real_release(self, staged))
+    result = convert_checkpoint(many_shards, tmp_path / "out", workers=3, checksums=False)
+    assert result.checksums is False
+    assert not (tmp_path / "out" / MANIFEST_FILE).exists()
+    unhashed, hashed = _without_manifest(tmp_path / "out"), _without_manifest(single_run)
+    assert hashed.pop("manifest named") == MANIFEST_FILE and unhashed.pop("manifest named") is None
+    assert unhashed == hashed  # the same shards, index and description but for the manifest's name
+    if released:  # this filesystem takes O_DIRECT
+        assert len(released) > 50
+    report = verify_conversion(many_shards, tmp_path / "out")
+    assert report.ok and report.manifest is False and report.files_hashed == 0
+
+
+def test_array_jobs_must_agree_on_checksums(many_shards, tmp_path):
+    out = tmp_path / "out"
+    no_sums = ["--no-checksums"]
+    assert convert_share(many_shards, out, 2, 0, *no_sums).exit_code == 0
+    result = convert_share(many_shards, out, 2, 1)
+    assert result.exit_code == 2
+    assert "this conversion was started with --no-checksums; pass it here too" in result.stderr
+    assert convert_share(many_shards, out, 2, 1, *no_sums).exit_code == 0
+    assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
+    convert_checkpoint(many_shards, tmp_path / "single", checksums=False)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "single")
+    assert not (out / MANIFEST_FILE).exists()
+
+
 def test_conversion_is_deterministic(many_shards, single_run, tmp_path):
     convert_checkpoint(many_shards, tmp_path / "again", workers=1)
     assert tree_bytes(tmp_path / "again") == tree_bytes(single_run)
@@ -123,8 +164,8 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
     assert not (out / STATE_DIR).exists()
 
 
-def convert_share(src: Path, out: Path, num_workers: int, index: int):
-    args = ["--num-workers", str(num_workers), "--worker-index", str(index)]
+def convert_share(src: Path, out: Path, num_workers: int, index: int, *more: str):
+    args = ["--num-workers", str(num_workers), "--worker-index", str(index), *more]
     return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), *args])
 
 

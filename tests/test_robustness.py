@@ -132,6 +132,25 @@ def test_convert_verify_flag_and_manifest(source_checkpoints, tmp_path):
     assert check.returncode == 0
 
 
+def test_convert_no_checksums_json_and_verify(source_checkpoints, tmp_path):
+    args = ["convert", "--in", source_checkpoints["v1.0.0-per-channel"], "--out", tmp_path / "o", "--no-checksums"]
+    code, stdout, stderr = cli(*args, "--verify", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["checksums"] is False and summary["verify"]["manifest"] is False
+    assert not (tmp_path / "o" / MANIFEST_FILE).exists()
+    code, stdout, _ = cli("verify", source_checkpoints["v1.0.0-per-channel"], tmp_path / "o")
+    assert code == 0 and "no checksum manifest (--no-checksums)" in " ".join(stdout.split())  # Rich wraps lines
+
+
+def test_verify_still_checks_a_manifest_left_beside_a_no_checksums_output(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    convert_checkpoint(src, tmp_path / "o", checksums=False)
+    (tmp_path / "o" / MANIFEST_FILE).write_text(f"{'0' * 64}  {DESCRIPTION}\n")
+    report = verify_conversion(src, tmp_path / "o")
+    assert not report.ok and any("sha256 differs" in p for p in report.problems)
+
+
 # --- refusing to clobber, overwrite, resume ---------------------------------------------------------------
 
 

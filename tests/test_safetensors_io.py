@@ -73,6 +73,19 @@ def test_writes_in_any_order_from_threads_give_the_file_and_its_sha256(tmp_path,
         assert torch.equal(loaded[name], tensor), name
 
 
+def test_without_checksum_the_file_is_the_same_and_finish_returns_none(tmp_path):
+    files = {}
+    for checksum in (True, False):
+        path = tmp_path / f"{checksum}.safetensors"
+        writer = ShardWriter(path, _entries(), {"format": "pt"}, checksum=checksum)
+        for name in reversed(TENSORS):
+            writer.write_tensor(name, TENSORS[name])
+        digest = writer.finish()
+        assert (digest is None) is (not checksum)
+        files[checksum] = path.read_bytes()
+    assert files[True] == files[False]
+
+
 def test_finish_refuses_a_file_with_a_missing_tensor(tmp_path):
     writer = ShardWriter(tmp_path / "out.safetensors", _entries())
     for name in list(TENSORS)[1:]:
