@@ -8,7 +8,8 @@ expert shapes (hidden 7168, moe_intermediate 2048, group_size 256), then runs, a
 each in a fresh subprocess after a `sync`: `cp -r` of the directory (the floor for moving those
 bytes), `w4a8conv convert`, and the naive reference below. It reports wall time, input GB/s,
 convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON. `--flat` also
-converts a checkpoint 4x larger to show that peak memory does not grow with size.
+converts a checkpoint 4x larger to show that peak memory does not grow with size; `--no-checksums`
+also times `convert --no-checksums`, to show what the sha256 manifest costs.
 
 `--cache disk` (the default) measures what a checkpoint larger than memory sees: before each
 command the input's pages are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root
@@ -133,13 +134,20 @@ def dir_bytes(path: Path) -> int:
 
 
 def bench_layout(
-    src: Path, out: Path, repeats: int, workers: int | None, naive: bool, cache: str, prime: bool = True
+    src: Path,
+    out: Path,
+    repeats: int,
+    workers: int | None,
+    naive: bool,
+    cache: str,
+    prime: bool = True,
+    no_checksums: bool = False,
 ) -> dict:
-    commands = {
-        "copy": ["cp", "-r", str(src), str(out)],
-        "convert": [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
-        + (["--workers", str(workers)] if workers else []),
-    }
+    convert = [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
+    convert += ["--workers", str(workers)] if workers else []
+    commands = {"copy": ["cp", "-r", str(src), str(out)], "convert": convert}
+    if no_checksums:
+        commands["no_checksums"] = [*convert, "--no-checksums"]
     if naive:
         commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
     runs: dict[str, list[tuple[float, float | None, int]]] = {k: [] for k in commands}
@@ -165,6 +173,8 @@ def bench_layout(
         }
     result["convert_over_copy"] = round(result["convert"]["seconds"] / result["copy"]["seconds"], 2)
     result["convert_over_copy_exit"] = round(result["convert"]["seconds"] / result["copy"]["exit_seconds"], 2)
+    if no_checksums:
+        result["no_checksums_over_copy"] = round(result["no_checksums"]["seconds"] / result["copy"]["seconds"], 2)
     if naive:
         result["naive_over_convert"] = round(result["naive"]["seconds"] / result["convert"]["seconds"], 2)
     return result
@@ -333,6 +343,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command; medians are reported")
     parser.add_argument("--workers", type=int, default=None, help="convert --workers (default: the CLI's)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument(
+        "--no-checksums", action="store_true", help="also time `convert --no-checksums` (no sha256 manifest)"
+    )
     parser.add_argument("--flat", action="store_true", help="also convert a 4x larger mindie checkpoint (memory)")
     parser.add_argument(
         "--cache",
@@ -361,7 +374,7 @@ def main() -> None:
     for layout in args.layouts:
         src = ensure_checkpoint(args.data, layout, args.size_gb)
         results["layouts"][layout] = bench_layout(
-            src, out, args.repeats, args.workers, not args.no_naive, args.cache, not args.no_prime
+            src, out, args.repeats, args.workers, not args.no_naive, args.cache, not args.no_prime, args.no_checksums
         )
     if args.flat:
         small = ensure_checkpoint(args.data, "mindie", args.size_gb)
@@ -397,17 +410,21 @@ def print_table(results: dict) -> None:
     for col in columns:
         table.add_column(col)
     for layout, r in results["layouts"].items():
-        for name in ("copy", "convert", "naive"):
+        for name in ("copy", "convert", "no_checksums", "naive"):
             if name not in r:
                 continue
             convert_ratio = f"{r['convert_over_copy']}x copy"
             if disk:
                 convert_ratio += f" ({r['convert_over_copy_exit']}x at cp's exit)"
-            ratio = {"convert": convert_ratio, "naive": f"{r.get('naive_over_convert')}x convert"}
+            ratio = {
+                "convert": convert_ratio,
+                "no_checksums": f"{r.get('no_checksums_over_copy')}x copy",
+                "naive": f"{r.get('naive_over_convert')}x convert",
+            }
             row = [
                 layout,
                 f"{r['input_bytes'] / 1e9:.2f} GB",
-                name,
+                "convert --no-checksums" if name == "no_checksums" else name,
                 f"{r[name]['seconds']:.2f}",
                 f"{r[name]['gb_per_s']:.2f}",
                 f"{r[name]['peak_rss_mb']:.0f}",
