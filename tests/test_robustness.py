@@ -163,6 +163,9 @@ def test_existing_outputs(source_checkpoints, converted_checkpoints, tmp_path):
     assert code == 2 and "holds a finished conversion; pass --overwrite" in stderr
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume")
     assert code == 0 and tree_bytes(out) == before  # nothing left to do
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume", "--no-checksums")
+    assert code == 2 and "was finished with --checksums; pass it here too" in stderr
+    assert tree_bytes(out) == before
     code, _, stderr = cli("convert", "--in", source_checkpoints["v1.0.0-per-group"], "--out", out, "--overwrite")
     assert code == 0, stderr
     assert tree_bytes(out) == tree_bytes(converted_checkpoints["v1.0.0-per-group"])

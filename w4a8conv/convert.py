@@ -170,8 +170,8 @@ def convert_checkpoint(
         if worker_index == 0:
             for rel in ckpt.extra_files:
                 copy_file_atomic(ckpt.root / rel, dst / rel)
-        done = {s.name for s in todo}
-        unhashed = [name for name in share.shard_names if name not in done] if checksums else []
+        converting = {s.name for s in todo}
+        unhashed = [name for name in share.shard_names if name not in converting] if checksums else []
         _import_math_in_background()
         _convert_shards(
             todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, direct_reads, report

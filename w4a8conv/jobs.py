@@ -224,6 +224,10 @@ def start_share(
         if finished is not None:
             if resume and finished == json.loads(json.dumps(job["description"])):
                 return None
+            if resume and _same_apart_from_checksums(finished, job["description"]):
+                had_sums = finished[TOOL_SECTION].get("checksum_manifest", MANIFEST_FILE)
+                flag = "--checksums" if had_sums else "--no-checksums"
+                raise BadInputError(f"--out {dst}: this conversion was finished with {flag}; pass it here too")
             if not overwrite:
                 raise BadInputError(f"--out {dst}: holds a finished conversion; pass --overwrite to replace it")
         # The last test matters to job arrays: a sibling job may create the state directory between
@@ -239,7 +243,7 @@ def start_share(
             _clear(dst, keep=state / f"lock-{worker_index}-of-{job['num_workers']}")
             existing = None
         elif existing is not None and existing != json.loads(json.dumps(job)):
-            if "checksums" in existing and _without_checksums(existing) == _without_checksums(job):
+            if "checksums" in existing and _same_apart_from_checksums(existing, job):
                 flag = "--checksums" if existing["checksums"] else "--no-checksums"
                 raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
             raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
@@ -255,12 +259,18 @@ def start_share(
     return share
 
 
-def _without_checksums(job: dict) -> dict:
-    """A job as JSON holds it, less what ``--checksums/--no-checksums`` changes."""
-    job = json.loads(json.dumps(job))
-    job.pop("checksums", None)
-    job.get("description", {}).get(TOOL_SECTION, {}).pop("checksum_manifest", None)
-    return job
+def _same_apart_from_checksums(ours: dict, theirs: dict) -> bool:
+    """Whether two jobs (or two descriptions) are the same as JSON but for ``--checksums/--no-checksums``."""
+
+    def without(job: dict) -> dict:
+        job = json.loads(json.dumps(job))
+        job.pop("checksums", None)
+        section = job.get("description", job).get(TOOL_SECTION)
+        if isinstance(section, dict):
+            section.pop("checksum_manifest", None)
+        return job
+
+    return without(ours) == without(theirs)
 
 
 def _finished_description(dst: Path) -> dict | None:
