@@ -95,11 +95,12 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_pa
     assert tree_bytes(tmp_path / "nfs-default") == direct and tree_bytes(tmp_path / "nfs-direct") == direct
 
 
-def _without_manifest(root: Path) -> dict[str, bytes]:
+def _split_manifest(root: Path) -> tuple[dict[str, bytes], dict, str | None, bytes | None]:
+    """The other files, the description less the manifest's name, that name, and the manifest."""
     files = tree_bytes(root)
-    assert files.pop(MANIFEST_FILE, None) is not None or not (root / MANIFEST_FILE).exists()
+    manifest = files.pop(MANIFEST_FILE, None)
     description = json.loads(files.pop(DESCRIPTION_FILE))
-    return {**files, "manifest named": description["w4a8conv"].pop("checksum_manifest"), "rest": description}
+    return files, description, description["w4a8conv"].pop("checksum_manifest"), manifest
 
 
 def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_run, tmp_path, monkeypatch):
@@ -111,10 +112,11 @@ def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_
     monkeypatch.setattr(ShardWriter, "_release", lambda self, staged: released.append(1) or real_release(self, staged))
     result = convert_checkpoint(many_shards, tmp_path / "out", workers=3, checksums=False)
     assert result.checksums is False
-    assert not (tmp_path / "out" / MANIFEST_FILE).exists()
-    unhashed, hashed = _without_manifest(tmp_path / "out"), _without_manifest(single_run)
-    assert hashed.pop("manifest named") == MANIFEST_FILE and unhashed.pop("manifest named") is None
-    assert unhashed == hashed  # the same shards, index and description but for the manifest's name
+    files, description, named, manifest = _split_manifest(tmp_path / "out")
+    assert named is None and manifest is None
+    files_hashed, description_hashed, named_hashed, manifest_hashed = _split_manifest(single_run)
+    assert named_hashed == MANIFEST_FILE and manifest_hashed
+    assert files == files_hashed and description == description_hashed  # shards and index too
     if released:  # this filesystem takes O_DIRECT
         assert len(released) > 50
     report = verify_conversion(many_shards, tmp_path / "out")
