@@ -143,6 +143,15 @@ def test_convert_no_checksums_json_and_verify(source_checkpoints, tmp_path):
     assert code == 0 and "no checksum manifest (--no-checksums)" in " ".join(stdout.split())  # Rich wraps lines
 
 
+def test_verify_flags_a_missing_manifest_where_the_description_names_one(
+    source_checkpoints, converted_checkpoints, tmp_path
+):
+    out = _copy(converted_checkpoints["mindie"], tmp_path)
+    (out / MANIFEST_FILE).unlink()
+    report = verify_conversion(source_checkpoints["mindie"], out)
+    assert not report.ok and report.manifest and any("checksum manifest missing" in p for p in report.problems)
+
+
 def test_verify_still_checks_a_manifest_left_beside_a_no_checksums_output(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
     convert_checkpoint(src, tmp_path / "o", checksums=False)
