@@ -102,6 +102,32 @@ def test_verify_finds_a_changed_tensor(source_checkpoints, converted_checkpoints
     assert expected in stdout and "sha256 differs" in stdout
 
 
+def test_verify_reports_the_same_problems_in_the_same_order_on_any_number_of_threads(
+    source_checkpoints, converted_checkpoints, tmp_path
+):
+    out = _copy(converted_checkpoints["mindie"], tmp_path)
+    for name in (
+        "model.layers.2.mlp.experts.1.down_proj.weight",
+        "model.layers.1.mlp.experts.2.up_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight_scale_second",
+        "model.layers.1.mlp.shared_experts.down_proj.weight",
+    ):
+        info = _tensor(out, name)
+        _flip(info.path, info.begin + 1)
+    reports = [verify_conversion(source_checkpoints["mindie"], out, workers=n).as_dict() for n in (1, 3)]
+    assert reports[0] == reports[1]
+    code, stdout, _ = cli("verify", source_checkpoints["mindie"], out, "--workers", "2", "--json")
+    assert code == 1 and json.loads(stdout) == reports[0]
+    code, _, stderr = cli("verify", source_checkpoints["mindie"], out, "--workers", "0")
+    assert code == 2 and "--workers 0: need at least 1" in stderr
+    problems = reports[0]["problems"]
+    assert len(problems) == 4 + len([p for p in problems if "sha256 differs" in p])
+    assert [p for p in problems if "int4 values differ" in p] == [
+        f"{_tensor(out, name).path}: tensor {name}: int4 values differ from the source"
+        for name in ("model.layers.1.mlp.experts.2.up_proj.weight", "model.layers.2.mlp.experts.1.down_proj.weight")
+    ]
+
+
 def test_verify_finds_missing_and_unlisted_files(source_checkpoints, converted_checkpoints, tmp_path):
     out = _copy(converted_checkpoints["mindie"], tmp_path)
     (out / "tokenizer_config.json").unlink()

@@ -204,6 +204,14 @@ def verify(
     numeric: Annotated[
         bool, typer.Option(help="Also run the CPU reference of the W4A8 operators on random int8 activations.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads checking in parallel, about 100 MB each (default: the cores, at most 4); "
+            "the report is the same for any number.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     *,
     output: Output,
@@ -213,7 +221,9 @@ def verify(
 
     progress = output.progress()
     try:
-        report = verify_conversion(src, dst, sample=sample, seed=seed, numeric=numeric, progress=progress)
+        report = verify_conversion(
+            src, dst, sample=sample, seed=seed, numeric=numeric, progress=progress, workers=workers
+        )
     finally:
         progress.finish()
     if output.json_mode:
