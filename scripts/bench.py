@@ -9,7 +9,8 @@ each in a fresh subprocess after a `sync`: `cp -r` of the directory (the floor f
 bytes), `w4a8conv convert`, and the naive reference below. It reports wall time, input GB/s,
 convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON. `--flat` also
 converts a checkpoint 4x larger to show that peak memory does not grow with size; `--no-checksums`
-also times `convert --no-checksums`, to show what the sha256 manifest costs.
+also times `convert --no-checksums`, to show what the sha256 manifest costs; `--verify` times
+`w4a8conv verify` of a conversion (source and output both read from the disk).
 
 `--cache disk` (the default) measures what a checkpoint larger than memory sees: before each
 command the input's pages are dropped from the page cache (`posix_fadvise(DONTNEED)`, no root
@@ -129,6 +130,35 @@ def timed(cmd: list[str], cold_input: Path | None = None, prime_bytes: int = 0) 
     return seconds, synced, usage.ru_maxrss * 1024
 
 
+def summarize(runs: list[tuple[float, float | None, int]], size: int) -> dict:
+    """Medians of :func:`timed` runs; ``seconds``: until the output is on disk (--cache disk) or the exit."""
+    all_seconds = [run[1] if run[1] is not None else run[0] for run in runs]
+    seconds = statistics.median(all_seconds)
+    return {
+        "seconds": round(seconds, 3),
+        "all_seconds": [round(v, 3) for v in all_seconds],
+        "exit_seconds": round(statistics.median(run[0] for run in runs), 3),
+        "gb_per_s": round(size / seconds / 1e9, 3),
+        "peak_rss_mb": round(statistics.median(run[2] for run in runs) / 1e6, 1),
+    }
+
+
+def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) -> dict:
+    """Time `w4a8conv verify` of a conversion of ``src``; with --cache disk both directories come from the disk."""
+    cli = str(ROOT / ".venv/bin/w4a8conv")
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run([cli, "convert", "--in", str(src), "--out", str(out)], check=True, capture_output=True)
+    size = dir_bytes(src)
+    disk = cache == "disk"
+    runs = []
+    for _ in range(repeats):
+        if disk:
+            evict(out)
+        runs.append(timed([cli, "verify", str(src), str(out)], src if disk else None, 2 * size if prime else 0))
+    shutil.rmtree(out)
+    return summarize(runs, size)
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -161,16 +191,7 @@ def bench_layout(
             shutil.rmtree(out, ignore_errors=True)
     result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache, "primed": prime}
     for name, values in runs.items():
-        # "seconds": until the output is on disk (--cache disk) or until the command exits (memory)
-        all_seconds = [v[1] if v[1] is not None else v[0] for v in values]
-        seconds = statistics.median(all_seconds)
-        result[name] = {
-            "seconds": round(seconds, 3),
-            "all_seconds": [round(v, 3) for v in all_seconds],
-            "exit_seconds": round(statistics.median(v[0] for v in values), 3),
-            "gb_per_s": round(size / seconds / 1e9, 3),
-            "peak_rss_mb": round(statistics.median(v[2] for v in values) / 1e6, 1),
-        }
+        result[name] = summarize(values, size)
     result["convert_over_copy"] = round(result["convert"]["seconds"] / result["copy"]["seconds"], 2)
     result["convert_over_copy_exit"] = round(result["convert"]["seconds"] / result["copy"]["exit_seconds"], 2)
     if no_checksums:
@@ -343,6 +364,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command; medians are reported")
     parser.add_argument("--workers", type=int, default=None, help="convert --workers (default: the CLI's)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
+    parser.add_argument("--verify", action="store_true", help="also time `w4a8conv verify` of a conversion")
     parser.add_argument(
         "--no-checksums", action="store_true", help="also time `convert --no-checksums` (no sha256 manifest)"
     )
@@ -376,6 +398,9 @@ def main() -> None:
         results["layouts"][layout] = bench_layout(
             src, out, args.repeats, args.workers, not args.no_naive, args.cache, not args.no_prime, args.no_checksums
         )
+        if args.verify:
+            verify = bench_verify(src, out, args.repeats, args.cache, not args.no_prime)
+            results["layouts"][layout]["verify"] = verify
     if args.flat:
         small = ensure_checkpoint(args.data, "mindie", args.size_gb)
         large = ensure_checkpoint(args.data, "mindie", args.size_gb * 4)
@@ -410,7 +435,7 @@ def print_table(results: dict) -> None:
     for col in columns:
         table.add_column(col)
     for layout, r in results["layouts"].items():
-        for name in ("copy", "convert", "no_checksums", "naive"):
+        for name in ("copy", "convert", "no_checksums", "naive", "verify"):
             if name not in r:
                 continue
             convert_ratio = f"{r['convert_over_copy']}x copy"
@@ -420,6 +445,7 @@ def print_table(results: dict) -> None:
                 "convert": convert_ratio,
                 "no_checksums": f"{r.get('no_checksums_over_copy')}x copy",
                 "naive": f"{r.get('naive_over_convert')}x convert",
+                "verify": f"{r['verify']['seconds'] / r['convert']['seconds']:.2f}x convert" if "verify" in r else "",
             }
             row = [
                 layout,
