@@ -460,8 +460,11 @@ def _activations(rng, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _float_matmul(x: np.ndarray, pts: np.ndarray, values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    per_k = np.repeat(scale.astype(np.float64), values.shape[1] // scale.shape[1], axis=1)
-    return pts.reshape(-1, 1) * (x.astype(np.float64) @ (values.astype(np.float64) * per_k).T)
+    """``pts * (x @ (values * scale).T)`` in float64, ``scale`` ``[out, groups]`` per group of columns."""
+    n, k = values.shape
+    weights = values.astype(np.float64).reshape(n, scale.shape[1], -1)
+    weights *= scale.astype(np.float64)[:, :, None]  # in place: one float64 matrix, not three
+    return pts.reshape(-1, 1) * (x.astype(np.float64) @ weights.reshape(n, k).T)
 
 
 def _compare(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float, report: VerifyReport) -> None:
