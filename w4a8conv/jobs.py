@@ -103,8 +103,8 @@ def processed_description(ckpt: Checkpoint, plan: Plan, checksums: bool = True) 
 def job_description(ckpt: Checkpoint, plan: Plan, num_workers: int, checksums: bool = True) -> dict:
     """Everything :func:`finalize` needs, fixed before any shard is written.
 
-    ``checksums``: hash every output file for the manifest (``w4a8conv.sha256``); every job of an
-    array must agree, as the manifest lists all shares' files.
+    ``checksums``: hash every output file for the manifest (``w4a8conv.sha256``), as the
+    description then says; every job of an array must agree, as the manifest lists all shares' files.
     """
     shards = output_shards(plan)
     weight_map = ((e.name, shard) for shard, entries in plan.shard_entries.items() for e in entries)
@@ -112,7 +112,6 @@ def job_description(ckpt: Checkpoint, plan: Plan, num_workers: int, checksums: b
         "tool_version": __version__,
         "source": str(ckpt.root.resolve()),
         "num_workers": num_workers,
-        "checksums": checksums,
         "shares": assign_shares(shards, num_workers),
         "shards": _shard_file_sizes(shards),
         "extra_files": [str(p) for p in ckpt.extra_files],
@@ -164,7 +163,7 @@ class JobShare:
 
     @property
     def checksums(self) -> bool:
-        return self.job["checksums"]
+        return has_manifest(self.job["description"])
 
     def is_complete(self, shard: str) -> bool:
         """A shard under its final name and size was fsynced before its rename: it is complete."""
@@ -225,8 +224,7 @@ def start_share(
             if resume and finished == json.loads(json.dumps(job["description"])):
                 return None
             if resume and _same_apart_from_checksums(finished, job["description"]):
-                had_sums = finished[TOOL_SECTION].get("checksum_manifest", MANIFEST_FILE)
-                flag = "--checksums" if had_sums else "--no-checksums"
+                flag = _checksums_flag(finished)
                 raise BadInputError(f"--out {dst}: this conversion was finished with {flag}; pass it here too")
             if not overwrite:
                 raise BadInputError(f"--out {dst}: holds a finished conversion; pass --overwrite to replace it")
@@ -243,8 +241,8 @@ def start_share(
             _clear(dst, keep=state / f"lock-{worker_index}-of-{job['num_workers']}")
             existing = None
         elif existing is not None and existing != json.loads(json.dumps(job)):
-            if "checksums" in existing and _same_apart_from_checksums(existing, job):
-                flag = "--checksums" if existing["checksums"] else "--no-checksums"
+            if _same_apart_from_checksums(existing, job):
+                flag = _checksums_flag(existing["description"])
                 raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
             raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
         elif existing is not None and not (resume or is_array):
@@ -259,16 +257,22 @@ def start_share(
     return share
 
 
+def has_manifest(description: dict) -> bool:
+    """Whether the conversion with this description writes the checksum manifest (earlier ones all did)."""
+    return description[TOOL_SECTION].get("checksum_manifest", MANIFEST_FILE) is not None
+
+
+def _checksums_flag(description: dict) -> str:
+    return "--checksums" if has_manifest(description) else "--no-checksums"
+
+
 def _same_apart_from_checksums(ours: dict, theirs: dict) -> bool:
     """Whether two jobs (or two descriptions) are the same as JSON but for ``--checksums/--no-checksums``."""
 
-    def without(job: dict) -> dict:
-        job = json.loads(json.dumps(job))
-        job.pop("checksums", None)
-        section = job.get("description", job).get(TOOL_SECTION)
-        if isinstance(section, dict):
-            section.pop("checksum_manifest", None)
-        return job
+    def without(data: dict) -> dict:
+        data = json.loads(json.dumps(data))
+        data.get("description", data).get(TOOL_SECTION, {}).pop("checksum_manifest", None)
+        return data
 
     return without(ours) == without(theirs)
 
@@ -341,7 +345,7 @@ def finalize(dst: Path | str) -> dict:
             raise W4A8ConvError(f"{dst / rel}: missing although share 0 is marked done")
     index_bytes = json_bytes(job["index"])
     description_bytes = json_bytes(job["description"])
-    if job["checksums"]:
+    if has_manifest(job["description"]):
         sums = {name: _read_checksum(state, dst, name) for name in job["shards"]}
         sums.update({rel: sha256_file(dst / rel) for rel in job["extra_files"]})
         sums[job["index_name"]] = hashlib.sha256(index_bytes).hexdigest()

@@ -24,7 +24,7 @@ import numpy as np
 
 from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, open_checkpoint
 from .errors import BadInputError
-from .jobs import MANIFEST_FILE, STATE_DIR, sha256_file
+from .jobs import MANIFEST_FILE, STATE_DIR, has_manifest, sha256_file
 from .output import Progress
 from .plan import TOOL_SECTION
 from .safetensors_io import ShardHeader, TensorInfo, read_header
@@ -129,7 +129,7 @@ def verify_conversion(
             found.problem(f"{prefix}: cannot be checked ({e})")
 
     with ThreadPoolExecutor(workers or DEFAULT_WORKERS, thread_name_prefix="verify") as pool:
-        if section.get("checksum_manifest", MANIFEST_FILE) is None and not (dst / MANIFEST_FILE).exists():
+        if not has_manifest(description) and not (dst / MANIFEST_FILE).exists():
             report.manifest = False
         else:
             _check_manifest(dst, sample, rng, report, progress, pool)
