@@ -128,6 +128,23 @@ def test_verify_reports_the_same_problems_in_the_same_order_on_any_number_of_thr
     ]
 
 
+def test_verify_stops_at_an_unreadable_module_without_checking_the_rest(
+    source_checkpoints, converted_checkpoints, monkeypatch
+):
+    checked = []
+
+    def unreadable(prefix, *args):  # the first module's file cannot be read; the others take a while
+        checked.append(prefix)
+        if len(checked) == 1:
+            raise PermissionError(13, "Permission denied", "shard.safetensors")
+        time.sleep(0.05)
+
+    monkeypatch.setattr("w4a8conv.verify._check_module", unreadable)
+    code, _, stderr = cli("verify", source_checkpoints["mindie"], converted_checkpoints["mindie"], "--workers", "1")
+    assert code == 1 and stderr == "error: shard.safetensors: permission denied\n"
+    assert 1 <= len(checked) <= 2  # of 30 modules: the rest were cancelled
+
+
 def test_verify_finds_missing_and_unlisted_files(source_checkpoints, converted_checkpoints, tmp_path):
     out = _copy(converted_checkpoints["mindie"], tmp_path)
     (out / "tokenizer_config.json").unlink()
