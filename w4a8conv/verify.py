@@ -128,8 +128,7 @@ def verify_conversion(
         except (KeyError, ValueError) as e:
             found.problem(f"{prefix}: cannot be checked ({e})")
 
-    pool = ThreadPoolExecutor(workers or DEFAULT_WORKERS, thread_name_prefix="verify")
-    try:
+    with ThreadPoolExecutor(workers or DEFAULT_WORKERS, thread_name_prefix="verify") as pool:
         if not has_manifest(description) and not (dst / MANIFEST_FILE).exists():
             report.manifest = False
         else:
@@ -141,11 +140,6 @@ def verify_conversion(
         for prefix in _in_order(pool, chosen, check_module, report):
             report.modules_checked += 1
             progress.update("module", prefix, sum(info.nbytes for _, info in _sources(prefix, source.tensors)))
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # an unreadable file or Ctrl-C: don't check the rest first
-        raise
-    finally:
-        pool.shutdown(wait=True)
     if numeric and report.ok:
         _numeric_checks(dst, chosen, source.tensors, section, np.random.default_rng(seed), report)
     return report
