@@ -187,8 +187,8 @@ def _check_no_overlap(path: Path, infos: Iterable[TensorInfo]) -> None:
         previous = info
 
 
-def read_tensor(info: TensorInfo, direct: bool = False) -> torch.Tensor:
-    """Read one tensor with ``pread`` (no mmap, so RSS holds only this tensor).
+def read_array(info: TensorInfo, direct: bool = False) -> np.ndarray:
+    """Read one tensor's bytes (uint8, 1-D) with ``pread`` into memory of their own (no mmap).
 
     With ``direct``, a tensor that :func:`reads_direct` is read with ``O_DIRECT``: the device writes
     into our memory, where a buffered read has the kernel fill freshly allocated cache pages and copy
@@ -196,18 +196,30 @@ def read_tensor(info: TensorInfo, direct: bool = False) -> torch.Tensor:
     checkpoint larger than memory never reads twice). Filesystems that refuse it get a buffered read.
     """
     if direct and reads_direct(info):
-        # Reused memory, as for staging: a fresh buffer per weight costs a page fault per 4 KiB.
+        return _read_direct(info, _aligned_empty(_blocks_around(info)[1]))
+    buffer = np.empty(info.nbytes, dtype=np.uint8)
+    with open(info.path, "rb", buffering=0) as f:
+        _read_exactly(info, f.fileno(), info.begin, buffer)
+    return buffer
+
+
+def read_tensor(info: TensorInfo, direct: bool = False) -> torch.Tensor:
+    """Read one tensor as :func:`read_array` does, as a torch tensor of its dtype and shape.
+
+    Direct reads go into pooled memory (a fresh buffer per weight costs a page fault per 4 KiB),
+    which returns to the pool once no tensor uses it. That is safe only here: the tensor holds the
+    array object itself, where a numpy view of it would hold the pooled buffer's base instead.
+    """
+    if direct and reads_direct(info):
         memory = _STAGING.take(_blocks_around(info)[1])
         try:
             buffer = _read_direct(info, memory)
         except BaseException:
             _STAGING.give(memory)
             raise
-        weakref.finalize(buffer, _STAGING.give, memory)  # back to the pool once no tensor uses it
+        weakref.finalize(buffer, _STAGING.give, memory)
     else:
-        buffer = np.empty(info.nbytes, dtype=np.uint8)
-        with open(info.path, "rb", buffering=0) as f:
-            _read_exactly(info, f.fileno(), info.begin, buffer)
+        buffer = read_array(info)
     import torch
 
     if info.nbytes == 0:
