@@ -1,6 +1,7 @@
 """The ``w4a8conv`` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
 
 import contextlib
+import ctypes
 import functools
 import inspect as _inspect  # the `inspect` command below takes the plain name
 import os
@@ -30,6 +31,17 @@ app = typer.Typer(
 DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
+
+
+def share_one_malloc_arena() -> None:
+    """Have glibc serve every thread from one malloc arena, before `verify` starts its threads.
+
+    Per-thread arenas hand freed memory back to the kernel and fault it in again on the next module:
+    `verify` of a 2 GB checkpoint took 4x the page faults (1.0M against 0.24M) and of an 8.4 GB
+    one 50% more time. A no-op where the C library has no ``mallopt``.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
 
 
 def handle_errors(command):
@@ -167,6 +179,7 @@ def convert(
     if verify and num_workers == 1:
         from .verify import verify_conversion
 
+        share_one_malloc_arena()
         verification = verify_conversion(src, dst)
     if output.json_mode:
         ok = verification is None or verification.ok
@@ -219,6 +232,7 @@ def verify(
     """Prove DST is a correct conversion of SRC, independently of the code that wrote it (exit 1 if not)."""
     from .verify import verify_conversion
 
+    share_one_malloc_arena()
     progress = output.progress()
     try:
         report = verify_conversion(
