@@ -1,8 +1,9 @@
 """``w4a8conv verify``: prove an output is a correct conversion of its source, without trusting the converter.
 
 Everything here is re-derived from the source with numpy, from W4A8_FORMATS.md, and shares no code
-with ``packing``, ``scales``, ``processing`` or ``plan``: the int4 nibbles are unpacked with a
-different formula, scales re-encoded and compared bit for bit, mindie biases recomputed in float64.
+with ``packing``, ``scales``, ``processing`` or ``plan``: the operator words are rebuilt from the
+source's int4 values by shifts (the converter transposes bytes and reinterprets them), scales
+re-encoded and compared bit for bit, mindie biases recomputed in float64.
 Only the file readers are shared. Checks: checksum manifest (unless converted without one); index
 against the shard headers and sizes; description against the index and the source; every
 pass-through tensor byte for byte; every (or a sampled fraction of) W4A8 module value for value.
