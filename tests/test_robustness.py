@@ -164,6 +164,23 @@ def test_verify_stops_at_an_unreadable_module_without_checking_the_rest(
     assert 1 <= len(checked) <= 2  # of 30 modules: the rest were cancelled
 
 
+@pytest.mark.parametrize(
+    "layout,value,expected",
+    [("mindie", 9, "values outside the int4 range -8..7"), ("v1.0.0-per-group", 0x5A, "int4 values differ")],
+)
+def test_verify_finds_a_changed_source_weight(
+    source_checkpoints, converted_checkpoints, tmp_path, layout, value, expected
+):
+    src = _copy(source_checkpoints[layout], tmp_path)
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    info = _tensor(src, name)
+    data = bytearray(info.path.read_bytes())
+    data[info.begin + 3] = value if data[info.begin + 3] != value else value ^ 1
+    info.path.write_bytes(bytes(data))
+    report = verify_conversion(src, converted_checkpoints[layout])
+    assert [p for p in report.problems if name in p and expected in p], report.problems
+
+
 def test_verify_finds_missing_and_unlisted_files(source_checkpoints, converted_checkpoints, tmp_path):
     out = _copy(converted_checkpoints["mindie"], tmp_path)
     (out / "tokenizer_config.json").unlink()
