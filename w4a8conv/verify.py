@@ -260,8 +260,8 @@ def _array(info: TensorInfo) -> np.ndarray:
     if info.dtype == "BF16":  # numpy has no bfloat16: widen the bits to float32
         raw = np.fromfile(info.path, dtype=np.uint16, count=info.nbytes // 2, offset=info.begin)
         return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
-    # Large tensors bypass the page cache into reused memory: at 8 GB, reading through the cache
-    # into fresh arrays cost as much system time as the checks' own arithmetic.
+    # Large tensors bypass the page cache (O_DIRECT): at 8 GB, reading through the cache cost as
+    # much system time as the checks' own arithmetic.
     return read_array(info, direct=True).view(_NUMPY[info.dtype]).reshape(info.shape)
 
 
@@ -288,13 +288,14 @@ def _operator_words(raw: np.ndarray, out_features: int) -> np.ndarray:
     part = np.empty_like(words)
     pieces = 4 if raw.shape[0] * 2 == out_features else 8
     for i in range(pieces):
-        target = words if i == 0 else part
-        target[...] = unsigned[i::pieces]
+        part[...] = unsigned[i::pieces]
         if pieces == 8:
-            target &= 0xF
+            part &= 0xF
+        part <<= 32 // pieces * i
         if i:
-            part <<= 32 // pieces * i
             words |= part
+        else:
+            words[...] = part
     return words
 
 
