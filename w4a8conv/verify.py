@@ -38,6 +38,7 @@ _MAX_PROBLEMS = 50
 # holds one module's arrays, about 100 MB for a DeepSeek-R1 expert.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 _COMPARE_CHUNK = 16 << 20  # bytes of a pass-through tensor compared at a time
+_MATMUL_ROWS = 256  # weight rows the float reference dequantizes at once (a few MB)
 _BIAS_ROWS = 64  # rows of float64 bias terms computed at once: a few MB, which stay in the cache
 
 
@@ -489,11 +490,20 @@ def _activations(rng, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _float_matmul(x: np.ndarray, pts: np.ndarray, values: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``pts * (x @ (values * scale).T)`` in float64, ``scale`` ``[out, groups]`` per group of columns."""
+    """``pts * (x @ (values * scale).T)`` in float64, ``scale`` ``[out, groups]`` per group of columns.
+
+    A block of output rows at a time: a whole float64 weight matrix (118 MB for a DeepSeek-R1
+    expert projection) is fresh memory on every call, and its page faults cost more than the matmul.
+    """
     n, k = values.shape
-    weights = values.astype(np.float64).reshape(n, scale.shape[1], -1)
-    weights *= scale.astype(np.float64)[:, :, None]  # in place: one float64 matrix, not three
-    return pts.reshape(-1, 1) * (x.astype(np.float64) @ weights.reshape(n, k).T)
+    x = x.astype(np.float64)
+    out = np.empty((x.shape[0], n))
+    for start in range(0, n, _MATMUL_ROWS):
+        rows = slice(start, start + _MATMUL_ROWS)
+        weights = values[rows].astype(np.float64).reshape(-1, scale.shape[1], k // scale.shape[1])
+        weights *= scale[rows].astype(np.float64)[:, :, None]
+        out[:, rows] = x @ weights.reshape(-1, k).T
+    return pts.reshape(-1, 1) * out
 
 
 def _compare(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float, report: VerifyReport) -> None:
