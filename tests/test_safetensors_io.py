@@ -293,6 +293,7 @@ def test_direct_reads_give_the_same_tensors_in_whole_blocks(tmp_path, monkeypatc
     # the three tensors of 1 MiB or more, the last one up to the end of the file; the small one buffered
     assert len(calls) == 3 and all(offset % 4096 == 0 and length % 4096 == 0 for offset, length in calls)
     assert [reads_direct(infos[name]) for name in LARGE] == [True, False, True, True]
+    assert not any(reads_direct(infos[name], direct=False) for name in LARGE)
 
 
 def test_direct_read_of_a_truncated_file_names_it_and_the_tensor(tmp_path):

@@ -171,7 +171,7 @@ def convert_checkpoint(
             for rel in ckpt.extra_files:
                 copy_file_atomic(ckpt.root / rel, dst / rel)
         converting = {s.name for s in todo}
-        unhashed = [name for name in share.shard_names if name not in converting] if checksums else []
+        unhashed = [name for name in share.shard_names if name not in converting] if share.checksums else []
         _import_math_in_background()
         _convert_shards(
             todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, direct_reads, report
@@ -290,7 +290,7 @@ def _convert_shards(
         copies = [(shard.name, info) for shard in shards for info in shard.passthrough]
         projections = [(shard.name, p) for shard in shards for p in shard.projections]
         # Sources read with O_DIRECT bypass the page cache, so hinting them would read them twice.
-        sources = [[i for i in p.sources.values() if not (direct_reads and reads_direct(i))] for _, p in projections]
+        sources = [[i for i in p.sources.values() if not reads_direct(i, direct_reads)] for _, p in projections]
         read_ahead = _ReadAhead([[info] for _, info in copies] + sources)
         for i, (shard_name, info) in enumerate(copies):
             future = pool.submit(read_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)

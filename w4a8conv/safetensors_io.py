@@ -190,12 +190,12 @@ def _check_no_overlap(path: Path, infos: Iterable[TensorInfo]) -> None:
 def read_array(info: TensorInfo, direct: bool = False) -> np.ndarray:
     """Read one tensor's bytes (uint8, 1-D) with ``pread`` into memory of their own (no mmap).
 
-    With ``direct``, a tensor that :func:`reads_direct` is read with ``O_DIRECT``: the device writes
+    Where :func:`reads_direct` says so, the tensor is read with ``O_DIRECT``: the device writes
     into our memory, where a buffered read has the kernel fill freshly allocated cache pages and copy
     every byte out of them again (14% of a 2 GB conversion's CPU samples, for cache pages that a
     checkpoint larger than memory never reads twice). Filesystems that refuse it get a buffered read.
     """
-    if direct and reads_direct(info):
+    if reads_direct(info, direct):
         return _read_direct(info, _aligned_empty(_blocks_around(info)[1]))
     buffer = np.empty(info.nbytes, dtype=np.uint8)
     with open(info.path, "rb", buffering=0) as f:
@@ -210,7 +210,7 @@ def read_tensor(info: TensorInfo, direct: bool = False) -> torch.Tensor:
     which returns to the pool once no tensor uses it. That is safe only here: the tensor holds the
     array object itself, where a numpy view of it would hold the pooled buffer's base instead.
     """
-    if direct and reads_direct(info):
+    if reads_direct(info, direct):
         memory = _STAGING.take(_blocks_around(info)[1])
         try:
             buffer = _read_direct(info, memory)
@@ -233,9 +233,9 @@ def _blocks_around(info: TensorInfo) -> tuple[int, int]:
     return first, -(-(info.end - first) // _BLOCK) * _BLOCK
 
 
-def reads_direct(info: TensorInfo) -> bool:
-    """Whether ``read_tensor(info, direct=True)`` bypasses the page cache (so prefetching it is wasted)."""
-    return info.nbytes >= _DIRECT_MIN_BYTES
+def reads_direct(info: TensorInfo, direct: bool = True) -> bool:
+    """Whether reading ``info`` with ``direct`` bypasses the page cache (so prefetching it is wasted)."""
+    return direct and info.nbytes >= _DIRECT_MIN_BYTES
 
 
 def _read_direct(info: TensorInfo, memory: np.ndarray) -> np.ndarray:

@@ -287,7 +287,7 @@ def _operator_words(raw: np.ndarray, out_features: int) -> np.ndarray:
     # In place, with no zeroed memory: fresh pages cost more in faults than the arithmetic here.
     words = np.empty((out_features // 8, raw.shape[1]), dtype=np.uint32)
     part = np.empty_like(words)
-    pieces = 4 if raw.shape[0] * 2 == out_features else 8
+    pieces = 4 if _two_per_byte(raw, out_features) else 8
     for i in range(pieces):
         part[...] = unsigned[i::pieces]
         if pieces == 8:
@@ -324,9 +324,14 @@ def _source_scales(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray,
     return scale, _array(second_info).astype(np.float32) if second_info is not None else None
 
 
+def _two_per_byte(raw: np.ndarray, out_features: int) -> bool:
+    """Whether a source weight holds two int4 values per byte along out (1.0.0) or one (mindie)."""
+    return raw.shape[0] * 2 == out_features
+
+
 def _int4_values(raw: np.ndarray, out_features: int) -> np.ndarray:
     """A source weight's int4 values, int16 ``[out, in]``."""
-    if raw.shape[0] * 2 != out_features:
+    if not _two_per_byte(raw, out_features):
         return raw.astype(np.int16)  # mindie: one value per byte
     # 1.0.0: two int4 per byte along out, even row in the low nibble
     values = np.empty((out_features, raw.shape[1]), dtype=np.int16)
@@ -351,7 +356,7 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
     raw = _array(source)
     n, k = scale.size, raw.shape[1]
     words = _array(out[f"{prefix}.weight"]).view(np.uint32)  # [in, out/8]
-    if raw.shape[0] == n and (raw.min() < -8 or raw.max() > 7):
+    if not _two_per_byte(raw, n) and (raw.min() < -8 or raw.max() > 7):
         report.problem(f"{source.path}: tensor {source.name}: values outside the int4 range -8..7")
     elif words.shape != (k, n // 8) or not np.array_equal(np.ascontiguousarray(words.T), _operator_words(raw, n)):
         report.problem(f"{out[f'{prefix}.weight'].path}: tensor {prefix}.weight: int4 values differ from the source")
@@ -390,10 +395,8 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
     # value) made `verify` of a mindie checkpoint spend as much time in page faults as in arithmetic.
     for start in range(0, n, _BIAS_ROWS):
         rows = slice(start, start + _BIAS_ROWS)
-        per_k = used_scale[rows, None].astype(np.float64) * np.repeat(
-            used_second[rows].astype(np.float64), k // used_second.shape[1], 1
-        )
-        terms = (values[rows].astype(np.float64) * per_k).reshape(-1, chunks, k // chunks)
+        group_scale = used_scale[rows, None].astype(np.float64) * used_second[rows].astype(np.float64)
+        terms = _dequantized(values[rows], group_scale).reshape(-1, chunks, k // chunks)
         expected[rows] = 8 * terms.sum(-1)
         tolerance[rows] = 1e-5 * 8 * np.abs(terms).sum(-1) + 1e-30
     if bias.shape != (n, chunks) or np.any(np.abs(bias - expected) > tolerance):
@@ -495,15 +498,21 @@ def _float_matmul(x: np.ndarray, pts: np.ndarray, values: np.ndarray, scale: np.
     A block of output rows at a time: a whole float64 weight matrix (118 MB for a DeepSeek-R1
     expert projection) is fresh memory on every call, and its page faults cost more than the matmul.
     """
-    n, k = values.shape
+    n = values.shape[0]
     x = x.astype(np.float64)
     out = np.empty((x.shape[0], n))
     for start in range(0, n, _MATMUL_ROWS):
         rows = slice(start, start + _MATMUL_ROWS)
-        weights = values[rows].astype(np.float64).reshape(-1, scale.shape[1], k // scale.shape[1])
-        weights *= scale[rows].astype(np.float64)[:, :, None]
-        out[:, rows] = x @ weights.reshape(-1, k).T
+        out[:, rows] = x @ _dequantized(values[rows], scale[rows]).T
     return pts.reshape(-1, 1) * out
+
+
+def _dequantized(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``values * scale`` in float64, ``[rows, in]``, ``scale`` ``[rows, groups]`` applying to groups of columns."""
+    rows, k = values.shape
+    weights = values.astype(np.float64).reshape(rows, scale.shape[1], k // scale.shape[1])
+    weights *= scale.astype(np.float64)[:, :, None]  # in place: one float64 matrix, not three
+    return weights.reshape(rows, k)
 
 
 def _compare(what: str, got: np.ndarray, expected: np.ndarray, tolerance: float, report: VerifyReport) -> None:
