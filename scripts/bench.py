@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+CLI = str(ROOT / ".venv/bin/w4a8conv")
 LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
 HIDDEN, INTER, GROUP, EXPERTS = 7168, 2048, 256, 16
 
@@ -94,6 +95,11 @@ def evict(path: Path) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def priming_bytes(input_bytes: int, prime: bool) -> int:
+    """Memory to prime before a command on ``input_bytes`` of input: about twice its size (see the top)."""
+    return 2 * input_bytes + (1 << 30) if prime else 0
 
 
 def prime_memory(nbytes: int) -> None:
@@ -145,16 +151,15 @@ def summarize(runs: list[tuple[float, float | None, int]], size: int) -> dict:
 
 def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) -> dict:
     """Time `w4a8conv verify` of a conversion of ``src``; with --cache disk both directories come from the disk."""
-    cli = str(ROOT / ".venv/bin/w4a8conv")
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([cli, "convert", "--in", str(src), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([CLI, "convert", "--in", str(src), "--out", str(out)], check=True, capture_output=True)
     size = dir_bytes(src)
     disk = cache == "disk"
     runs = []
     for _ in range(repeats):
         if disk:
             evict(out)
-        runs.append(timed([cli, "verify", str(src), str(out)], src if disk else None, 2 * size if prime else 0))
+        runs.append(timed([CLI, "verify", str(src), str(out)], src if disk else None, priming_bytes(size, prime)))
     shutil.rmtree(out)
     return summarize(runs, size)
 
@@ -173,7 +178,7 @@ def bench_layout(
     prime: bool = True,
     no_checksums: bool = False,
 ) -> dict:
-    convert = [str(ROOT / ".venv/bin/w4a8conv"), "convert", "--in", str(src), "--out", str(out)]
+    convert = [CLI, "convert", "--in", str(src), "--out", str(out)]
     convert += ["--workers", str(workers)] if workers else []
     commands = {"copy": ["cp", "-r", str(src), str(out)], "convert": convert}
     if no_checksums:
@@ -183,11 +188,10 @@ def bench_layout(
     runs: dict[str, list[tuple[float, float | None, int]]] = {k: [] for k in commands}
     cold_input = src if cache == "disk" else None
     size = dir_bytes(src)
-    prime_bytes = 2 * size + (1 << 30) if prime else 0
     for _ in range(repeats):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
-            runs[name].append(timed(cmd, cold_input, prime_bytes))
+            runs[name].append(timed(cmd, cold_input, priming_bytes(size, prime)))
             shutil.rmtree(out, ignore_errors=True)
     result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache, "primed": prime}
     for name, values in runs.items():
@@ -334,10 +338,9 @@ def write_header_only_deepseek(path: Path) -> Path:
 
 def bench_planning(data: Path, repeats: int) -> dict:
     src = write_header_only_deepseek(data / "deepseek-r1-headers-only")
-    cli = str(ROOT / ".venv/bin/w4a8conv")
     commands = {
-        "inspect": [cli, "inspect", str(src), "--json"],
-        "dry_run": [cli, "convert", "--in", str(src), "--out", str(data / "never"), "--dry-run"],
+        "inspect": [CLI, "inspect", str(src), "--json"],
+        "dry_run": [CLI, "convert", "--in", str(src), "--out", str(data / "never"), "--dry-run"],
     }
     result = {}
     for name, cmd in commands.items():
