@@ -7,7 +7,10 @@ For each layout it writes (once, cached in bench-data/) a synthetic checkpoint w
 expert shapes (hidden 7168, moe_intermediate 2048, group_size 256), then runs, alternating and
 each in a fresh subprocess after a `sync`: `cp -r` of the directory (the floor for moving those
 bytes), `w4a8conv convert`, and the naive reference below. It reports wall time, input GB/s,
-convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON. `--flat` also
+CPU seconds, convert/copy and naive/convert ratios and peak RSS (medians), as a table or JSON, and
+what any conversion must spend here whatever its code (see `bench_costs`): importing torch, the
+manifest's sha256 and the int4 repacking, as a CPU-time floor and that floor over the cores against
+the copy. `--flat` also
 converts a checkpoint 4x larger to show that peak memory does not grow with size; `--no-checksums`
 also times `convert --no-checksums`, to show what the sha256 manifest costs; `--verify` times
 `w4a8conv verify` of a conversion (source and output both read from the disk).
@@ -45,6 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv/bin/w4a8conv")
@@ -110,8 +114,18 @@ def prime_memory(nbytes: int) -> None:
     subprocess.run([sys.executable, "-c", f"import numpy; numpy.ones({nbytes}, numpy.uint8)"], check=True)
 
 
-def timed(cmd: list[str], cold_input: Path | None = None, prime_bytes: int = 0) -> tuple[float, float | None, int]:
-    """Seconds to exit, seconds until the output is on disk (with ``cold_input``), peak RSS (bytes).
+class Run(NamedTuple):
+    """One timed command: seconds to exit, seconds until its output is on disk (``None`` unless the
+    input was cold), peak RSS in bytes, and user + system CPU seconds."""
+
+    exit_s: float
+    synced_s: float | None
+    peak_rss: int
+    cpu_s: float
+
+
+def timed(cmd: list[str], cold_input: Path | None = None, prime_bytes: int = 0) -> Run:
+    """Run ``cmd`` once and time it.
 
     Runs after a sync so dirty pages don't carry over; with ``cold_input``, that directory is
     evicted from the page cache first and a sync after the command is timed too. ``prime_bytes``
@@ -133,19 +147,20 @@ def timed(cmd: list[str], cold_input: Path | None = None, prime_bytes: int = 0) 
     stderr = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{stderr}")
-    return seconds, synced, usage.ru_maxrss * 1024
+    return Run(seconds, synced, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
-def summarize(runs: list[tuple[float, float | None, int]], size: int) -> dict:
+def summarize(runs: list[Run], size: int) -> dict:
     """Medians of :func:`timed` runs; ``seconds``: until the output is on disk (--cache disk) or the exit."""
-    all_seconds = [run[1] if run[1] is not None else run[0] for run in runs]
+    all_seconds = [run.synced_s if run.synced_s is not None else run.exit_s for run in runs]
     seconds = statistics.median(all_seconds)
     return {
         "seconds": round(seconds, 3),
         "all_seconds": [round(v, 3) for v in all_seconds],
-        "exit_seconds": round(statistics.median(run[0] for run in runs), 3),
+        "exit_seconds": round(statistics.median(run.exit_s for run in runs), 3),
         "gb_per_s": round(size / seconds / 1e9, 3),
-        "peak_rss_mb": round(statistics.median(run[2] for run in runs) / 1e6, 1),
+        "peak_rss_mb": round(statistics.median(run.peak_rss for run in runs) / 1e6, 1),
+        "cpu_seconds": round(statistics.median(run.cpu_s for run in runs), 2),
     }
 
 
@@ -168,6 +183,30 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def int4_weight_bytes(src: Path) -> int:
+    """Bytes of the experts' int4 weights in ``src``: what a conversion repacks (the rest is copied)."""
+    from w4a8conv.safetensors_io import read_header
+
+    expert_weight = re.compile(r"\.experts\.\d+\.\w+_proj\.weight$")
+    return sum(
+        info.nbytes
+        for shard in src.glob("*.safetensors")
+        for name, info in read_header(shard).tensors.items()
+        if expert_weight.search(name)
+    )
+
+
+def cpu_floor(layout: str, result: dict, costs: dict) -> float:
+    """CPU seconds no conversion of this checkpoint avoids here (see :func:`bench_costs`): a lower bound."""
+    repack = costs["repack_mindie_gb_per_s" if layout == "mindie" else "repack_v1_gb_per_s"]
+    return round(
+        costs["import_torch_cpu_s"]
+        + result["output_bytes"] / 1e9 / costs["sha256_gb_per_s"]
+        + result["int4_weight_bytes"] / 1e9 / repack,
+        2,
+    )
+
+
 def bench_layout(
     src: Path,
     out: Path,
@@ -185,15 +224,24 @@ def bench_layout(
         commands["no_checksums"] = [*convert, "--no-checksums"]
     if naive:
         commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
-    runs: dict[str, list[tuple[float, float | None, int]]] = {k: [] for k in commands}
+    runs: dict[str, list[Run]] = {k: [] for k in commands}
     cold_input = src if cache == "disk" else None
     size = dir_bytes(src)
     for _ in range(repeats):
         for name, cmd in commands.items():
             shutil.rmtree(out, ignore_errors=True)
             runs[name].append(timed(cmd, cold_input, priming_bytes(size, prime)))
+            if name == "convert":
+                output_bytes = dir_bytes(out)
             shutil.rmtree(out, ignore_errors=True)
-    result: dict = {"input_bytes": size, "repeats": repeats, "cache": cache, "primed": prime}
+    result: dict = {
+        "input_bytes": size,
+        "output_bytes": output_bytes,
+        "int4_weight_bytes": int4_weight_bytes(src),
+        "repeats": repeats,
+        "cache": cache,
+        "primed": prime,
+    }
     for name, values in runs.items():
         result[name] = summarize(values, size)
     result["convert_over_copy"] = round(result["convert"]["seconds"] / result["copy"]["seconds"], 2)
@@ -346,15 +394,78 @@ def bench_planning(data: Path, repeats: int) -> dict:
     for name, cmd in commands.items():
         runs = [timed(cmd) for _ in range(repeats)]
         result[name] = {
-            "seconds": round(statistics.median(r[0] for r in runs), 2),
-            "peak_rss_mb": round(runs[0][2] / 1e6),
+            "seconds": round(statistics.median(r.exit_s for r in runs), 2),
+            "peak_rss_mb": round(runs[0].peak_rss / 1e6),
         }
     return result
+
+
+def bench_costs(repeats: int) -> dict:
+    """CPU seconds that any conversion on this machine pays, whatever the code around them (one core, medians).
+
+    Measured in a child process: with torch loaded here, every command the bench forks would start
+    with (and report as its peak RSS) this process's 600 MB.
+
+    ``import_torch_cpu_s``: importing torch, which the CPU path needs because it runs the same torch
+    code as the devices; ``sha256_gb_per_s``: hashing the output for the manifest; the two repack
+    rates: the int4 weights from their source bytes to operator words (GB of source per second).
+    Summed over a checkpoint's bytes and divided by the cores, they bound the wall time from below.
+    """
+    command = [sys.executable, __file__, "--costs", str(repeats)]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def measure_costs(repeats: int) -> dict:
+    """:func:`bench_costs`, in this process."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from w4a8conv.packing import int4_pair_rows_to_int32_words, pack_int4_to_int32
+
+    code = "import time; t = time.process_time(); import torch; print(time.process_time() - t)"
+    imports = [
+        float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+        for _ in range(repeats)
+    ]
+    torch.set_num_threads(1)
+
+    def rate(work, arrays, rounds: int) -> float:
+        # Wall time of one busy thread: process_time() moves in scheduler ticks, too coarse for a 7 MB step.
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(rounds):
+                for array in arrays:
+                    work(array)
+            seconds.append(time.perf_counter() - started)
+        return round(rounds * sum(a.nbytes for a in arrays) / statistics.median(seconds) / 1e9, 2)
+
+    rng = np.random.default_rng(0)
+    # one expert's gate (down is its transpose) as msModelSlim 1.0.0 bytes and as mindie values
+    v1 = [
+        torch.from_numpy(rng.integers(-128, 128, shape, dtype=np.int8))
+        for shape in ((INTER // 2, HIDDEN), (HIDDEN // 2, INTER))
+    ]
+    mindie = [
+        torch.from_numpy(rng.integers(-8, 8, shape, dtype=np.int8)) for shape in ((INTER, HIDDEN), (HIDDEN, INTER))
+    ]
+    data = np.ones(256 << 20, dtype=np.uint8)
+    return {
+        "import_torch_cpu_s": round(statistics.median(imports), 2),
+        "sha256_gb_per_s": rate(lambda a: hashlib.sha256(a).digest(), [data], 2),
+        "repack_v1_gb_per_s": rate(int4_pair_rows_to_int32_words, v1, 20),
+        "repack_mindie_gb_per_s": rate(pack_int4_to_int32, mindie, 10),
+    }
 
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--naive":
         naive_convert(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    if len(sys.argv) == 3 and sys.argv[1] == "--costs":
+        print(json.dumps(measure_costs(int(sys.argv[2]))))
         return
     if len(sys.argv) == 5 and sys.argv[1] == "--generate":
         from w4a8conv.synthetic import write_checkpoint
@@ -395,12 +506,17 @@ def main() -> None:
         "cache": args.cache,
         "primed": not args.no_prime,
         "layouts": {},
+        "cpu_costs": bench_costs(args.repeats),
     }
     for layout in args.layouts:
         src = ensure_checkpoint(args.data, layout, args.size_gb)
-        results["layouts"][layout] = bench_layout(
+        result = bench_layout(
             src, out, args.repeats, args.workers, not args.no_naive, args.cache, not args.no_prime, args.no_checksums
         )
+        result["cpu_floor_s"] = cpu_floor(layout, result, results["cpu_costs"])
+        # the floor spread over every core, against the copy: no conversion here can beat this ratio
+        result["floor_over_copy"] = round(result["cpu_floor_s"] / os.cpu_count() / result["copy"]["seconds"], 2)
+        results["layouts"][layout] = result
         if args.verify:
             verify = bench_verify(src, out, args.repeats, args.cache, not args.no_prime)
             results["layouts"][layout]["verify"] = verify
@@ -432,7 +548,7 @@ def print_table(results: dict) -> None:
     title = "input from disk, timed until the output is on disk" if disk else "input in the page cache"
     title += ", memory primed" if results["primed"] else ""
     table = Table(title=f"w4a8conv bench: {title} (medians)")
-    columns = ["layout", "input", "command", "seconds", "GB/s", "peak RSS MB", "ratio"]
+    columns = ["layout", "input", "command", "seconds", "GB/s", "CPU s", "peak RSS MB", "ratio"]
     if disk:
         columns.insert(4, "exit s")
     for col in columns:
@@ -456,6 +572,7 @@ def print_table(results: dict) -> None:
                 "convert --no-checksums" if name == "no_checksums" else name,
                 f"{r[name]['seconds']:.2f}",
                 f"{r[name]['gb_per_s']:.2f}",
+                f"{r[name]['cpu_seconds']:.2f}",
                 f"{r[name]['peak_rss_mb']:.0f}",
                 ratio.get(name, ""),
             ]
@@ -463,6 +580,18 @@ def print_table(results: dict) -> None:
                 row.insert(4, f"{r[name]['exit_seconds']:.2f}")
             table.add_row(*row)
     Console(width=max(Console().width, 130)).print(table)
+    c = results["cpu_costs"]
+    cpus = results["machine"]["cpus"]
+    Console().print(
+        f"CPU every conversion pays here (one core): import torch {c['import_torch_cpu_s']} s, sha256 "
+        f"{c['sha256_gb_per_s']} GB/s, int4 repack {c['repack_v1_gb_per_s']} GB/s (1.0.0) / "
+        f"{c['repack_mindie_gb_per_s']} GB/s (mindie)"
+    )
+    for layout, r in results["layouts"].items():
+        Console().print(
+            f"  {layout}: at least {r['cpu_floor_s']} CPU s, {r['cpu_floor_s'] / cpus:.2f} s on {cpus} cores "
+            f"= {r['floor_over_copy']}x copy; convert used {r['convert']['cpu_seconds']} CPU s"
+        )
     if "planning" in results:
         p = results["planning"]
         Console().print(
