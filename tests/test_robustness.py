@@ -54,6 +54,21 @@ def test_verify_accepts_every_layout(source_checkpoints, converted_checkpoints, 
     assert report.ok, report.problems
     assert report.modules_checked == report.modules_total > 0
     assert report.passthrough_checked > 0 and report.files_hashed >= 5
+    assert report.other_files_checked == 3  # config, generation_config, tokenizer_config
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_verify_compares_the_copied_files_with_the_source(source_checkpoints, tmp_path, checksums):
+    # Without a manifest nothing else looks at them; with one, only that they did not change since.
+    src = source_checkpoints["v1.0.0-per-channel"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums).out_dir
+    _flip(out / "generation_config.json", 3)
+    (out / "tokenizer_config.json").unlink()
+    code, stdout, _ = cli("verify", src, out)
+    assert code == 1
+    assert f"{out / 'generation_config.json'}: differs from {src / 'generation_config.json'}" in stdout
+    assert f"{out / 'tokenizer_config.json'}: missing (the input has {src / 'tokenizer_config.json'})" in stdout
+    assert ("sha256 differs" in stdout) is checksums
 
 
 def test_verify_sample_checks_a_fraction(source_checkpoints, converted_checkpoints):

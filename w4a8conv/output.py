@@ -85,7 +85,8 @@ class Output:
     def verify_report(self, report) -> None:
         checked = f"{report.modules_checked} of {report.modules_total} W4A8 modules"
         hashed = f"{report.files_hashed} files hashed" if report.manifest else "no checksum manifest (--no-checksums)"
-        summary = f"{checked}, {report.passthrough_checked} pass-through tensors, {hashed}"
+        copied = f"{report.passthrough_checked} pass-through tensors, {report.other_files_checked} other files"
+        summary = f"{checked}, {copied}, {hashed}"
         if report.numeric_checks:
             summary += f", {report.numeric_checks} operator checks"
         if report.ok:

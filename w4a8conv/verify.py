@@ -5,12 +5,14 @@ with ``packing``, ``scales``, ``processing`` or ``plan``: the operator words are
 source's int4 values by shifts (the converter transposes bytes and reinterprets them), scales
 re-encoded and compared bit for bit, mindie biases recomputed in float64.
 Only the file readers are shared. Checks: checksum manifest (unless converted without one); index
-against the shard headers and sizes; description against the index and the source; every
-pass-through tensor byte for byte; every (or a sampled fraction of) W4A8 module value for value.
+against the shard headers and sizes; description against the index and the source; the files
+copied beside the shards (config, tokenizer...) and every pass-through tensor byte for byte; every
+(or a sampled fraction of) W4A8 module value for value.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import os
@@ -49,6 +51,7 @@ class VerifyReport:
     numeric_checks: int = 0
     modules_total: int = 0
     passthrough_checked: int = 0
+    other_files_checked: int = 0  # config, tokenizer...: copied as they are
     files_hashed: int = 0
     manifest: bool = True  # False: converted with --no-checksums, so there are no sums to check
     problems: list[str] = field(default_factory=list)
@@ -135,6 +138,9 @@ def verify_conversion(
             report.manifest = False
         else:
             _check_manifest(dst, sample, rng, report, progress, pool)
+        for rel in source.extra_files:
+            report.other_files_checked += 1
+            _check_copied_file(src / rel, dst / rel, report)
         passthrough = [info for name, info in sorted(source.tensors.items()) if name not in consumed]
         for info in _in_order(pool, passthrough, check_passthrough, report):
             report.passthrough_checked += 1
@@ -225,6 +231,21 @@ def _check_manifest(
         if digest != listed[name]:
             report.problem(f"{dst / name}: sha256 differs from {MANIFEST_FILE}")
         progress.update("copy", name, (dst / name).stat().st_size)
+
+
+def _check_copied_file(src: Path, out: Path, report: VerifyReport) -> None:
+    """A file that the conversion copies as it is must be there, byte for byte; the manifest only says
+    it has not changed since the conversion, and without one nothing else would look at it."""
+    if not out.is_file():
+        report.problem(f"{out}: missing (the input has {src})")
+        return
+    try:
+        same = filecmp.cmp(src, out, shallow=False)
+    except OSError as e:
+        report.problem(f"{e.filename}: cannot read: {e.strerror}")
+        return
+    if not same:
+        report.problem(f"{out}: differs from {src}")
 
 
 def _check_passthrough(src: TensorInfo, out: TensorInfo | None, out_type, src_type, report: VerifyReport) -> None:
