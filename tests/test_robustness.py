@@ -71,6 +71,20 @@ def test_verify_compares_the_copied_files_with_the_source(source_checkpoints, tm
     assert ("sha256 differs" in stdout) is checksums
 
 
+def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    path = out / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    name = "model.layers.1.mlp.experts.1.up_proj.weight_scale"
+    assert description[name] == "W4A8_DYNAMIC_PREPACKED"
+    description[name] = "W4A8_DYNAMIC"  # a loader would process this tensor a second time
+    path.write_text(json.dumps(description, indent=2))
+    code, stdout, _ = cli("verify", src, out, "--sample", "0.1")
+    assert code == 1
+    assert f"{path}: {name} is described as 'W4A8_DYNAMIC', not 'W4A8_DYNAMIC_PREPACKED'" in stdout
+
+
 def test_verify_sample_checks_a_fraction(source_checkpoints, converted_checkpoints):
     code, stdout, _ = cli(
         "verify", source_checkpoints["mindie"], converted_checkpoints["mindie"], "--sample", "0.2", "--json"

@@ -28,6 +28,7 @@ import numpy as np
 from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, open_checkpoint
 from .errors import BadInputError
 from .jobs import MANIFEST_FILE, STATE_DIR, has_manifest, sha256_file
+from .layouts import PREPACKED_TYPE
 from .output import Progress
 from .plan import TOOL_SECTION
 from .safetensors_io import ShardHeader, TensorInfo, read_array, read_header
@@ -123,6 +124,11 @@ def verify_conversion(
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
+    modules = set(prefixes)
+    for name, quant_type in sorted(out_types.items()):
+        # a serving engine picks the processed loading by this type (headers only: checked in full)
+        if name.rpartition(".")[0] in modules and quant_type != PREPACKED_TYPE:
+            report.problem(f"{dst / DESCRIPTION_FILE}: {name} is described as {quant_type!r}, not {PREPACKED_TYPE!r}")
 
     def check_passthrough(info: TensorInfo, found: VerifyReport) -> None:
         _check_passthrough(info, out_tensors.get(info.name), out_types.get(info.name), src_types.get(info.name), found)
