@@ -1,4 +1,8 @@
-"""Mutate a valid tiny checkpoint's bytes at random: the tool must never crash with a traceback or hang."""
+"""Mutate a valid tiny checkpoint's bytes at random: the tool must never crash with a traceback or hang.
+
+A mutated output must also never pass `verify`: converted without a manifest, so that `verify`'s own
+checks of every tensor, type and copied file are what catches the change.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +15,23 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
+from w4a8conv.convert import convert_checkpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 runner = CliRunner()
 CASES = 150
+OUTPUT_CASES = 60
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     spec = SyntheticSpec(hidden=64, intermediate=32, experts=2, moe_layers=1, dense_layers=1, group_size=16)
     return write_checkpoint(tmp_path_factory.mktemp("fuzz") / "src", "v1.0.0-per-group", spec)
+
+
+@pytest.fixture(scope="module")
+def pristine_output(pristine, tmp_path_factory) -> Path:
+    return convert_checkpoint(pristine, tmp_path_factory.mktemp("fuzz-out") / "out", checksums=False).out_dir
 
 
 def mutate(root: Path, rng: random.Random) -> str:
@@ -59,3 +70,27 @@ def test_mutated_checkpoint_never_crashes(pristine, tmp_path, seed):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("seed", range(OUTPUT_CASES))
+def test_mutated_output_never_passes_verify(pristine, pristine_output, tmp_path, seed):
+    out = tmp_path / "out"
+    shutil.copytree(pristine_output, out)
+    what = mutate(out, random.Random(seed))
+    changed = [
+        f.name for f in out.iterdir() if f.is_file() and f.read_bytes() != (pristine_output / f.name).read_bytes()
+    ]
+    previous = signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(30)
+    try:
+        result = runner.invoke(app, ["verify", str(pristine), str(out), "--json"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and (result.exception is None or isinstance(result.exception, SystemExit)), what
+    assert result.exit_code in (0, 1, 2), what
+    if changed:
+        assert result.exit_code != 0, f"{what}: verify passed a changed {changed}"
+    else:
+        assert result.exit_code == 0, f"{what}: changed nothing, yet verify failed"
