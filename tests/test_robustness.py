@@ -71,6 +71,16 @@ def test_verify_compares_the_copied_files_with_the_source(source_checkpoints, tm
     assert ("sha256 differs" in stdout) is checksums
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_verify_flags_a_file_the_conversion_did_not_write(source_checkpoints, tmp_path, checksums):
+    src = source_checkpoints["v1.0.0-per-group"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums).out_dir
+    (out / "leftover.safetensors.partial").write_bytes(b"\0" * 16)
+    code, stdout, _ = cli("verify", src, out)
+    expected = f"not in {MANIFEST_FILE}" if checksums else "not part of the conversion"
+    assert code == 1 and f"{out / 'leftover.safetensors.partial'}: {expected}" in stdout
+
+
 def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
     out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir

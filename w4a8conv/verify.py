@@ -142,6 +142,10 @@ def verify_conversion(
     with ThreadPoolExecutor(workers or DEFAULT_WORKERS, thread_name_prefix="verify") as pool:
         if not has_manifest(description) and not (dst / MANIFEST_FILE).exists():
             report.manifest = False
+            # what the manifest check would flag as unlisted, so that the verdict does not depend on it
+            written = {*headers, DESCRIPTION_FILE, *(p.name for p in dst.glob(f"*{INDEX_SUFFIX}"))}
+            for name in sorted(_output_files(dst) - written - {str(rel) for rel in source.extra_files}):
+                report.problem(f"{dst / name}: not part of the conversion")
         else:
             _check_manifest(dst, sample, rng, report, progress, pool)
         for rel in source.extra_files:
@@ -218,13 +222,7 @@ def _check_manifest(
     for line in path.read_text().splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
-    present = {
-        str(p.relative_to(dst))
-        for p in dst.rglob("*")
-        if p.is_file()
-        and p.name != MANIFEST_FILE
-        and not any(part.startswith(".") for part in p.relative_to(dst).parts)
-    }
+    present = _output_files(dst)
     for name in sorted(present - set(listed)):
         report.problem(f"{dst / name}: not in {MANIFEST_FILE}")
     names = sorted(set(listed) & present)
@@ -237,6 +235,17 @@ def _check_manifest(
         if digest != listed[name]:
             report.problem(f"{dst / name}: sha256 differs from {MANIFEST_FILE}")
         progress.update("copy", name, (dst / name).stat().st_size)
+
+
+def _output_files(dst: Path) -> set[str]:
+    """Paths of the files in an output, relative to it, but for the manifest and hidden files."""
+    return {
+        str(p.relative_to(dst))
+        for p in dst.rglob("*")
+        if p.is_file()
+        and p.name != MANIFEST_FILE
+        and not any(part.startswith(".") for part in p.relative_to(dst).parts)
+    }
 
 
 def _check_copied_file(src: Path, out: Path, report: VerifyReport) -> None:
