@@ -81,6 +81,33 @@ def test_verify_flags_a_file_the_conversion_did_not_write(source_checkpoints, tm
     assert code == 1 and f"{out / 'leftover.safetensors.partial'}: {expected}" in stdout
 
 
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"group_size": 64}, "group_size is 64, expected 32"),  # vllm-ascend sizes its scale tensors by it
+        ({"version": None}, "version is absent, expected '1.0.0'"),
+        ({"extra": 1}, "extra is 1, expected absent"),
+        ({"w4a8conv": {"source_layout": "mindie"}}, "w4a8conv.source_layout is 'mindie', expected 'v1.0.0-per-group'"),
+        ({"w4a8conv": {"group_size": 0}}, "w4a8conv.group_size is 0, expected 32"),
+    ],
+)
+def test_verify_checks_the_description_keys_a_loader_reads(source_checkpoints, tmp_path, change, expected):
+    src = source_checkpoints["v1.0.0-per-group"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    path = out / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            description[key].update(value)
+        elif value is None:
+            del description[key]
+        else:
+            description[key] = value
+    path.write_text(json.dumps(description, indent=2))
+    code, stdout, _ = cli("verify", src, out, "--sample", "0.1")
+    assert code == 1 and f"{path}: {expected}" in stdout
+
+
 def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
     out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir

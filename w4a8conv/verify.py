@@ -5,7 +5,8 @@ with ``packing``, ``scales``, ``processing`` or ``plan``: the operator words are
 source's int4 values by shifts (the converter transposes bytes and reinterprets them), scales
 re-encoded and compared bit for bit, mindie biases recomputed in float64.
 Only the file readers are shared. Checks: checksum manifest (unless converted without one); index
-against the shard headers and sizes; description against the index and the source; the files
+against the shard headers and sizes; description against the index and the source (every type,
+and the keys a loader reads: group size, layout, version); the files
 copied beside the shards (config, tokenizer...) and every pass-through tensor byte for byte; every
 (or a sampled fraction of) W4A8 module value for value.
 """
@@ -103,7 +104,7 @@ def verify_conversion(
     report = VerifyReport()
     source = open_checkpoint(src)
     description = _load_json(dst / DESCRIPTION_FILE)
-    if not isinstance(description, dict) or TOOL_SECTION not in description:
+    if not isinstance(description, dict) or not isinstance(description.get(TOOL_SECTION), dict):
         raise BadInputError(f"{dst / DESCRIPTION_FILE}: not a finished w4a8conv output")
     section = description[TOOL_SECTION]
     if (dst / STATE_DIR).exists():
@@ -129,6 +130,10 @@ def verify_conversion(
         # a serving engine picks the processed loading by this type (headers only: checked in full)
         if name.rpartition(".")[0] in modules and quant_type != PREPACKED_TYPE:
             report.problem(f"{dst / DESCRIPTION_FILE}: {name} is described as {quant_type!r}, not {PREPACKED_TYPE!r}")
+    if prefixes:
+        _check_description_keys(
+            dst / DESCRIPTION_FILE, source.description, description, source.tensors, prefixes[0], report
+        )
 
     def check_passthrough(info: TensorInfo, found: VerifyReport) -> None:
         _check_passthrough(info, out_tensors.get(info.name), out_types.get(info.name), src_types.get(info.name), found)
@@ -186,6 +191,39 @@ def _load_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise BadInputError(f"{path}: cannot read ({e})") from e
+
+
+def _check_description_keys(
+    path: Path, source_description: dict, description: dict, src: dict[str, TensorInfo], prefix: str, report
+) -> None:
+    """The keys a loader reads besides the types: the source's own, with the group size it implies
+    (vllm-ascend reads ``group_size``; :mod:`w4a8conv.runtime` the section's size and layout)."""
+    weight, n = src[f"{prefix}.weight"], src[f"{prefix}.weight_scale"].shape[0]
+    second = src.get(f"{prefix}.weight_scale_second")
+    group_size = weight.shape[1] // second.shape[1] if second is not None else 0
+    packed = weight.shape[0] != n  # two int4 per byte: msModelSlim 1.0.0
+    layout = ("v1.0.0-per-group" if group_size else "v1.0.0-per-channel") if packed else "mindie"
+
+    def others(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not ("." in k and isinstance(v, str)) and k != TOOL_SECTION}
+
+    def compare(got: dict, expected: dict, where: str) -> None:
+        missing = object()
+        for key in sorted(set(expected) | set(got)):
+            pair = got.get(key, missing), expected.get(key, missing)
+            if pair[0] != pair[1]:
+                shown = ["absent" if value is missing else repr(value) for value in pair]
+                report.problem(f"{path}: {where}{key} is {shown[0]}, expected {shown[1]}")
+
+    compare(others(description), {**others(source_description), "group_size": group_size}, "")
+    section = description[TOOL_SECTION]
+    expected = {
+        "group_size": group_size,
+        "source_layout": layout,
+        "source_version": source_description.get("version"),
+        "quant_type": PREPACKED_TYPE,
+    }
+    compare({key: section[key] for key in expected if key in section}, expected, f"{TOOL_SECTION}.")
 
 
 def _check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
