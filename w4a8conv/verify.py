@@ -6,9 +6,9 @@ source's int4 values by shifts (the converter transposes bytes and reinterprets 
 re-encoded and compared bit for bit, mindie biases recomputed in float64.
 Only the file readers are shared. Checks: checksum manifest (unless converted without one); index
 against the shard headers and sizes; description against the index and the source (every type,
-and the keys a loader reads: group size, layout, version); the files
-copied beside the shards (config, tokenizer...) and every pass-through tensor byte for byte; every
-(or a sampled fraction of) W4A8 module value for value.
+and the keys a loader reads: group size, layout, version); the files copied beside the shards
+(config, tokenizer...) and every pass-through tensor byte for byte; every (or a sampled fraction
+of) W4A8 module value for value.
 """
 
 from __future__ import annotations
