@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -106,6 +107,41 @@ def test_verify_checks_the_description_keys_a_loader_reads(source_checkpoints, t
     path.write_text(json.dumps(description, indent=2))
     code, stdout, _ = cli("verify", src, out, "--sample", "0.1")
     assert code == 1 and f"{path}: {expected}" in stdout
+
+
+@pytest.mark.parametrize(
+    "role,value,expected",
+    [
+        ("weight_offset_second", 1, "non-zero offsets, which W4A8_DYNAMIC cannot hold"),
+        ("weight_scale", float("nan"), "holds NaN or Inf"),  # NaN would compare unequal to nothing below
+    ],
+)
+def test_verify_refuses_a_source_that_no_output_converts(
+    source_checkpoints, converted_checkpoints, tmp_path, role, value, expected
+):
+    src = _copy(source_checkpoints["mindie"], tmp_path)
+    name = f"model.layers.1.mlp.experts.0.down_proj.{role}"
+    info = _tensor(src, name)
+    data = bytearray(info.path.read_bytes())
+    dtype = {"F32": "<f4", "I64": "<i8"}[info.dtype]
+    encoded = np.array([value], dtype=dtype).tobytes()
+    data[info.begin : info.begin + len(encoded)] = encoded
+    info.path.write_bytes(bytes(data))
+    code, stdout, _ = cli("verify", src, converted_checkpoints["mindie"])
+    assert code == 1 and f"{info.path}: tensor {name}: {expected}" in stdout
+
+
+def test_verify_refuses_a_source_description_that_names_a_missing_tensor(
+    source_checkpoints, converted_checkpoints, tmp_path
+):
+    src = _copy(source_checkpoints["mindie"], tmp_path)
+    path = src / "quant_model_description.json"
+    description = json.loads(path.read_text())
+    description["model.layers.1.mlp.experts.0.down_proj.weight_offsets"] = "W4A8_DYNAMIC"
+    path.write_text(json.dumps(description))
+    code, stdout, _ = cli("verify", src, converted_checkpoints["mindie"])
+    expected = f"{path}: lists tensor model.layers.1.mlp.experts.0.down_proj.weight_offsets, which no shard holds"
+    assert code == 1 and expected in stdout
 
 
 def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):

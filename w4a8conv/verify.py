@@ -125,6 +125,8 @@ def verify_conversion(
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
+    for name in sorted(set(src_types) - set(source.tensors)):
+        report.problem(f"{src / DESCRIPTION_FILE}: lists tensor {name}, which no shard holds")
     modules = set(prefixes)
     for name, quant_type in sorted(out_types.items()):
         # a serving engine picks the processed loading by this type (headers only: checked in full)
@@ -198,9 +200,13 @@ def _check_description_keys(
 ) -> None:
     """The keys a loader reads besides the types: the source's own, with the group size it implies
     (vllm-ascend reads ``group_size``; :mod:`w4a8conv.runtime` the section's size and layout)."""
-    weight, n = src[f"{prefix}.weight"], src[f"{prefix}.weight_scale"].shape[0]
-    second = src.get(f"{prefix}.weight_scale_second")
-    group_size = weight.shape[1] // second.shape[1] if second is not None else 0
+    try:
+        weight, n = src[f"{prefix}.weight"], src[f"{prefix}.weight_scale"].shape[0]
+        second = src.get(f"{prefix}.weight_scale_second")
+        group_size = weight.shape[1] // second.shape[1] if second is not None else 0
+    except (KeyError, IndexError, ZeroDivisionError) as e:
+        report.problem(f"{prefix}: the source's shapes give no group size ({e!r})")
+        return
     packed = weight.shape[0] != n  # two int4 per byte: msModelSlim 1.0.0
     layout = ("v1.0.0-per-group" if group_size else "v1.0.0-per-channel") if packed else "mindie"
 
@@ -391,6 +397,19 @@ def _source_module(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray,
     return _int4_values(_array(src[f"{prefix}.weight"]), scale.size), scale, second
 
 
+def _check_source_values(prefix: str, src: dict[str, TensorInfo], report: VerifyReport) -> None:
+    """A source no output can be a correct conversion of: asymmetric (non-zero offsets), or with NaN or
+    Inf scales, which would also slip past the comparisons below (NaN compares unequal to nothing)."""
+    for role in ("weight_offset", "weight_offset_second"):
+        info = src.get(f"{prefix}.{role}")
+        if info is not None and np.any(_array(info)):
+            report.problem(f"{info.path}: tensor {info.name}: non-zero offsets, which W4A8_DYNAMIC cannot hold")
+    for role in ("weight_scale", "weight_scale_second", "scale_bias"):
+        info = src.get(f"{prefix}.{role}")
+        if info is not None and not np.all(np.isfinite(_array(info))):
+            report.problem(f"{info.path}: tensor {info.name}: holds NaN or Inf")
+
+
 def _source_scales(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray, np.ndarray | None]:
     """weight_scale float32 ``[out]`` and weight_scale_second float32 ``[out, in/g]`` or None."""
     scale = _array(src[f"{prefix}.weight_scale"]).astype(np.float32).reshape(-1)
@@ -425,6 +444,7 @@ def _kernel_scale(prefix: str, scale: np.ndarray, second: np.ndarray | None, par
 
 def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, TensorInfo], section, report) -> None:
     where = prefix
+    _check_source_values(prefix, src, report)
     scale, second = _source_scales(prefix, src)
     source = src[f"{prefix}.weight"]
     raw = _array(source)
