@@ -54,14 +54,18 @@ def _timeout(signum, frame):
 
 
 @pytest.mark.parametrize("seed", range(CASES))
-def test_mutated_checkpoint_never_crashes(pristine, tmp_path, seed):
+def test_mutated_checkpoint_never_crashes(pristine, pristine_output, tmp_path, seed):
     src = tmp_path / "src"
     shutil.copytree(pristine, src)
     what = mutate(src, random.Random(seed))
     previous = signal.signal(signal.SIGALRM, _timeout)
     signal.alarm(30)
     try:
-        for args in (["inspect", str(src), "--json"], ["convert", "--in", str(src), "--out", str(tmp_path / "out")]):
+        for args in (
+            ["inspect", str(src), "--json"],
+            ["convert", "--in", str(src), "--out", str(tmp_path / "out")],
+            ["verify", str(src), str(pristine_output)],
+        ):
             result = runner.invoke(app, args)
             output = result.stdout + result.stderr
             assert result.exit_code in (0, 1, 2), f"{what}: {args[0]} exited {result.exit_code}"
