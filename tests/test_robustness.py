@@ -144,6 +144,21 @@ def test_verify_refuses_a_source_description_that_names_a_missing_tensor(
     assert code == 1 and expected in stdout
 
 
+@pytest.mark.parametrize("change", [lambda v: v * (1 + 4e-6), lambda v: np.float32("nan")])
+def test_verify_recomputes_a_mindie_bias_to_the_last_bits(source_checkpoints, tmp_path, change):
+    # 4e-6 is ~30 fp32 steps: it passed a relative tolerance of 1e-5; NaN passed every comparison.
+    src = source_checkpoints["mindie"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    name = "model.layers.0.self_attn.o_proj.scale_bias"
+    info = _tensor(out, name)
+    data = bytearray(info.path.read_bytes())
+    value = np.frombuffer(bytes(data[info.begin : info.begin + 4]), dtype=np.float32)[0]
+    data[info.begin : info.begin + 4] = np.float32(change(value)).tobytes()
+    info.path.write_bytes(bytes(data))
+    code, stdout, _ = cli("verify", src, out)
+    assert code == 1 and "model.layers.0.self_attn.o_proj.scale_bias: differs from 8 * sum(w * s)" in stdout
+
+
 def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
     out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
