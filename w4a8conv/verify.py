@@ -113,12 +113,12 @@ def verify_conversion(
     progress = progress or Progress()
     headers = _check_index(dst, report)
     out_tensors = {name: info for h in headers.values() for name, info in h.tensors.items()}
-    src_types = {k: v for k, v in source.description.items() if "." in k and isinstance(v, str)}
+    src_types = _tensor_types(source.description)
     prefixes = sorted(
         n[: -len(".weight")] for n, t in src_types.items() if t == "W4A8_DYNAMIC" and n.endswith(".weight")
     )
     consumed = {f"{p}.{r}" for p in prefixes for r in _ROLES}
-    out_types = {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+    out_types = _tensor_types(description)
     report.modules_total = len(prefixes)
     chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
     progress.start(sum(h.file_size for h in headers.values()) + source.total_bytes, len(chosen))
@@ -188,6 +188,11 @@ def _in_order(pool: ThreadPoolExecutor, items: list, check: Callable, report: Ve
         yield item
 
 
+def _tensor_types(description: dict) -> dict[str, str]:
+    """A description's per-tensor types (its top-level keys, such as ``version``, carry no dot)."""
+    return {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+
+
 def _load_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -207,11 +212,11 @@ def _check_description_keys(
     except (KeyError, IndexError, ZeroDivisionError) as e:
         report.problem(f"{prefix}: the source's shapes give no group size ({e!r})")
         return
-    packed = weight.shape[0] != n  # two int4 per byte: msModelSlim 1.0.0
-    layout = ("v1.0.0-per-group" if group_size else "v1.0.0-per-channel") if packed else "mindie"
+    per_group = "v1.0.0-per-group" if group_size else "v1.0.0-per-channel"
+    layout = per_group if _two_per_byte(weight.shape, n) else "mindie"
 
     def others(d: dict) -> dict:
-        return {k: v for k, v in d.items() if not ("." in k and isinstance(v, str)) and k != TOOL_SECTION}
+        return {k: v for k, v in d.items() if k not in _tensor_types(d) and k != TOOL_SECTION}
 
     def compare(got: dict, expected: dict, where: str) -> None:
         missing = object()
@@ -367,7 +372,7 @@ def _operator_words(raw: np.ndarray, out_features: int) -> np.ndarray:
     # In place, with no zeroed memory: fresh pages cost more in faults than the arithmetic here.
     words = np.empty((out_features // 8, raw.shape[1]), dtype=np.uint32)
     part = np.empty_like(words)
-    pieces = 4 if _two_per_byte(raw, out_features) else 8
+    pieces = 4 if _two_per_byte(raw.shape, out_features) else 8
     for i in range(pieces):
         part[...] = unsigned[i::pieces]
         if pieces == 8:
@@ -397,17 +402,18 @@ def _source_module(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray,
     return _int4_values(_array(src[f"{prefix}.weight"]), scale.size), scale, second
 
 
-def _check_source_values(prefix: str, src: dict[str, TensorInfo], report: VerifyReport) -> None:
-    """A source no output can be a correct conversion of: asymmetric (non-zero offsets), or with NaN or
-    Inf scales, which would also slip past the comparisons below (NaN compares unequal to nothing)."""
+def _check_offsets(prefix: str, src: dict[str, TensorInfo], report: VerifyReport) -> None:
+    """Non-zero offsets (asymmetric quantization): no output can be a correct conversion of such a source."""
     for role in ("weight_offset", "weight_offset_second"):
         info = src.get(f"{prefix}.{role}")
         if info is not None and np.any(_array(info)):
             report.problem(f"{info.path}: tensor {info.name}: non-zero offsets, which W4A8_DYNAMIC cannot hold")
-    for role in ("weight_scale", "weight_scale_second", "scale_bias"):
-        info = src.get(f"{prefix}.{role}")
-        if info is not None and not np.all(np.isfinite(_array(info))):
-            report.problem(f"{info.path}: tensor {info.name}: holds NaN or Inf")
+
+
+def _check_finite(info: TensorInfo, values: np.ndarray | None, report: VerifyReport) -> None:
+    """A NaN or Inf source scale: no conversion may carry it, and NaN would slip past every comparison."""
+    if values is not None and not np.all(np.isfinite(values)):
+        report.problem(f"{info.path}: tensor {info.name}: holds NaN or Inf")
 
 
 def _source_scales(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -417,14 +423,14 @@ def _source_scales(prefix: str, src: dict[str, TensorInfo]) -> tuple[np.ndarray,
     return scale, _array(second_info).astype(np.float32) if second_info is not None else None
 
 
-def _two_per_byte(raw: np.ndarray, out_features: int) -> bool:
-    """Whether a source weight holds two int4 values per byte along out (1.0.0) or one (mindie)."""
-    return raw.shape[0] * 2 == out_features
+def _two_per_byte(weight_shape: tuple[int, ...], out_features: int) -> bool:
+    """Whether a source weight of this shape holds two int4 values per byte along out (1.0.0) or one (mindie)."""
+    return weight_shape[0] * 2 == out_features
 
 
 def _int4_values(raw: np.ndarray, out_features: int) -> np.ndarray:
     """A source weight's int4 values, int16 ``[out, in]``."""
-    if not _two_per_byte(raw, out_features):
+    if not _two_per_byte(raw.shape, out_features):
         return raw.astype(np.int16)  # mindie: one value per byte
     # 1.0.0: two int4 per byte along out, even row in the low nibble
     values = np.empty((out_features, raw.shape[1]), dtype=np.int16)
@@ -444,13 +450,16 @@ def _kernel_scale(prefix: str, scale: np.ndarray, second: np.ndarray | None, par
 
 def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, TensorInfo], section, report) -> None:
     where = prefix
-    _check_source_values(prefix, src, report)
+    _check_offsets(prefix, src, report)
     scale, second = _source_scales(prefix, src)
+    _check_finite(src[f"{prefix}.weight_scale"], scale, report)
+    if second is not None:
+        _check_finite(src[f"{prefix}.weight_scale_second"], second, report)
     source = src[f"{prefix}.weight"]
     raw = _array(source)
     n, k = scale.size, raw.shape[1]
     words = _array(out[f"{prefix}.weight"]).view(np.uint32)  # [in, out/8]
-    if not _two_per_byte(raw, n) and (raw.min() < -8 or raw.max() > 7):
+    if not _two_per_byte(raw.shape, n) and (raw.min() < -8 or raw.max() > 7):
         report.problem(f"{source.path}: tensor {source.name}: values outside the int4 range -8..7")
     elif words.shape != (k, n // 8) or not np.array_equal(np.ascontiguousarray(words.T), _operator_words(raw, n)):
         report.problem(f"{out[f'{prefix}.weight'].path}: tensor {prefix}.weight: int4 values differ from the source")
@@ -479,7 +488,9 @@ def _check_module(prefix: str, src: dict[str, TensorInfo], out: dict[str, Tensor
     bias = _array(out[f"{prefix}.scale_bias"])
     stored = src.get(f"{prefix}.scale_bias")
     if stored is not None:
-        if not np.array_equal(bias.reshape(-1), _array(stored).astype(np.float32).reshape(-1)):
+        stored_values = _array(stored)
+        _check_finite(stored, stored_values, report)
+        if not np.array_equal(bias.reshape(-1), stored_values.astype(np.float32).reshape(-1)):
             report.problem(f"{prefix}.scale_bias: differs from the stored scale_bias")
         return
     values = _int4_values(raw, n)
