@@ -122,11 +122,8 @@ def test_verify_refuses_a_source_that_no_output_converts(
     src = _copy(source_checkpoints["mindie"], tmp_path)
     name = f"model.layers.1.mlp.experts.0.down_proj.{role}"
     info = _tensor(src, name)
-    data = bytearray(info.path.read_bytes())
     dtype = {"F32": "<f4", "I64": "<i8"}[info.dtype]
-    encoded = np.array([value], dtype=dtype).tobytes()
-    data[info.begin : info.begin + len(encoded)] = encoded
-    info.path.write_bytes(bytes(data))
+    _write_at(info.path, info.begin, np.array([value], dtype=dtype).tobytes())
     code, stdout, _ = cli("verify", src, converted_checkpoints["mindie"])
     assert code == 1 and f"{info.path}: tensor {name}: {expected}" in stdout
 
@@ -151,10 +148,8 @@ def test_verify_recomputes_a_mindie_bias_to_the_last_bits(source_checkpoints, tm
     out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
     name = "model.layers.0.self_attn.o_proj.scale_bias"
     info = _tensor(out, name)
-    data = bytearray(info.path.read_bytes())
-    value = np.frombuffer(bytes(data[info.begin : info.begin + 4]), dtype=np.float32)[0]
-    data[info.begin : info.begin + 4] = np.float32(change(value)).tobytes()
-    info.path.write_bytes(bytes(data))
+    value = np.fromfile(info.path, dtype=np.float32, count=1, offset=info.begin)[0]
+    _write_at(info.path, info.begin, np.float32(change(value)).tobytes())
     code, stdout, _ = cli("verify", src, out)
     assert code == 1 and "model.layers.0.self_attn.o_proj.scale_bias: differs from 8 * sum(w * s)" in stdout
 
@@ -191,6 +186,13 @@ def _flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x10
     path.write_bytes(bytes(data))
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    """Overwrite ``len(data)`` bytes of ``path`` at ``offset``, as a bit rot or a bad tool would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 def _tensor(out: Path, name: str):
@@ -291,9 +293,8 @@ def test_verify_finds_a_changed_source_weight(
     src = _copy(source_checkpoints[layout], tmp_path)
     name = "model.layers.1.mlp.experts.2.up_proj.weight"
     info = _tensor(src, name)
-    data = bytearray(info.path.read_bytes())
-    data[info.begin + 3] = value if data[info.begin + 3] != value else value ^ 1
-    info.path.write_bytes(bytes(data))
+    current = info.path.read_bytes()[info.begin + 3]
+    _write_at(info.path, info.begin + 3, bytes([value if current != value else value ^ 1]))
     report = verify_conversion(src, converted_checkpoints[layout])
     assert [p for p in report.problems if name in p and expected in p], report.problems
 
