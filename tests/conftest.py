@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 import pytest
 
 from w4a8conv.convert import convert_checkpoint
@@ -25,3 +28,26 @@ def converted_checkpoints(source_checkpoints, tmp_path_factory) -> dict:
 @pytest.fixture(params=LAYOUT_NAMES)
 def layout(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def direct_io_calls(monkeypatch) -> list[tuple[str, str, int, int]]:
+    """Spy on pwrite and preadv through O_DIRECT descriptors: (``read``/``write``, file, offset, length)."""
+    calls: list[tuple[str, str, int, int]] = []
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+
+    def record(kind: str, fd: int, offset: int, nbytes: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append((kind, os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes))
+
+    def pwrite(fd, data, offset):
+        record("write", fd, offset, memoryview(data).nbytes)
+        return real_pwrite(fd, data, offset)
+
+    def preadv(fd, buffers, offset, *flags):
+        record("read", fd, offset, sum(memoryview(b).nbytes for b in buffers))
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "preadv", preadv)
+    return calls

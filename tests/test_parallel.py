@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv import safetensors_io
 from w4a8conv.checkpoint import DESCRIPTION_FILE, open_checkpoint
 from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
 from w4a8conv.jobs import MANIFEST_FILE, STATE_DIR, assign_shares, output_shards
 from w4a8conv.plan import build_plan
-from w4a8conv.safetensors_io import ShardWriter, TensorInfo
+from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
@@ -47,52 +47,48 @@ def test_workers_give_identical_bytes(many_shards, single_run, tmp_path, workers
 
 
 @pytest.mark.parametrize("workers", [1, 4])
-def test_direct_writes_give_the_same_bytes_as_the_page_cache(many_shards, tmp_path, monkeypatch, workers):
+def test_direct_writes_give_the_same_bytes_as_the_page_cache(
+    many_shards, tmp_path, monkeypatch, direct_io_calls, workers
+):
     # The synthetic tensors are small: lower the threshold so that most of them, and pieces of the
     # pass-through copies, go direct (including out-of-order ones held for the hash, and fallbacks
     # past a low retention limit); then the same conversion with --no-direct-io.
-    monkeypatch.setattr("w4a8conv.safetensors_io._DIRECT_MIN_BYTES", 4096)
-    monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", 8192)
-    monkeypatch.setattr("w4a8conv.safetensors_io._RETAINED_BYTES", 64 * 1024)
-    staged = []
-    write_staged = ShardWriter._write_staged
+    monkeypatch.setattr(staging, "DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr(writer, "STAGED_COPY_BYTES", 8192)
+    monkeypatch.setattr(writer, "RETAINED_BYTES", 64 * 1024)
+    hinted: list[TensorInfo] = []
+    monkeypatch.setattr("w4a8conv.convert.prefetch", hinted.extend)
 
-    def counting(self, begin, nbytes, fill):
-        staged.append(write_staged(self, begin, nbytes, fill))
-        return staged[-1]
+    def direct(kind: str) -> list[tuple[str, int, int]]:
+        return [(path, offset, length) for k, path, offset, length in direct_io_calls if k == kind]
 
-    monkeypatch.setattr(ShardWriter, "_write_staged", counting)
-    # Sources are read direct too (weights of 4 KiB or more here); those are never hinted to the page cache.
-    read_direct, hinted = [], set()
-    real_read_direct = safetensors_io._read_direct
-    monkeypatch.setattr(
-        safetensors_io,
-        "_read_direct",
-        lambda info, *args: read_direct.append(info.name) or real_read_direct(info, *args),
-    )
-    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.update(i.name for i in infos))
     args = ["convert", "--in", str(many_shards), "--workers", str(workers)]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--direct-io"]).exit_code == 0
-    if not any(staged):
+    if not direct("write"):
         pytest.skip("this filesystem takes no O_DIRECT")
-    assert staged.count(True) > 50
-    assert len(read_direct) > 50 and hinted and not hinted & set(read_direct)
-    staged.clear()
-    read_direct.clear()
+    assert len(direct("write")) > 50 and len(direct("read")) > 50
+    # Sources are read direct too (weights of 4 KiB or more here); those are never hinted to the page cache.
+    assert hinted
+    read_direct = set(direct("read"))
+    for info in hinted:  # a direct read takes the whole blocks around its tensor
+        first = info.begin - info.begin % 4096
+        blocks = (os.path.realpath(info.path), first, -(-(info.end - first) // 4096) * 4096)
+        assert blocks not in read_direct, info.name
+    direct_io_calls.clear()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "buffered"), "--no-direct-io"]).exit_code == 0
-    assert not any(staged) and not read_direct
+    assert not direct_io_calls
     assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
     # On a filesystem not known to stream direct writes well, the page cache is the default ...
     monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: "nfs4")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-default"), "--json"])
-    assert result.exit_code == 0 and not any(staged) and not read_direct
+    assert result.exit_code == 0 and not direct_io_calls
     summary = json.loads(result.output)
     assert summary["direct_io"] is False and summary["direct_reads"] is False
     # ... and --direct-io asks for it anyway.
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-direct"), "--direct-io"]).exit_code == 0
-    assert any(staged)
-    direct = tree_bytes(tmp_path / "direct")
-    assert tree_bytes(tmp_path / "nfs-default") == direct and tree_bytes(tmp_path / "nfs-direct") == direct
+    assert direct("write")
+    direct_tree = tree_bytes(tmp_path / "direct")
+    assert tree_bytes(tmp_path / "nfs-default") == direct_tree and tree_bytes(tmp_path / "nfs-direct") == direct_tree
 
 
 def _split_manifest(root: Path) -> tuple[dict[str, bytes], dict, str | None, bytes | None]:
@@ -105,11 +101,11 @@ def _split_manifest(root: Path) -> tuple[dict[str, bytes], dict, str | None, byt
 
 def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_run, tmp_path, monkeypatch):
     # Direct writes of small pieces, so staged buffers, with no hash to wait for, go back to the pool.
-    monkeypatch.setattr("w4a8conv.safetensors_io._DIRECT_MIN_BYTES", 4096)
-    monkeypatch.setattr("w4a8conv.safetensors_io._STAGED_COPY_BYTES", 8192)
+    monkeypatch.setattr(staging, "DIRECT_MIN_BYTES", 4096)
+    monkeypatch.setattr(writer, "STAGED_COPY_BYTES", 8192)
     released = []
-    real_release = ShardWriter._release
-    monkeypatch.setattr(ShardWriter, "_release", lambda self, staged: released.append(1) or real_release(self, staged))
+    real_give = STAGING.give
+    monkeypatch.setattr(STAGING, "give", lambda buffer: released.append(1) or real_give(buffer))
     result = convert_checkpoint(many_shards, tmp_path / "out", workers=3, checksums=False)
     assert result.checksums is False
     files, description, named, manifest = _split_manifest(tmp_path / "out")

@@ -24,14 +24,13 @@ from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX, Checkpoint
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
 from .layouts import PREPACKED_TYPE
 from .plan import TOOL_SECTION, Plan, Projection, natural_key, tensor_entries
-from .safetensors_io import OutputEntry, TensorInfo
+from .safetensors_io import OutputEntry, TensorInfo, sha256_file
 
 STATE_DIR = ".w4a8conv"
 JOB_FILE = "job.json"
 SUMS_DIR = "sums"
 MANIFEST_FILE = "w4a8conv.sha256"  # `sha256sum -c w4a8conv.sha256` checks it too
 FORMAT_VERSION = 1
-_HASH_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass
@@ -364,15 +363,6 @@ def finalize(dst: Path | str) -> dict:
 def _read_checksum(state: Path, dst: Path, shard: str) -> str:
     path = state / SUMS_DIR / f"{shard}.sha256"
     return path.read_text().strip() if path.is_file() else sha256_file(dst / shard)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    chunk = memoryview(bytearray(_HASH_CHUNK))  # reused: a fresh 16 MiB per read costs page faults
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(chunk):
-            digest.update(chunk[:n])
-    return digest.hexdigest()
 
 
 def json_bytes(data: dict) -> bytes:

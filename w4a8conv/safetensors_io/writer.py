@@ -1,0 +1,233 @@
+"""The shard writer: a safetensors file laid out header first, each tensor written at its offset.
+
+No output shard is ever held in memory: tensors arrive in any order from worker threads and are
+written where the header says, pass-through tensors copied file to file.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import staging
+from .hashing import PrefixHasher
+from .header import OutputEntry, TensorInfo, dtype_name, layout_header
+from .staging import BLOCK, Staged
+from .syscalls import COPY_CHUNK, allocate, copy_range, name_file, pwrite_all, read_exactly, truncated
+
+if TYPE_CHECKING:
+    import torch
+
+STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
+RETAINED_BYTES = 128 << 20  # direct-written bytes a shard may hold in memory until its hash reaches them
+
+
+class ShardWriter:
+    """Write a safetensors file tensor by tensor, each at its planned offset, in any order.
+
+    The file is written as ``<name>.partial``; :meth:`finish` checks every tensor arrived, fsyncs and
+    renames it, so a file under its final name is always complete. Its sha256 is computed while it
+    is written (unless ``checksum`` is False), by a :class:`~.hashing.PrefixHasher`.
+
+    Large tensors, and pass-through copies in pieces, are written with ``O_DIRECT`` from a staging
+    buffer, bypassing the page cache: the device reads our memory, where a buffered write has the CPU
+    copy every byte into freshly allocated cache pages and write them back at the end. Their
+    block-aligned middle goes direct, the partial blocks at either end through the page cache, and
+    the buffer is kept until the hash reaches it. Small tensors, and every write on filesystems that
+    refuse ``O_DIRECT``, go through the page cache and are hashed from there.
+
+    Args:
+        path: the final file name.
+        entries: every tensor the file holds.
+        metadata: the header's ``__metadata__``.
+        direct_io: write large tensors with O_DIRECT where the filesystem takes it.
+        checksum: compute the file's sha256.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        entries: Iterable[OutputEntry],
+        metadata: dict[str, str] | None = None,
+        direct_io: bool = True,
+        checksum: bool = True,
+    ):
+        entries = list(entries)
+        self.path = path
+        self.partial_path = path.with_name(path.name + ".partial")
+        header, self.ranges = layout_header(entries, metadata)
+        self._pending = set(self.ranges)
+        self._entries = {e.name: e for e in entries}
+        self.size = len(header) + sum(e.nbytes for e in entries)
+        self._retained = 0  # bytes of staged tensors not hashed yet
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._direct_fd = -1
+        self._direct = False  # large tensors go direct
+        try:
+            self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            raise name_file(e, self.partial_path) from None
+        self._hasher = PrefixHasher(self._fd, self.partial_path, self._release) if checksum else None
+        try:
+            if direct_io:
+                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+                self._direct = True
+        except (OSError, AttributeError):
+            pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
+        try:
+            # Reserve every block now: a full disk fails here, before any work, and the writes into
+            # allocated space are cheaper than filling holes of a sparse file.
+            allocate(self._fd, self.size)
+            self._pwrite_all(header, 0)
+        except OSError as e:
+            self.abort()
+            raise name_file(e, self.partial_path) from None
+        self._written_range(0, len(header))
+
+    @property
+    def writes_direct(self) -> bool:
+        """Whether large tensors go to this file with O_DIRECT (False once the device refused it)."""
+        return self._direct
+
+    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (which must match the planned dtype and shape) at its offset."""
+        entry = self._entries[name]
+        import torch
+
+        assert dtype_name(tensor.dtype) == entry.dtype and tuple(tensor.shape) == entry.shape, (
+            f"{name} planned as {entry.dtype}{list(entry.shape)}, produced {tensor.dtype}{list(tensor.shape)}"
+        )
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        begin, end = self.ranges[name]
+        if not self._write_staged(begin, len(data), lambda staged: np.copyto(staged, data)):
+            self._pwrite_all(memoryview(data), begin)
+            self._written_range(begin, end)
+        self._pending.discard(name)
+
+    def copy_tensor(self, name: str, source: TensorInfo) -> None:
+        """Copy a tensor's bytes verbatim from a source file, in pieces.
+
+        Pieces of 1-8 MiB are read into a staging buffer and written direct; the rest, and every piece
+        where direct writes are off, are copied by the kernel (``copy_file_range``) where it can.
+        """
+        begin, end = self.ranges[name]
+        assert end - begin == source.nbytes, f"{name} planned with {end - begin} bytes, source has {source.nbytes}"
+        piece = STAGED_COPY_BYTES if self._direct else COPY_CHUNK
+        with open(source.path, "rb", buffering=0) as src:
+            for done in range(0, source.nbytes, piece):
+                size = min(piece, source.nbytes - done)
+                where = source.begin + done
+                read = functools.partial(read_exactly, source, src.fileno(), where)
+                if self._write_staged(begin + done, size, read):
+                    continue
+                try:
+                    copied = copy_range(src.fileno(), where, self._fd, begin + done, size)
+                except OSError as e:
+                    raise name_file(e, self.partial_path) from None
+                if copied != size:
+                    raise truncated(source)
+                self._written_range(begin + done, begin + done + size)
+        self._pending.discard(name)
+
+    def finish(self) -> str | None:
+        """Fsync and rename the complete file; returns its sha256 (hex), or None without ``checksum``.
+
+        Call it once every write has returned: by then the digest covers the whole file.
+        """
+        assert not self._pending, f"{self.path.name}: tensors never written: {sorted(self._pending)[:3]}"
+        assert self._hasher is None or self._hasher.hashed == self.size, f"{self.path.name}: not all hashed"
+        try:
+            os.fsync(self._fd)
+            self.abort()
+            os.replace(self.partial_path, self.path)
+        except OSError as e:
+            raise name_file(e, self.path) from None
+        return None if self._hasher is None else self._hasher.hexdigest()
+
+    def abort(self) -> None:
+        for fd in (self._fd, self._direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct_fd = -1
+
+    def _retain(self, nbytes: int) -> bool:
+        """Reserve room to keep a staged tensor until it is hashed; one is always allowed."""
+        with self._lock:
+            if self._retained and self._retained + nbytes > RETAINED_BYTES:
+                return False
+            self._retained += nbytes
+            return True
+
+    def _release(self, staged: Staged) -> None:
+        with self._lock:
+            self._retained -= len(staged.data)
+        staging.STAGING.give(staged.buffer)
+
+    def _write_staged(self, begin: int, nbytes: int, fill: Callable[[np.ndarray], None]) -> bool:
+        """Write ``nbytes`` at ``begin`` that ``fill`` puts into a staging array, whole blocks with O_DIRECT.
+
+        The bytes are staged so that file offset ``x`` sits at a block-aligned address exactly when
+        ``x`` is block-aligned, which is what O_DIRECT asks of both; the partial blocks at either end
+        go through the page cache. Returns False, having done nothing, for ranges too small to be
+        worth it, when this file takes no direct writes, or when too much is held for the hash.
+        """
+        if nbytes < staging.DIRECT_MIN_BYTES or not self._direct or not self._retain(nbytes):
+            return False
+        pad = begin % BLOCK
+        buffer = staging.STAGING.take(pad + nbytes)
+        staged = Staged(buffer, buffer[pad : pad + nbytes])
+        try:
+            fill(staged.data)
+        except BaseException:
+            self._release(staged)
+            raise
+        end = begin + nbytes
+        first, last = -(-begin // BLOCK) * BLOCK, end // BLOCK * BLOCK  # whole blocks: [first, last)
+        view = memoryview(buffer)[: pad + nbytes]
+        base = begin - pad  # file offset of view[0]
+        try:
+            pwrite_all(self._direct_fd, view[first - base : last - base], first)
+            self._pwrite_all(view[pad : first - base], begin)
+            self._pwrite_all(view[last - base :], last)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                self._release(staged)
+                raise name_file(e, self.partial_path) from None
+            # The device wants more alignment than we give (or the filesystem no direct I/O after all):
+            # from now on this file is written through the page cache. The descriptor stays open until
+            # the end, as another thread may be writing through it.
+            self._direct = False
+            try:
+                self._pwrite_all(view[pad:], begin)
+            finally:
+                self._release(staged)
+            self._written_range(begin, end)
+            return True
+        self._written_range(begin, end, staged)
+        return True
+
+    def _pwrite_all(self, data: bytes | memoryview, offset: int) -> None:
+        # A buffered write holds the file's inode lock while it copies, and the kernel lets the other
+        # writers of the file spin on it, burning a core: this file's writers queue on a lock of ours
+        # instead, where they sleep.
+        try:
+            with self._write_lock:
+                pwrite_all(self._fd, memoryview(data).cast("B"), offset)
+        except OSError as e:
+            raise name_file(e, self.partial_path) from None
+
+    def _written_range(self, begin: int, end: int, staged: Staged | None = None) -> None:
+        if begin == end:
+            return
+        if self._hasher is not None:
+            self._hasher.written(begin, end, staged)
+        elif staged is not None:  # nothing to hash: the staged bytes are on disk and can go
+            self._release(staged)
