@@ -8,7 +8,8 @@ import os
 import pytest
 
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.synthetic import LAYOUT_NAMES, SyntheticSpec, write_checkpoint
+from w4a8conv.sources import SOURCE_NAMES
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 SPEC = SyntheticSpec()
 
@@ -16,7 +17,7 @@ SPEC = SyntheticSpec()
 @pytest.fixture(scope="session")
 def source_checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sources")
-    return {layout: write_checkpoint(root / layout, layout, SPEC) for layout in LAYOUT_NAMES}
+    return {layout: write_checkpoint(root / layout, layout, SPEC) for layout in SOURCE_NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +26,7 @@ def converted_checkpoints(source_checkpoints, tmp_path_factory) -> dict:
     return {layout: convert_checkpoint(src, root / layout).out_dir for layout, src in source_checkpoints.items()}
 
 
-@pytest.fixture(params=LAYOUT_NAMES)
+@pytest.fixture(params=SOURCE_NAMES)
 def layout(request) -> str:
     return request.param
 

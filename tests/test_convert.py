@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.layouts import PREPACKED_TYPE
+from w4a8conv.names import PREPACKED_TYPE
 from w4a8conv.output import LineProgress
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header

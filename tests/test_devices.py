@@ -14,7 +14,7 @@ from w4a8conv.devices import resolve_device
 from w4a8conv.errors import BadInputError
 from w4a8conv.npu import npu_pack_int4_to_int32
 from w4a8conv.packing import pack_int4_to_int32
-from w4a8conv.plan import build_plan
+from w4a8conv.planner import build_plan
 from w4a8conv.processing import process_projection
 from w4a8conv.safetensors_io import read_tensor
 
@@ -84,8 +84,8 @@ def test_npu_packers_match_the_portable_packing(stand_in):
 def test_npu_path_processes_every_projection_identically(stand_in, source_checkpoints):
     """The processing with torch_npu's operators gives the same tensors as the CPU reference, bit for bit."""
     plan = build_plan(open_checkpoint(source_checkpoints["mindie"]))
-    assert any(not p.is_moe for p in plan.projections) and any(p.is_moe for p in plan.projections)
-    for projection in plan.projections:
+    assert any(not p.is_moe for p in plan.modules) and any(p.is_moe for p in plan.modules)
+    for projection in plan.modules:
         tensors = {role: read_tensor(info) for role, info in projection.sources.items()}
         reference = process_projection(projection, tensors)
         packer = lambda v, p=projection: npu_pack_int4_to_int32(v, for_moe=p.is_moe)  # noqa: E731
@@ -98,7 +98,7 @@ def test_npu_path_processes_every_projection_identically(stand_in, source_checkp
 def test_planning_does_not_import_torch():
     """inspect and the planning before a conversion run without torch (it loads in the background)."""
     code = (
-        "import sys, w4a8conv.cli, w4a8conv.inspect, w4a8conv.convert, w4a8conv.plan; "
+        "import sys, w4a8conv.cli, w4a8conv.inspect, w4a8conv.convert, w4a8conv.planner; "
         "from w4a8conv.devices import resolve_device; resolve_device('cpu'); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.synthetic import LAYOUT_NAMES, SyntheticSpec, write_checkpoint
+from w4a8conv.sources import SOURCE_NAMES
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "sha256.json").read_text())
 SPECS = {
@@ -32,7 +33,7 @@ def _digests(path: Path) -> dict[str, str]:
 
 
 def test_every_golden_case_is_a_registered_layout():
-    assert {key.split("/")[1] for key in GOLDEN} == set(LAYOUT_NAMES)
+    assert {key.split("/")[1] for key in GOLDEN} == set(SOURCE_NAMES)
 
 
 @pytest.mark.parametrize("case", sorted(GOLDEN))

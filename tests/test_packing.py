@@ -13,7 +13,7 @@ from w4a8conv.packing import (
     unpack_int4_pairs_along_rows,
     unpack_int32_words,
 )
-from w4a8conv.synthetic import pack_pairs_numpy
+from w4a8conv.sources.v1_per_group import pack_pairs_numpy
 
 
 def test_pack_pairs_golden_bytes():

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.checkpoint import DESCRIPTION_FILE, open_checkpoint
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.names import DESCRIPTION_FILE
 from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
-from w4a8conv.jobs import MANIFEST_FILE, STATE_DIR, assign_shares, output_shards
-from w4a8conv.plan import build_plan
+from w4a8conv.names import MANIFEST_FILE, STATE_DIR
+from w4a8conv.planner import assign_shares, build_plan
 from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
@@ -139,12 +140,12 @@ def test_conversion_is_deterministic(many_shards, single_run, tmp_path):
 
 
 def test_shares_are_disjoint_complete_and_deterministic(many_shards):
-    shards = output_shards(build_plan(open_checkpoint(many_shards)))
+    shards = build_plan(open_checkpoint(many_shards)).shards
     for n in (1, 2, 3, 7, 9):
         shares = assign_shares(shards, n)
         names = [name for share in shares for name in share]
         assert sorted(names) == sorted(s.name for s in shards) and len(names) == len(set(names))
-        assert shares == assign_shares(list(reversed(shards)), n)  # same split whatever the order
+        assert shares == assign_shares(tuple(reversed(shards)), n)  # same split whatever the order
 
 
 def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_path):

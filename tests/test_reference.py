@@ -14,7 +14,8 @@ from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.runtime import load_linear, load_moe
 from w4a8conv.safetensors_io import read_header
 from w4a8conv.synthetic import w4a8_truth
-from w4a8conv.verify import VerifyReport, _numeric_checks, verify_conversion
+from w4a8conv.verify import VerifyReport, verify_conversion
+from w4a8conv.verify.numeric import numeric_checks
 
 from .conftest import SPEC
 
@@ -141,5 +142,5 @@ def test_verify_numeric_catches_a_shifted_bias(source_checkpoints, converted_che
     source = open_checkpoint(source_checkpoints["v1.0.0-per-group"])
     section = {"params_dtype": "bfloat16"}
     prefixes = [f"model.layers.{SPEC.dense_layers}.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    _numeric_checks(out, prefixes, source.tensors, section, np.random.default_rng(0), report)
+    numeric_checks(out, prefixes, source.tensors, section, np.random.default_rng(0), report)
     assert not report.ok and any("experts.0 w2" in p for p in report.problems)

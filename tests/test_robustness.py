@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.jobs import MANIFEST_FILE, STATE_DIR
+from w4a8conv.names import MANIFEST_FILE, STATE_DIR
 from w4a8conv.safetensors_io import read_header, staging
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
@@ -274,7 +274,7 @@ def test_verify_stops_at_an_unreadable_module_without_checking_the_rest(
             raise PermissionError(13, "Permission denied", "shard.safetensors")
         time.sleep(0.05)
 
-    monkeypatch.setattr("w4a8conv.verify._check_module", unreadable)
+    monkeypatch.setattr("w4a8conv.verify.modules.check_module", unreadable)
     code, _, stderr = cli("verify", source_checkpoints["mindie"], converted_checkpoints["mindie"], "--workers", "1")
     assert code == 1 and stderr == "error: shard.safetensors: permission denied\n"
     assert 1 <= len(checked) <= 2  # of 30 modules: the rest were cancelled

@@ -12,7 +12,7 @@ import torch
 
 from w4a8conv import vllm_plugin
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.layouts import PREPACKED_TYPE
+from w4a8conv.names import PREPACKED_TYPE
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadInputError
+from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX
 from .safetensors_io import ShardHeader, TensorInfo, read_header
-
-DESCRIPTION_FILE = "quant_model_description.json"
-INDEX_SUFFIX = ".safetensors.index.json"
-CONFIG_FILE = "config.json"
 
 if TYPE_CHECKING:
     import torch

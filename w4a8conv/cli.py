@@ -14,6 +14,8 @@ import typer
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_error
 from .output import Output, human_bytes
+from .sources import SOURCE_NAMES
+from .targets import DEFAULT_TARGET, TARGET_NAMES
 
 # numpy's OpenBLAS starts a thread per core that spins while idle (about 2% of a conversion's CPU time
 # on 2 cores); nothing here calls BLAS. Set before numpy is first imported, which the commands do lazily.
@@ -30,6 +32,9 @@ app = typer.Typer(
 # I/O waits overlap better with more threads than cores (measured on 2 cores: 4 beat 2 by 5-10%).
 DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+TargetOpt = Annotated[
+    str, typer.Option(help=f"The serving engine release the output is for: {', '.join(TARGET_NAMES)}.")
+]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
 
 
@@ -89,14 +94,16 @@ def main_callback(
 
 @app.command()
 @handle_errors
-def inspect(path: CheckpointArg, json_output: JsonOpt = False, *, output: Output) -> None:
+def inspect(
+    path: CheckpointArg, target: TargetOpt = DEFAULT_TARGET, json_output: JsonOpt = False, *, output: Output
+) -> None:
     """Report a checkpoint's layout, group size, modules, shards and every inconsistency (headers only).
 
     Exits 2 when problems are found.
     """
     from .inspect import inspect_checkpoint
 
-    report = inspect_checkpoint(path)
+    report = inspect_checkpoint(path, target)
     if output.json_mode:
         output.emit_json(report)
     else:
@@ -113,6 +120,7 @@ def convert(
         Path, typer.Option("--out", help="Output directory (must not exist or be empty).", show_default=False)
     ],
     device: Annotated[str, typer.Option(help="Where to run the processing: auto, cpu, cuda or npu.")] = "cpu",
+    target: TargetOpt = DEFAULT_TARGET,
     workers: Annotated[
         int, typer.Option(help="Threads converting modules in parallel; the output is identical for any number.")
     ] = DEFAULT_WORKERS,
@@ -152,20 +160,24 @@ def convert(
     from .convert import convert_checkpoint, plan_conversion
 
     if dry_run:
-        plan = plan_conversion(src, dst, num_workers=num_workers, worker_index=worker_index, checksums=checksums)
+        plan = plan_conversion(src, dst, target, num_workers, worker_index, checksums)
+        summary = plan.summary
+        mine = {name: plan.shard(name).file_size for name in plan.shares[worker_index]}
         if output.json_mode:
-            output.emit_json({"ok": True, "dry_run": True, **plan})
+            report = {**summary.as_dict(), "target": plan.target, "total_shards": summary.shards, "shards": mine}
+            output.emit_json({"ok": True, "dry_run": True, **report})
         else:
             output.info(
-                f"would convert a {plan['format']} checkpoint (group size {plan['group_size']}): "
-                f"{plan['modules']} W4A8 modules into {len(plan['shards'])} of {plan['total_shards']} shards, "
-                f"{human_bytes(plan['input_bytes'])} -> {human_bytes(plan['output_bytes'])}; nothing written"
+                f"would convert a {summary.format} checkpoint (group size {summary.group_size}) for {plan.target}: "
+                f"{summary.modules} W4A8 modules into {len(mine)} of {summary.shards} shards, "
+                f"{human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)}; nothing written"
             )
         return
     result = convert_checkpoint(
         src,
         dst,
         device=device,
+        target=target,
         workers=workers,
         num_workers=num_workers,
         worker_index=worker_index,
@@ -259,18 +271,18 @@ def finalize(
     """Write the index and description once every share of a job array is done (exit 1, naming the missing)."""
     from .convert import finalize as finalize_job
 
-    summary = finalize_job(dst)
+    summary = finalize_job(dst).summary
     if output.json_mode:
-        output.emit_json({"ok": True, "out_dir": str(dst), **summary})
+        output.emit_json({"ok": True, "out_dir": str(dst), **summary.as_dict()})
     else:
-        output.info(f"finalized {dst}: {summary['shards']} shards, {summary['modules']} W4A8 modules")
+        output.info(f"finalized {dst}: {summary.shards} shards, {summary.modules} W4A8 modules")
 
 
 @app.command()
 @handle_errors
 def synthetic(
     path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
-    layout: Annotated[str, typer.Option(help="mindie, v1.0.0-per-group or v1.0.0-per-channel.")] = "mindie",
+    layout: Annotated[str, typer.Option(help=f"The source layout: {', '.join(SOURCE_NAMES)}.")] = SOURCE_NAMES[0],
     seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
     json_output: JsonOpt = False,
     *,
@@ -278,10 +290,10 @@ def synthetic(
 ) -> None:
     """Write a tiny synthetic DeepSeek-like W4A8_DYNAMIC checkpoint (for demos and tests)."""
     from .errors import BadInputError
-    from .synthetic import LAYOUT_NAMES, SyntheticSpec, write_checkpoint
+    from .synthetic import SyntheticSpec, write_checkpoint
 
-    if layout not in LAYOUT_NAMES:
-        raise BadInputError(f"--layout {layout}: choose one of {', '.join(LAYOUT_NAMES)}")
+    if layout not in SOURCE_NAMES:
+        raise BadInputError(f"--layout {layout}: choose one of {', '.join(SOURCE_NAMES)}")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path}: exists and is not an empty directory")
     write_checkpoint(path, layout, SyntheticSpec(seed=seed))

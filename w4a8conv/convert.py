@@ -28,20 +28,13 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
 from .filesystems import direct_io_by_default
-from .jobs import (
-    SHARD_METADATA,
-    JobShare,
-    OutputShard,
-    copy_file_atomic,
-    finalize,
-    job_description,
-    output_shards,
-    start_share,
-)
-from .layouts import PROCESSED_FORMAT
+from .jobs import JobShare, copy_file_atomic, finalize, start_share
+from .names import TOOL_SECTION
 from .output import Progress
-from .plan import Plan, Projection, build_plan
+from .plan import ConversionPlan, OutputShard, Projection
+from .planner import SHARD_METADATA, build_plan
 from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor, reads_direct
+from .targets import DEFAULT_TARGET
 
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
 
@@ -64,6 +57,7 @@ class ConvertResult:
     direct_io: bool  # large output tensors were written with O_DIRECT
     direct_reads: bool  # large W4A8 weights were read with O_DIRECT
     checksums: bool  # the output has a sha256 manifest
+    target: str
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -85,12 +79,14 @@ def _check_share(num_workers: int, worker_index: int) -> None:
         raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
 
 
-def prepare(src: Path) -> tuple[Checkpoint, Plan]:
+def prepare(
+    src: Path, target: str = DEFAULT_TARGET, num_workers: int = 1, checksums: bool = True
+) -> tuple[Checkpoint, ConversionPlan]:
     """Read and plan ``src``; raise on the first problem (``inspect`` lists them all)."""
     ckpt = open_checkpoint(src)
-    plan = build_plan(ckpt)
-    if plan.format == PROCESSED_FORMAT:
+    if TOOL_SECTION in ckpt.description:
         raise BadInputError(f"{src}: already processed by w4a8conv; nothing to convert")
+    plan = build_plan(ckpt, target, num_workers, checksums)
     if plan.problems:
         more = len(plan.problems) - 1
         suffix = f" (and {more} more; run `w4a8conv inspect {src}` for all)" if more else ""
@@ -102,6 +98,7 @@ def convert_checkpoint(
     src: Path | str,
     dst: Path | str,
     device: str = "cpu",
+    target: str = DEFAULT_TARGET,
     workers: int = 1,
     num_workers: int = 1,
     worker_index: int = 0,
@@ -118,6 +115,7 @@ def convert_checkpoint(
         dst: the output directory; must be new or empty unless ``overwrite`` or ``resume``.
             The jobs of an array share it.
         device: ``cpu`` (default), ``cuda``, ``npu`` or ``auto``.
+        target: the serving target (``w4a8conv.targets``); the newest by default.
         workers: threads converting modules in parallel inside this process; output is identical.
         num_workers: number of independent jobs sharing the conversion (a job array's size).
         worker_index: this job's index, ``0 <= worker_index < num_workers``.
@@ -150,22 +148,19 @@ def convert_checkpoint(
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
-    ckpt, plan = prepare(src)
+    ckpt, plan = prepare(src, target, num_workers, checksums)
     torch_device = resolve_device(device)
-    job = job_description(ckpt, plan, num_workers, checksums)
-    share = start_share(dst, job, worker_index, overwrite=overwrite, resume=resume)
-    summary = job["summary"]
+    share = start_share(dst, plan, worker_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
-        return _result(dst, started, torch_device, direct_io, direct_reads, checksums, summary)
+        return _result(dst, started, torch_device, direct_io, direct_reads, plan)
     report = progress or Progress()
     try:
         mine = set(share.shard_names)
-        todo = [s for s in output_shards(plan) if s.name in mine and not share.is_complete(s.name)]
-        _check_free_space(dst, sum(share.job["shards"][s.name] for s in todo))
+        todo = [s for s in plan.shards if s.name in mine and not share.is_complete(s.name)]
+        _check_free_space(dst, sum(s.file_size for s in todo))
         report.start(
-            sum(i.nbytes for s in todo for i in s.passthrough)
-            + sum(_source_bytes(p) for s in todo for p in s.projections),
-            sum(len(s.projections) for s in todo),
+            sum(i.nbytes for s in todo for i in s.passthrough) + sum(p.source_bytes for s in todo for p in s.modules),
+            sum(len(s.modules) for s in todo),
         )
         if worker_index == 0:
             for rel in ckpt.extra_files:
@@ -173,20 +168,18 @@ def convert_checkpoint(
         converting = {s.name for s in todo}
         unhashed = [name for name in share.shard_names if name not in converting] if share.checksums else []
         _import_math_in_background()
-        _convert_shards(
-            todo, unhashed, share, torch_device, ckpt.params_dtype_name, workers, direct_io, direct_reads, report
-        )
+        _convert_shards(todo, unhashed, share, torch_device, workers, direct_io, direct_reads, report)
         share.mark_done()
         if num_workers == 1:
             finalize(dst)
     finally:
         report.finish()
         share.close()
-    return _result(dst, started, torch_device, direct_io, direct_reads, checksums, summary)
+    return _result(dst, started, torch_device, direct_io, direct_reads, plan)
 
 
 def _result(
-    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, checksums: bool, summary: dict
+    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, plan: ConversionPlan
 ) -> ConvertResult:
     return ConvertResult(
         dst,
@@ -194,8 +187,9 @@ def _result(
         device=device,
         direct_io=direct_io,
         direct_reads=direct_reads,
-        checksums=checksums,
-        **summary,
+        checksums=plan.checksums,
+        target=plan.target,
+        **plan.summary.as_dict(),
     )
 
 
@@ -223,21 +217,18 @@ def _import_math_in_background() -> None:
 
 
 def plan_conversion(
-    src: Path | str, dst: Path | str, num_workers: int = 1, worker_index: int = 0, checksums: bool = True
-) -> dict:
-    """What :func:`convert_checkpoint` would do, from headers alone, with every check; writes nothing.
-
-    Returns:
-        The job's summary, ``total_shards``, and ``shards``: this share's output files and sizes.
-    """
+    src: Path | str,
+    dst: Path | str,
+    target: str = DEFAULT_TARGET,
+    num_workers: int = 1,
+    worker_index: int = 0,
+    checksums: bool = True,
+) -> ConversionPlan:
+    """What :func:`convert_checkpoint` would do, from headers alone, with every check; writes nothing."""
     src, dst = Path(src), Path(dst)
     _check_share(num_workers, worker_index)
     check_paths(src, dst)
-    ckpt, plan = prepare(src)
-    job = job_description(ckpt, plan, num_workers, checksums)
-    mine = job["shares"][worker_index]
-    summary = job["summary"]
-    return {**summary, "total_shards": summary["shards"], "shards": {name: job["shards"][name] for name in mine}}
+    return prepare(src, target, num_workers, checksums)[1]
 
 
 def _check_free_space(dst: Path, needed: int) -> None:
@@ -250,16 +241,11 @@ def _check_free_space(dst: Path, needed: int) -> None:
         )
 
 
-def _source_bytes(projection: Projection) -> int:
-    return sum(i.nbytes for i in projection.sources.values())
-
-
 def _convert_shards(
     shards: list[OutputShard],
     unhashed: list[str],
     share: JobShare,
     device: str,
-    params_dtype: str,
     workers: int,
     direct_io: bool,
     direct_reads: bool,
@@ -276,7 +262,7 @@ def _convert_shards(
         shard.name: ShardWriter(dst / shard.name, shard.entries, SHARD_METADATA, direct_io, share.checksums)
         for shard in shards
     }
-    remaining = {shard.name: len(shard.passthrough) + len(shard.projections) for shard in shards}
+    remaining = {shard.name: len(shard.passthrough) + len(shard.modules) for shard in shards}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
     pending: dict[Future, tuple[str, str, str, int]] = {}
 
@@ -288,7 +274,7 @@ def _convert_shards(
 
     try:
         copies = [(shard.name, info) for shard in shards for info in shard.passthrough]
-        projections = [(shard.name, p) for shard in shards for p in shard.projections]
+        projections = [(shard.name, p) for shard in shards for p in shard.modules]
         # Sources read with O_DIRECT bypass the page cache, so hinting them would read them twice.
         sources = [[i for i in p.sources.values() if not reads_direct(i, direct_reads)] for _, p in projections]
         read_ahead = _ReadAhead([[info] for _, info in copies] + sources)
@@ -302,12 +288,12 @@ def _convert_shards(
                 _convert_projection,
                 writers[shard_name],
                 p,
+                share.plan,
                 device,
-                params_dtype,
                 workers,
                 direct_reads,
             )
-            pending[future] = (shard_name, "module", p.prefix, _source_bytes(p))
+            pending[future] = (shard_name, "module", p.prefix, p.source_bytes)
         for name in unhashed:
             if not share.has_checksum(name):
                 pending[pool.submit(share.record_checksum, name)] = (name, "checksum", name, 0)
@@ -374,7 +360,7 @@ def _configure_torch(workers: int) -> None:
 
 
 def _convert_projection(
-    writer: ShardWriter, projection: Projection, device: str, params_dtype: str, workers: int, direct_reads: bool
+    writer: ShardWriter, projection: Projection, plan: ConversionPlan, device: str, workers: int, direct_reads: bool
 ) -> None:
     import torch
 
@@ -389,5 +375,7 @@ def _convert_projection(
         from .packing import pack_int4_to_int32 as pack_int4
 
     tensors = {role: read_tensor(info, direct_reads).to(device) for role, info in projection.sources.items()}
-    for name, tensor in process_projection(projection, tensors, getattr(torch, params_dtype), pack_int4).items():
+    params_dtype = getattr(torch, plan.params_dtype)
+    processed = process_projection(projection, tensors, params_dtype, pack_int4, plan.serving_target)
+    for name, tensor in processed.items():
         writer.write_tensor(name, tensor)

@@ -1,15 +1,33 @@
-"""``w4a8conv inspect``: what a checkpoint is and what is wrong with it, from headers alone."""
+"""``w4a8conv inspect``: what a checkpoint is and what is wrong with it, from headers alone.
+
+A source checkpoint is described by its conversion plan (``planner``), a w4a8conv output by its
+description's processed tensors.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import open_checkpoint
-from .plan import build_plan
+from .checkpoint import Checkpoint, open_checkpoint
+from .names import (
+    DESCRIPTION_FILE,
+    MOE_EXPERT,
+    PREPACKED_TYPE,
+    PROCESSED_FORMAT,
+    TOOL_SECTION,
+    W4A8_TYPE,
+    tensor_entries,
+)
+from .planner import build_plan
+from .targets import DEFAULT_TARGET
 
 
-def inspect_checkpoint(path: Path | str) -> dict:
+def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> dict:
     """Describe a checkpoint from its description, index and safetensors headers (no tensor data).
+
+    Args:
+        path: the checkpoint directory.
+        target: the serving target a source checkpoint is checked against.
 
     Returns:
         A JSON-ready dict with at least ``format``, ``group_size``, ``w4a8_modules``, ``moe_layers``,
@@ -19,27 +37,80 @@ def inspect_checkpoint(path: Path | str) -> dict:
         BadInputError: when the directory cannot be read as a checkpoint at all.
     """
     ckpt = open_checkpoint(Path(path))
-    plan = build_plan(ckpt)
-    experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers.values()})
-    moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers.values()}
+    if TOOL_SECTION in ckpt.description:
+        return {**_common(path, ckpt), **_processed(ckpt)}
+    plan = build_plan(ckpt, target)
+    experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers})
+    moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers}
     hidden, intermediate = moe_shapes.pop() if len(moe_shapes) == 1 else (None, None)
+    summary = plan.summary
     return {
-        "path": str(path),
-        "format": plan.format,
-        "version": ckpt.description.get("version"),
+        **_common(path, ckpt),
+        "format": plan.source_layout,
+        "target": plan.target,
         "group_size": plan.group_size,
-        "w4a8_modules": plan.w4a8_modules,
-        "w4a8_linear": plan.w4a8_linear,
-        "moe_layers": len(plan.moe_layers),
-        "experts": plan.num_experts,
+        "w4a8_modules": summary.modules,
+        "w4a8_linear": sum(not p.is_moe for p in plan.modules),
+        "moe_layers": summary.moe_layers,
+        "experts": summary.experts,
         "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
         "hidden_size": hidden or None,
         "moe_intermediate_size": intermediate or None,
-        "other_quant_types": dict(sorted(plan.other_quant_types.items())),
+        "other_quant_types": dict(plan.other_quant_types),
+        "converted_bytes": summary.output_bytes if plan.modules else None,
+        "problems": list(plan.problems),
+    }
+
+
+def _common(path: Path | str, ckpt: Checkpoint) -> dict:
+    return {
+        "path": str(path),
+        "version": ckpt.description.get("version"),
         "params_dtype": ckpt.params_dtype_name,
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
         "total_bytes": ckpt.total_bytes,
-        "converted_bytes": plan.output_bytes if plan.projections else None,
-        "problems": plan.problems,
+    }
+
+
+def _processed(ckpt: Checkpoint) -> dict:
+    """A w4a8conv output: its processed modules (it converts nothing)."""
+    section = ckpt.description.get(TOOL_SECTION) or {}
+    types = tensor_entries(ckpt.description)
+    problems: list[str] = []
+    layers: dict[str, set[int]] = {}
+    modules = linear = 0
+    other: dict[str, int] = {}
+    for name, quant_type in types.items():
+        if not name.endswith(".weight"):
+            continue
+        if quant_type not in (W4A8_TYPE, PREPACKED_TYPE):
+            other[quant_type] = other.get(quant_type, 0) + 1
+        if quant_type != PREPACKED_TYPE:
+            continue
+        modules += 1
+        if name not in ckpt.tensors:
+            problems.append(f"{ckpt.root / DESCRIPTION_FILE}: lists tensor {name}, which no shard holds")
+        match = MOE_EXPERT.match(name[: -len(".weight")])
+        if match:
+            layers.setdefault(match["layer"], set()).add(int(match["expert"]))
+        else:
+            linear += 1
+    if not modules:
+        problems.append(f"{ckpt.root}: processed checkpoint lists no {PREPACKED_TYPE} weight")
+    experts_per_layer = sorted({len(experts) for experts in layers.values()})
+    return {
+        "format": PROCESSED_FORMAT,
+        "target": section.get("target"),
+        "group_size": section.get("group_size"),
+        "w4a8_modules": modules,
+        "w4a8_linear": linear,
+        "moe_layers": len(layers),
+        "experts": sum(len(experts) for experts in layers.values()),
+        "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
+        "hidden_size": None,
+        "moe_intermediate_size": None,
+        "other_quant_types": dict(sorted(other.items())),
+        "converted_bytes": None,
+        "problems": problems,
     }

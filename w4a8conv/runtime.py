@@ -17,11 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint import DESCRIPTION_FILE, INDEX_SUFFIX
 from .errors import BadInputError
-from .plan import TOOL_SECTION
-
-MAX_MOE_TP = 16
+from .names import DESCRIPTION_FILE, INDEX_SUFFIX, MAX_MOE_TP, MOE_PROJECTIONS, TOOL_SECTION
 
 
 class ProcessedCheckpoint:
@@ -112,7 +109,7 @@ class ProcessedCheckpoint:
         names = [
             f"{prefix}.{e}.{proj}.{role}"
             for e in experts
-            for proj in ("gate_proj", "up_proj", "down_proj")
+            for proj in MOE_PROJECTIONS
             for role in ("weight", "weight_scale", "scale_bias")
         ]
         t = self.tensors(names, device)

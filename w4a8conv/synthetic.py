@@ -1,10 +1,10 @@
 """Tiny synthetic msModelSlim checkpoints in every layout, for the demo and the tests.
 
 A DeepSeek-like model: dense layers first, then MoE layers whose routed experts are W4A8_DYNAMIC,
-attention and shared experts W8A8_DYNAMIC, router and norms FLOAT. All three layouts are written
-from the same int4 values and scales (:func:`w4a8_truth`), so their conversions can be compared.
-The on-disk encodings here are written from W4A8_FORMATS.md with numpy, independently of
-``w4a8conv.packing``, so the tests do not check the packing against itself.
+attention and shared experts W8A8_DYNAMIC, router and norms FLOAT. Every source layout is written
+from the same int4 values and scales (:func:`w4a8_truth`), so their conversions can be compared;
+each layout's module encodes them (``SourceLayout.synthetic_tensors``), from W4A8_FORMATS.md and
+independently of ``w4a8conv.packing``, so the tests do not check the packing against itself.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
 from .safetensors_io import read_header
+from .sources import get_source
 
-LAYOUT_NAMES = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
 SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"
 
 
@@ -62,7 +62,7 @@ def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> l
     out = []
     for layer in layers:
         base = f"model.layers.{layer}"
-        if spec.w4a8_linear and layout != "v1.0.0-per-channel":
+        if spec.w4a8_linear and get_source(layout).synthetic_linear:
             out.append((f"{base}.self_attn.q_proj", h, h, False))
             out.append((f"{base}.self_attn.o_proj", h, h, True))
         if layer >= spec.dense_layers:
@@ -86,46 +86,6 @@ def w4a8_truth(
     return result
 
 
-def pack_pairs_numpy(values: np.ndarray) -> np.ndarray:
-    """1.0.0 on disk: ``byte[i, k] = (w[2i, k] & 0xF) | (w[2i+1, k] << 4)``."""
-    nibbles = values.astype(np.uint8) & 0x0F
-    return (nibbles[0::2] | (nibbles[1::2] << 4)).view(np.int8)
-
-
-def msmodelslim_scale_bias(truth: W4A8Truth, per_group: bool) -> torch.Tensor:
-    """scale_bias as msModelSlim stores it: from bf16-rounded scales, fp32, 16 chunks if row-parallel."""
-    n, k = truth.values.shape
-    s1 = truth.weight_scale.to(torch.bfloat16).float()
-    if per_group:
-        g = k // truth.weight_scale_second.shape[1]
-        s2 = truth.weight_scale_second.to(torch.bfloat16).float().repeat_interleave(g, dim=1)
-        terms = truth.values.float() * s2 * s1
-    else:
-        terms = truth.values.float() * s1
-    chunks = 16 if truth.row_parallel else 1
-    return 8 * terms.reshape(n, chunks, k // chunks).sum(-1)
-
-
-def _w4a8_tensors(prefix: str, truth: W4A8Truth, layout: str) -> dict[str, torch.Tensor]:
-    n = truth.values.shape[0]
-    per_group = layout != "v1.0.0-per-channel"
-    if layout == "mindie":
-        weight = truth.values.clone()
-    else:
-        weight = torch.from_numpy(pack_pairs_numpy(truth.values.numpy()).copy())
-    tensors = {
-        f"{prefix}.weight": weight,
-        f"{prefix}.weight_scale": truth.weight_scale.clone(),
-        f"{prefix}.weight_offset": torch.zeros(n, 1),
-    }
-    if per_group:
-        tensors[f"{prefix}.weight_scale_second"] = truth.weight_scale_second.clone()
-        tensors[f"{prefix}.weight_offset_second"] = torch.zeros(truth.weight_scale_second.shape, dtype=torch.int64)
-    if layout != "mindie":
-        tensors[f"{prefix}.scale_bias"] = msmodelslim_scale_bias(truth, per_group)
-    return tensors
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -142,8 +102,7 @@ def build_tensors(
     spec: SyntheticSpec, layout: str, layer: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of one decoder layer (or, with ``layer=None``, those outside the layers) and their types."""
-    if layout not in LAYOUT_NAMES:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUT_NAMES}")
+    source = get_source(layout)
     gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{layer}".encode()))
     h, i, e = spec.hidden, spec.intermediate, spec.experts
     tensors: dict[str, torch.Tensor] = {}
@@ -162,7 +121,9 @@ def build_tensors(
         return tensors, types
     truth = w4a8_truth(spec, layout, [layer])
     for prefix, t in truth.items():
-        add(_w4a8_tensors(prefix, t, layout), "W4A8_DYNAMIC")
+        add(
+            source.synthetic_tensors(prefix, t.values, t.weight_scale, t.weight_scale_second, t.row_parallel), W4A8_TYPE
+        )
     base = f"model.layers.{layer}"
     add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -195,9 +156,8 @@ def write_checkpoint(
     Example:
         >>> write_checkpoint(tmp_path / "ds-mindie", "mindie")  # doctest: +SKIP
     """
-    from .plan import natural_key
-
     spec = spec or SyntheticSpec()
+    source = get_source(layout)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     blocks = [None, *_all_layers(spec)]
@@ -233,7 +193,7 @@ def write_checkpoint(
         "metadata": {"total_size": total},
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
     }
-    (path / f"{SHARD_PREFIX}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (path / f"{SHARD_PREFIX}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
 
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -251,11 +211,11 @@ def write_checkpoint(
     (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
 
-    description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC"}
-    if layout != "mindie":  # mindie output usually has neither version nor group_size
-        description["version"] = "1.0.0"
-        description["group_size"] = 0 if layout == "v1.0.0-per-channel" else spec.group_size
+    description: dict[str, object] = {
+        "model_quant_type": "W8A8_DYNAMIC",
+        **source.synthetic_description(spec.group_size),
+    }
     description.update(dict(sorted(types.items(), key=lambda kv: natural_key(kv[0]))))
     # Last: a directory with a description is complete (as the converter treats its output).
-    (path / "quant_model_description.json").write_text(json.dumps(description, indent=2))
+    (path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
     return path

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .layouts import PREPACKED_TYPE
+from .names import PREPACKED_TYPE, SCALE_BIAS_CHUNKS
 
 
 def _logger() -> logging.Logger:
@@ -40,7 +40,6 @@ def _logger() -> logging.Logger:
 
 
 log = _logger()
-SCALE_BIAS_CHUNKS = 16
 _VLLM_GROUP_SCALES = "group"  # vLLM's FusedMoeWeightScaleSupported.GROUP.value
 
 

@@ -1,0 +1,44 @@
+"""Names every layer shares: files, description keys and quant types, fixed counts. Imports nothing of ours.
+
+Readers of a processed checkpoint (``runtime``, ``verify``, the vLLM plugin) and its writers use these,
+so a name is spelled once.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+DESCRIPTION_FILE = "quant_model_description.json"
+INDEX_SUFFIX = ".safetensors.index.json"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "w4a8conv.sha256"  # `sha256sum -c w4a8conv.sha256` checks it too
+STATE_DIR = ".w4a8conv"  # an unfinished conversion's state, inside --out
+
+TOOL_SECTION = "w4a8conv"  # the description's section recording what w4a8conv did
+FORMAT_VERSION = 1  # of that section and the processed tensors' layout
+W4A8_TYPE = "W4A8_DYNAMIC"
+# Our output's quant type: a stock vllm-ascend has no scheme for it and raises NotImplementedError,
+# instead of re-processing already processed tensors.
+PREPACKED_TYPE = "W4A8_DYNAMIC_PREPACKED"
+PROCESSED_FORMAT = "processed"  # what inspect calls a w4a8conv output
+
+SCALE_BIAS_CHUNKS = 16  # msModelSlim's input chunks of a row-parallel scale_bias
+MAX_MOE_TP = 16  # vllm-ascend's MoE tensor-parallel limit, set by those chunks
+# Row-parallel projections: tensor parallelism splits their input dim, so scale_bias keeps chunks.
+ROW_PARALLEL = frozenset({"down_proj", "o_proj", "out_proj", "dense_4h_to_h", "wo"})
+MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MOE_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+# The tensors of one W4A8 projection in a source checkpoint, by role (``<prefix>.<role>``).
+SOURCE_ROLES = ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
+
+
+@functools.lru_cache(maxsize=1 << 20)  # the same names are sorted several times per plan
+def natural_key(name: str) -> tuple:
+    """Sort ``layers.10`` after ``layers.9``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def tensor_entries(description: dict) -> dict[str, str]:
+    """The per-tensor part of a description (top-level keys such as ``version`` carry no dot)."""
+    return {k: v for k, v in description.items() if "." in k and isinstance(v, str)}

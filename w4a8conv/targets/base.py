@@ -1,0 +1,49 @@
+"""The protocol every serving target implements.
+
+A target is the processed layout one serving engine release reads: which tensors a W4A8 projection
+becomes (names, dtypes, shapes), how the description types them, which sources it can serve, and
+the processing that produces them from what a source layout yields (operator words, scales, the
+scale_bias term).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from ..safetensors_io import OutputEntry
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..plan import Projection
+    from ..sources.base import Int4Packer
+
+
+class ServingTarget:
+    """A serving engine release's processed layout."""
+
+    name: ClassVar[str]  # the --target value
+    summary: ClassVar[str]  # one line: the engine, its releases, what it reads
+    quant_type: ClassVar[str]  # how the description types every processed tensor
+
+    def refusal(self, projection: Projection) -> str | None:
+        """Why this target cannot serve the projection, or None (checked at plan time, from headers)."""
+        return None
+
+    def outputs(self, projection: Projection) -> list[OutputEntry]:
+        """The tensors the projection becomes, in the order they are produced."""
+        raise NotImplementedError
+
+    def process(
+        self,
+        projection: Projection,
+        tensors: dict[str, torch.Tensor],
+        params_dtype: torch.dtype,
+        pack_int4: Int4Packer,
+    ) -> dict[str, torch.Tensor]:
+        """The projection's output tensors (named as :meth:`outputs`) from its source tensors by role."""
+        raise NotImplementedError
+
+    def section(self) -> dict[str, str]:
+        """What the description's ``w4a8conv`` section records about this target."""
+        raise NotImplementedError
