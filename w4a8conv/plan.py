@@ -198,7 +198,7 @@ class ConversionPlan:
             "index_name": self.index_name,
             "other_quant_types": dict(self.other_quant_types),
             "moe_layers": [[m.prefix, list(m.experts), m.hidden_size, m.intermediate_size] for m in self.moe_layers],
-            "shards": [_shard_json(shard, self.source) for shard in self.shards],
+            "shards": [_shard_json(shard) for shard in self.shards],
             "shares": [list(share) for share in self.shares],
             "description": dict(self.description),
             "problems": list(self.problems),
@@ -226,9 +226,9 @@ class ConversionPlan:
                 ),
                 moe_layers=tuple(MoELayer(p, tuple(e), int(h), int(i)) for p, e, h, i in data["moe_layers"]),
                 shards=shards,
-                shares=tuple(tuple(str(name) for name in share) for share in data["shares"]),
-                extra_files=tuple(str(rel) for rel in data["extra_files"]),
-                index_name=str(data["index_name"]),
+                shares=tuple(tuple(_file_name(name) for name in share) for share in data["shares"]),
+                extra_files=tuple(_relative_path(rel) for rel in data["extra_files"]),
+                index_name=_file_name(data["index_name"]),
                 description=dict(data["description"]),
                 input_bytes=int(data["input_bytes"]),
                 other_quant_types=dict(data["other_quant_types"]),
@@ -241,21 +241,37 @@ class ConversionPlan:
         return plan
 
 
-def _info_json(info: TensorInfo, source: Path) -> list:
-    return [info.name, str(info.path.relative_to(source)), info.dtype, list(info.shape), info.begin, info.end]
+def _info_json(info: TensorInfo) -> list:
+    # Shards lie directly in the source directory (an index names files, never paths).
+    return [info.name, info.path.name, info.dtype, list(info.shape), info.begin, info.end]
+
+
+def _file_name(value: Any) -> str:
+    """A file name read back from a plan: one plain name, never a path that could lead out of a directory."""
+    if not isinstance(value, str) or Path(value).name != value or value in ("", ".", ".."):
+        raise ValueError(f"{value!r} is not a plain file name")
+    return value
+
+
+def _relative_path(value: Any) -> str:
+    """A path read back from a plan, inside its directory (no absolute path, no ``..``)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
+        raise ValueError(f"{value!r} is not a path inside the directory")
+    return value
 
 
 def _info_from_json(item: list, source: Path) -> TensorInfo:
-    name, rel, dtype, shape, begin, end = item
-    return TensorInfo(str(name), source / rel, str(dtype), tuple(int(d) for d in shape), int(begin), int(end))
+    name, file_name, dtype, shape, begin, end = item
+    shape = tuple(int(d) for d in shape)
+    return TensorInfo(str(name), source / _file_name(file_name), str(dtype), shape, int(begin), int(end))
 
 
-def _shard_json(shard: OutputShard, source: Path) -> dict[str, Any]:
+def _shard_json(shard: OutputShard) -> dict[str, Any]:
     return {
         "name": shard.name,
         "file_size": shard.file_size,
         "entries": [[e.name, e.dtype, list(e.shape)] for e in shard.entries],
-        "passthrough": [_info_json(info, source) for info in shard.passthrough],
+        "passthrough": [_info_json(info) for info in shard.passthrough],
         "modules": [
             {
                 "prefix": m.prefix,
@@ -265,7 +281,7 @@ def _shard_json(shard: OutputShard, source: Path) -> dict[str, Any]:
                 "in": m.in_features,
                 "group_size": m.group_size,
                 "chunks": m.bias_chunks,
-                "sources": {role: _info_json(info, source) for role, info in m.sources.items()},
+                "sources": {role: _info_json(info) for role, info in m.sources.items()},
             }
             for m in shard.modules
         ],
@@ -273,7 +289,7 @@ def _shard_json(shard: OutputShard, source: Path) -> dict[str, Any]:
 
 
 def _shard_from_json(item: dict, source: Path) -> OutputShard:
-    name = str(item["name"])
+    name = _file_name(item["name"])
     modules = tuple(
         Projection(
             prefix=str(m["prefix"]),

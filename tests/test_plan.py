@@ -1,0 +1,120 @@
+"""The conversion plan: one object, saved as job.json, read back and compared by fingerprint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.cli import app
+from w4a8conv.convert import convert_checkpoint
+from w4a8conv.errors import BadInputError
+from w4a8conv.jobs import JOB_FILE, read_plan
+from w4a8conv.names import STATE_DIR
+from w4a8conv.plan import ConversionPlan
+from w4a8conv.planner import build_plan
+
+runner = CliRunner()
+
+
+def _plan(source_checkpoints, layout="v1.0.0-per-group", **kwargs) -> ConversionPlan:
+    return build_plan(open_checkpoint(source_checkpoints[layout]), **kwargs)
+
+
+def test_plan_round_trips_through_json(source_checkpoints, layout):
+    plan = _plan(source_checkpoints, layout, num_workers=3)
+    again = ConversionPlan.from_json(json.loads(json.dumps(plan.to_json())), "job.json")
+    assert again.fingerprint == plan.fingerprint
+    assert again.summary == plan.summary and again.index == plan.index and again.shares == plan.shares
+    assert [m.prefix for m in again.modules] == [m.prefix for m in plan.modules]
+    assert again.modules[0].sources["weight"] == replace(
+        plan.modules[0].sources["weight"], path=plan.source / plan.modules[0].sources["weight"].path.name
+    )
+    assert [i.name for i in again.passthrough] == [i.name for i in plan.passthrough]
+    assert dict(again.description) == json.loads(json.dumps(dict(plan.description)))
+
+
+def test_fingerprint_tells_conversions_apart(source_checkpoints):
+    plan = _plan(source_checkpoints)
+    assert plan.fingerprint == _plan(source_checkpoints).fingerprint  # deterministic
+    others = [
+        _plan(source_checkpoints, checksums=False),
+        _plan(source_checkpoints, num_workers=2),
+        _plan(source_checkpoints, "mindie"),
+        plan.with_checksums(False),
+    ]
+    assert len({plan.fingerprint, *(p.fingerprint for p in others[:3])}) == 4
+    assert others[3].fingerprint == others[0].fingerprint  # with_checksums gives the plan made without them
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["shards"][0].update(file_size=d["shards"][0]["file_size"] + 1), "fingerprint does not match"),
+        (lambda d: d["shards"][0].update(name="../escape.safetensors"), "not a plain file name"),
+        (lambda d: d["extra_files"].append("../../etc/passwd"), "not a path inside the directory"),
+        (lambda d: d.pop("shards"), "KeyError"),
+        (lambda d: d.update(plan_format="something else"), "plan_format"),
+        (lambda d: d["shards"][0]["modules"][0].update(layout="nope"), "unknown source layout 'nope'"),
+    ],
+)
+def test_a_bad_plan_file_is_one_line_naming_it(source_checkpoints, edit, message):
+    data = json.loads(json.dumps(_plan(source_checkpoints).to_json()))
+    edit(data)
+    with pytest.raises(BadInputError, match=message) as caught:
+        ConversionPlan.from_json(data, "/out/.w4a8conv/job.json")
+    assert caught.value.message.startswith("/out/.w4a8conv/job.json: ") and "\n" not in caught.value.message
+
+
+def test_job_file_is_the_plan_of_the_conversion(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    convert_checkpoint(src, tmp_path / "out", num_workers=2, worker_index=1)
+    saved = read_plan(tmp_path / "out" / STATE_DIR / JOB_FILE)
+    assert saved.fingerprint == build_plan(open_checkpoint(src), num_workers=2).fingerprint
+    assert (
+        runner.invoke(
+            app, ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--num-workers", "2"]
+        ).exit_code
+        == 0
+    )
+    assert runner.invoke(app, ["finalize", str(tmp_path / "out")]).exit_code == 0
+
+
+def test_resume_refuses_when_the_source_planned_differently(source_checkpoints, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, num_workers=2, worker_index=0)
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = "float16"  # the Linear scales would be rounded differently
+    (src / "config.json").write_text(json.dumps(config))
+    result = runner.invoke(
+        app, ["convert", "--in", str(src), "--out", str(out), "--num-workers", "2", "--worker-index", "1"]
+    )
+    assert result.exit_code == 2 and "holds a different conversion in progress" in result.output
+
+
+def test_relative_paths_convert_resume_and_verify(source_checkpoints, tmp_path, monkeypatch):
+    shutil.copytree(source_checkpoints["mindie"], tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--num-workers", "2"]).exit_code == 0
+    result = runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--num-workers", "2", "--worker-index", "1"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["finalize", "out"]).exit_code == 0
+    # finished: the same output whatever the array's size, so a single run resumes it as done
+    assert runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--resume"]).exit_code == 0
+    assert runner.invoke(app, ["verify", "src", "out"]).exit_code == 0
+
+
+def test_dry_run_reports_the_plan(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    args = ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--dry-run", "--json", "--num-workers", "2"]
+    report = json.loads(runner.invoke(app, args).output)
+    plan = build_plan(open_checkpoint(src), num_workers=2)
+    assert report["shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
+    assert report["target"] == plan.target and report["modules"] == len(plan.modules)
+    assert not (tmp_path / "out").exists()
