@@ -12,10 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.names import DESCRIPTION_FILE
 from w4a8conv.cli import app
 from w4a8conv.convert import _ReadAhead, convert_checkpoint
-from w4a8conv.names import MANIFEST_FILE, STATE_DIR
+from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR
 from w4a8conv.planner import assign_shares, build_plan
 from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint

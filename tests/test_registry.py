@@ -1,0 +1,125 @@
+"""Sources and targets are plug-ins: the registries drive planning, conversion, verify and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from w4a8conv import sources, targets
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.cli import app
+from w4a8conv.convert import convert_checkpoint
+from w4a8conv.errors import BadInputError
+from w4a8conv.names import DESCRIPTION_FILE, TOOL_SECTION
+from w4a8conv.packing import pack_int4_to_int32
+from w4a8conv.planner import build_plan
+from w4a8conv.safetensors_io import read_tensor
+from w4a8conv.sources import SOURCE_NAMES, get_source
+from w4a8conv.sources.mindie import MindieLayout
+from w4a8conv.synthetic import w4a8_truth
+from w4a8conv.targets import DEFAULT_TARGET, TARGET_NAMES, get_target
+from w4a8conv.targets.vllm_ascend_023 import VllmAscend023
+from w4a8conv.verify import verify_conversion
+
+from .conftest import SPEC
+
+runner = CliRunner()
+
+
+def test_each_synthetic_checkpoint_is_detected_as_its_layout(source_checkpoints, layout):
+    plan = build_plan(open_checkpoint(source_checkpoints[layout]))
+    assert plan.source_layout == layout and not plan.problems
+    assert {m.layout.name for m in plan.modules} == {layout}
+
+
+def test_each_oracle_reads_what_its_layout_wrote_and_agrees_with_the_converter(source_checkpoints, layout):
+    """The numpy oracle and the torch math are independent; on every module they must agree."""
+    plan = build_plan(open_checkpoint(source_checkpoints[layout]))
+    truth = w4a8_truth(SPEC, layout)
+    oracle = get_source(layout).oracle
+    for module in plan.modules:
+        weight = read_tensor(module.sources["weight"])
+        raw = weight.numpy()
+        values = oracle.int4_values(raw, module.out_features)
+        assert np.array_equal(values, truth[module.prefix].values.numpy()), module.prefix
+        words = module.layout.operator_words(weight, module.where("weight"), pack_int4_to_int32)
+        assert np.array_equal(oracle.operator_words(raw, module.out_features), words.numpy().view(np.uint32).T)
+
+
+def test_unknown_names_are_bad_input():
+    with pytest.raises(BadInputError, match="unknown source layout 'nope'"):
+        get_source("nope")
+    with pytest.raises(BadInputError, match=re.escape("--target nope: choose one of vllm-ascend-0.23")):
+        get_target("nope")
+    assert TARGET_NAMES[-1] == DEFAULT_TARGET
+
+
+def test_the_cli_offers_what_the_registries_hold(source_checkpoints, tmp_path):
+    synthetic_help = runner.invoke(app, ["synthetic", "--help"], terminal_width=200).output
+    assert all(name in synthetic_help for name in SOURCE_NAMES)
+    convert_help = runner.invoke(app, ["convert", "--help"], terminal_width=200).output
+    assert all(name in convert_help for name in TARGET_NAMES)
+    result = runner.invoke(
+        app, ["convert", "--in", str(source_checkpoints["mindie"]), "--out", str(tmp_path / "o"), "--target", "nope"]
+    )
+    assert result.exit_code == 2 and "--target nope: choose one of" in result.output
+    assert not (tmp_path / "o").exists()
+    result = runner.invoke(app, ["synthetic", str(tmp_path / "s"), "--layout", "nope"])
+    assert result.exit_code == 2 and "--layout nope: choose one of" in result.output
+
+
+class _ToyTarget(VllmAscend023):
+    """vllm-ascend 0.23's tensors under another name, with the scale_bias chunks summed per row."""
+
+    name = "toy-target"
+
+    def outputs(self, projection):
+        entries = super().outputs(projection)
+        return [*entries[:-1], type(entries[-1])(entries[-1].name, "F32", (projection.out_features,))]
+
+    def process(self, projection, tensors, params_dtype, pack_int4):
+        out = super().process(projection, tensors, params_dtype, pack_int4)
+        bias = f"{projection.prefix}.scale_bias"
+        return {**out, bias: out[bias].sum(-1)}
+
+    def section(self):
+        return {"target": "a toy", "scale_bias": "float32 [out]"}
+
+
+def test_a_target_is_one_class_and_one_registry_line(source_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(targets.TARGETS, _ToyTarget.name, _ToyTarget())
+    src = source_checkpoints["v1.0.0-per-group"]
+    convert_checkpoint(src, tmp_path / "toy", target="toy-target")
+    description = json.loads((tmp_path / "toy" / DESCRIPTION_FILE).read_text())
+    assert description[TOOL_SECTION]["target"] == "a toy"
+    module = build_plan(open_checkpoint(src)).modules[0]
+    prefix = module.prefix
+    index = json.loads(next((tmp_path / "toy").glob("*.index.json")).read_text())
+    shard = index["weight_map"][f"{prefix}.scale_bias"]
+    with safe_open(str(tmp_path / "toy" / shard), "pt") as f:
+        assert f.get_tensor(f"{prefix}.scale_bias").shape == (module.out_features,)
+
+
+class _RenamedMindie(MindieLayout):
+    name = "toy-mindie"
+
+
+def test_a_source_is_one_class_and_one_registry_line(source_checkpoints, converted_checkpoints, tmp_path, monkeypatch):
+    """Registered in mindie's place, the plan, the conversion and verify all find it through the registry."""
+    monkeypatch.setattr(sources, "SOURCES", {"toy-mindie": _RenamedMindie(), **sources.SOURCES})
+    src = source_checkpoints["mindie"]
+    plan = build_plan(open_checkpoint(src))
+    assert plan.source_layout == "toy-mindie"
+    convert_checkpoint(src, tmp_path / "out")
+    description = json.loads((tmp_path / "out" / DESCRIPTION_FILE).read_text())
+    assert description[TOOL_SECTION]["source_layout"] == "toy-mindie"
+    report = verify_conversion(src, tmp_path / "out")
+    assert report.ok, report.problems
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    mindie = converted_checkpoints["mindie"]
+    assert shards and all((tmp_path / "out" / n).read_bytes() == (mindie / n).read_bytes() for n in shards)
