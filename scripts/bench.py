@@ -50,9 +50,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from w4a8conv.sources import SOURCE_NAMES, get_source
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv/bin/w4a8conv")
-LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
+LAYOUTS = SOURCE_NAMES  # every registered source layout
 HIDDEN, INTER, GROUP, EXPERTS = 7168, 2048, 256, 16
 
 
@@ -72,7 +74,7 @@ def _spec(layers: int):
 
 
 def _layer_bytes(layout: str) -> int:
-    expert = 3 * INTER * HIDDEN * (1 if layout == "mindie" else 0.5)
+    expert = 3 * INTER * HIDDEN * (0.5 if get_source(layout).packed_on_disk else 1)
     passthrough = 4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN  # attention + shared expert, W8A8
     return int(EXPERTS * expert + passthrough)
 
@@ -198,7 +200,7 @@ def int4_weight_bytes(src: Path) -> int:
 
 def cpu_floor(layout: str, result: dict, costs: dict) -> float:
     """CPU seconds no conversion of this checkpoint avoids here (see :func:`bench_costs`): a lower bound."""
-    repack = costs["repack_mindie_gb_per_s" if layout == "mindie" else "repack_v1_gb_per_s"]
+    repack = costs["repack_v1_gb_per_s" if get_source(layout).packed_on_disk else "repack_mindie_gb_per_s"]
     return round(
         costs["import_torch_cpu_s"]
         + result["output_bytes"] / 1e9 / costs["sha256_gb_per_s"]

@@ -17,8 +17,8 @@ from .output import Output, human_bytes
 from .sources import SOURCE_NAMES
 from .targets import DEFAULT_TARGET, TARGET_NAMES
 
-# numpy's OpenBLAS starts a thread per core that spins while idle (about 2% of a conversion's CPU time
-# on 2 cores); nothing here calls BLAS. Set before numpy is first imported, which the commands do lazily.
+# numpy's OpenBLAS starts a thread per core that spins while idle (docs/performance.md, "Measurements
+# behind the code"); nothing here calls BLAS. Set before numpy is first imported, which the commands do lazily.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# I/O waits overlap better with more threads than cores (measured on 2 cores: 4 beat 2 by 5-10%).
+# I/O waits overlap better with more threads than cores (docs/performance.md, "Threads or processes").
 DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 TargetOpt = Annotated[
@@ -41,9 +41,8 @@ CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", sho
 def share_one_malloc_arena() -> None:
     """Have glibc serve every thread from one malloc arena, before `verify` starts its threads.
 
-    Per-thread arenas hand freed memory back to the kernel and fault it in again on the next module:
-    `verify` of a 2 GB checkpoint took 4x the page faults (1.0M against 0.24M) and of an 8.4 GB
-    one 50% more time. A no-op where the C library has no ``mallopt``.
+    Per-thread arenas hand freed memory back to the kernel and fault it in again on the next module
+    (docs/performance.md, "Measurements behind the code"). A no-op where the C library has no ``mallopt``.
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
@@ -312,9 +311,9 @@ def main() -> None:
         code = 0
     if "torch" not in sys.modules:
         sys.exit(code)
-    # Unloading torch (its modules, then its libraries' C++ destructors) takes about 0.1 s, ~5% of a
-    # 2 GB conversion. By now every output file is fsynced and closed, and the output is flushed here:
-    # nothing is left for that teardown to do, so the process ends without it.
+    # Unloading torch (its modules, then its libraries' C++ destructors) takes a noticeable part of a
+    # small conversion (docs/performance.md). By now every output file is fsynced and closed, and the
+    # output is flushed here: nothing is left for that teardown to do, so the process ends without it.
     if not isinstance(code, int) and code is not None:
         print(code, file=sys.stderr)
         code = EXIT_FAILURE

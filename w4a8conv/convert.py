@@ -197,10 +197,10 @@ def _import_math_in_background() -> None:
     """Import torch (about a second) beside the first copies.
 
     It starts only once the plan and the output directory are set up: the import holds the GIL for
-    up to 5 ms at a time, and the set-up's many short system calls each waited for it (0.25-0.6 s in
-    all, where the set-up alone takes 10 ms). The import makes about 165,000 objects, which the
-    cyclic garbage collector would walk again and again (10% of a 2 GB conversion's CPU time here):
-    it is held off until the import is done, and what exists then is frozen out of later collections.
+    milliseconds at a time, and the set-up's many short system calls each waited for it. The import
+    makes about 165,000 objects, which the cyclic garbage collector would walk again and again: it
+    is held off until the import is done, and what exists then is frozen out of later collections
+    (docs/performance.md, "Measurements behind the code").
     """
     collecting = gc.isenabled()
     gc.disable()

@@ -47,7 +47,7 @@ def pack_int4_pairs_along_rows(values: torch.Tensor) -> torch.Tensor:
     low = values[..., 0::2, :]
     high = values[..., 1::2, :]
     # (low & 0xF) | (high << 4), as one add: the nibbles don't overlap, and 16 * high + (0..15) stays
-    # inside int8 (-128..127) for high in -8..7. 2.4x faster than the three-op form on a CPU.
+    # inside int8 (-128..127) for high in -8..7; faster than the three-op form (docs/performance.md).
     return torch.add(low & 0x0F, high, alpha=16)
 
 
@@ -65,7 +65,7 @@ def int4_pair_rows_to_int32_words(packed_rows: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"expected int8 packed rows, got {packed_rows.dtype}")
     if packed_rows.shape[-2] % 4:
         raise ValueError(f"output dim {packed_rows.shape[-2] * 2} is not divisible by 8")
-    # torch transposes uint8 in larger blocks than int8 (about 10% faster here); the bytes are the same.
+    # torch transposes uint8 in larger blocks than int8 (faster, docs/performance.md); the bytes are the same.
     transposed = packed_rows.view(torch.uint8).transpose(-1, -2).contiguous()
     # Viewing through 1-D avoids torch's stride check on size-1 dims, which contiguous() may leave odd.
     return transposed.reshape(-1).view(torch.int32).reshape(*transposed.shape[:-1], transposed.shape[-1] // 4)

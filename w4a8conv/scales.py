@@ -67,7 +67,7 @@ def _segment_sums(values: torch.Tensor, segment: int) -> torch.Tensor:
     """Exact int16 sums of each run of ``segment`` int4 values (held in int8) along the last dim.
 
     The two halves of every run are first added in int8, up to four times: a sum of 16 int4 values
-    lies in -128..112, still exact in int8, and these adds are 2.5-3.5x faster than one int16 reduction.
+    lies in -128..112, still exact in int8, and these adds are faster than one int16 reduction.
     """
     runs = values.reshape(values.shape[-2], values.shape[-1] // segment, segment)
     width = segment
@@ -105,7 +105,7 @@ def scale_bias_chunks(
         group = in_features // weight_scale_second.shape[-1]
         second = weight_scale_second.cpu().to(torch.float64)
     # A segment is a run of k inside one chunk and one group. At most 4096 int4 values sum to at most
-    # 8 * 4096 in magnitude, so an int16 sum is exact in any order (and ~15x faster than int64).
+    # 8 * 4096 in magnitude, so an int16 sum is exact in any order (and much faster than int64).
     segment = math.gcd(chunk, group, _MAX_INT16_SEGMENT)
     segment_sums = _segment_sums(values, segment).cpu()
     segments_per_chunk = chunk // segment

@@ -27,8 +27,8 @@ def read_array(info: TensorInfo, direct: bool = False) -> np.ndarray:
 
     Where :func:`reads_direct` says so, the tensor is read with ``O_DIRECT``: the device writes
     into our memory, where a buffered read has the kernel fill freshly allocated cache pages and copy
-    every byte out of them again (14% of a 2 GB conversion's CPU samples, for cache pages that a
-    checkpoint larger than memory never reads twice). Filesystems that refuse it get a buffered read.
+    every byte out of them again, for cache pages that a checkpoint larger than memory never reads
+    twice (docs/performance.md). Filesystems that refuse it get a buffered read.
     """
     if reads_direct(info, direct):
         return _read_direct(info, aligned_empty(_blocks_around(info)[1]))
