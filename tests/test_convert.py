@@ -123,7 +123,7 @@ def test_single_file_checkpoint_without_index(tmp_path):
     only = next(src.glob("*.safetensors"))
     only.rename(src / "quant_model_weights.safetensors")
     result = convert_checkpoint(src, tmp_path / "out")
-    assert result.shards == 1
+    assert result.summary.shards == 1
     assert (tmp_path / "out" / "quant_model_weights.safetensors.index.json").is_file()
     assert ProcessedCheckpoint(tmp_path / "out").load_moe("model.layers.1.mlp.experts")["w2_weight"].shape[0] == 4
 

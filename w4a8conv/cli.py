@@ -208,11 +208,12 @@ def convert(
             f"run `w4a8conv finalize {dst}` once every share is done"
         )
         return
+    summary = result.summary
     output.info(
-        f"converted {result.format} checkpoint (group size {result.group_size}): {result.modules} W4A8 modules, "
-        f"{result.moe_layers} MoE layers / {result.experts} experts, {result.shards} shards, "
-        f"{human_bytes(result.input_bytes)} -> {human_bytes(result.output_bytes)} in {result.seconds:.1f}s "
-        f"on {result.device}\n-> {result.out_dir}"
+        f"converted {summary.format} checkpoint (group size {summary.group_size}) for {result.target}: "
+        f"{summary.modules} W4A8 modules, {summary.moe_layers} MoE layers / {summary.experts} experts, "
+        f"{summary.shards} shards, {human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)} "
+        f"in {result.seconds:.1f}s on {result.device}\n-> {result.out_dir}"
     )
 
 

@@ -31,7 +31,7 @@ from .filesystems import direct_io_by_default
 from .jobs import JobShare, copy_file_atomic, finalize, start_share
 from .names import TOOL_SECTION
 from .output import Progress
-from .plan import ConversionPlan, OutputShard, Projection
+from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
 from .planner import SHARD_METADATA, build_plan
 from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor, reads_direct
 from .targets import DEFAULT_TARGET
@@ -44,23 +44,17 @@ _READ_AHEAD_BYTES = 256 * 1024 * 1024
 @dataclass
 class ConvertResult:
     out_dir: Path
-    format: str
-    group_size: int | None
-    modules: int
-    moe_layers: int
-    experts: int
-    shards: int
-    input_bytes: int
-    output_bytes: int
+    summary: PlanSummary  # what the plan converts (this share's job array included)
+    target: str
     seconds: float
     device: str
     direct_io: bool  # large output tensors were written with O_DIRECT
     direct_reads: bool  # large W4A8 weights were read with O_DIRECT
     checksums: bool  # the output has a sha256 manifest
-    target: str
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = {**self.summary.as_dict(), **self.__dict__}
+        del d["summary"]
         d["out_dir"] = str(self.out_dir)
         return d
 
@@ -183,13 +177,13 @@ def _result(
 ) -> ConvertResult:
     return ConvertResult(
         dst,
+        summary=plan.summary,
+        target=plan.target,
         seconds=time.monotonic() - started,
         device=device,
         direct_io=direct_io,
         direct_reads=direct_reads,
         checksums=plan.checksums,
-        target=plan.target,
-        **plan.summary.as_dict(),
     )
 
 
