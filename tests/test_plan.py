@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -15,7 +17,7 @@ from w4a8conv.convert import convert_checkpoint
 from w4a8conv.errors import BadInputError
 from w4a8conv.jobs import JOB_FILE, read_plan
 from w4a8conv.names import STATE_DIR
-from w4a8conv.plan import ConversionPlan
+from w4a8conv.plan import ConversionPlan, fingerprint_of
 from w4a8conv.planner import build_plan
 
 runner = CliRunner()
@@ -28,7 +30,7 @@ def _plan(source_checkpoints, layout="v1.0.0-per-group", **kwargs) -> Conversion
 def test_plan_round_trips_through_json(source_checkpoints, layout):
     plan = _plan(source_checkpoints, layout, num_workers=3)
     again = ConversionPlan.from_json(json.loads(json.dumps(plan.to_json())), "job.json")
-    assert again.fingerprint == plan.fingerprint
+    assert again.fingerprint == plan.fingerprint and again.shards == plan.shards
     assert again.summary == plan.summary and again.index == plan.index and again.shares == plan.shares
     assert [m.prefix for m in again.modules] == [m.prefix for m in plan.modules]
     assert again.modules[0].sources["weight"] == replace(
@@ -54,20 +56,39 @@ def test_fingerprint_tells_conversions_apart(source_checkpoints):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d["shards"][0].update(file_size=d["shards"][0]["file_size"] + 1), "fingerprint does not match"),
         (lambda d: d["shards"][0].update(name="../escape.safetensors"), "not a plain file name"),
+        (lambda d: d["files"].append("/etc/passwd"), "not a plain file name"),
         (lambda d: d["extra_files"].append("../../etc/passwd"), "not a path inside the directory"),
         (lambda d: d.pop("shards"), "KeyError"),
+        (lambda d: d["shards"][0]["modules"][0].pop(), "ValueError"),
         (lambda d: d.update(plan_format="something else"), "plan_format"),
-        (lambda d: d["shards"][0]["modules"][0].update(layout="nope"), "unknown source layout 'nope'"),
+        (lambda d: d.update(layouts=["nope"]), "unknown source layout 'nope'"),
+        (lambda d: d.update(target="nope"), "--target nope"),
     ],
 )
-def test_a_bad_plan_file_is_one_line_naming_it(source_checkpoints, edit, message):
+def test_a_bad_plan_is_one_line_naming_its_file(source_checkpoints, edit, message):
     data = json.loads(json.dumps(_plan(source_checkpoints).to_json()))
     edit(data)
-    with pytest.raises(BadInputError, match=message) as caught:
+    with pytest.raises(BadInputError, match=re.escape(message)) as caught:
         ConversionPlan.from_json(data, "/out/.w4a8conv/job.json")
     assert caught.value.message.startswith("/out/.w4a8conv/job.json: ") and "\n" not in caught.value.message
+
+
+def test_a_saved_plan_carries_its_fingerprint_and_any_edit_shows(source_checkpoints):
+    plan = _plan(source_checkpoints)
+    raw = plan.to_bytes()
+    assert fingerprint_of(raw[:200]) == plan.fingerprint == hashlib.sha256(json_canonical(plan)).hexdigest()
+    assert ConversionPlan.from_bytes(raw, "job.json").fingerprint == plan.fingerprint
+    edited = raw.replace(b'"file_size":', b'"file_size":1', 1)
+    with pytest.raises(BadInputError, match=r"job\.json: its fingerprint does not match its content"):
+        ConversionPlan.from_bytes(edited, "job.json")
+    for broken in (b"", b"{}", raw[:-1], b'{"fingerprint":"' + b"z" * 64 + raw[80:]):
+        with pytest.raises(BadInputError, match=r"job\.json: "):
+            ConversionPlan.from_bytes(broken, "job.json")
+
+
+def json_canonical(plan: ConversionPlan) -> bytes:
+    return json.dumps(plan.to_json(), separators=(",", ":")).encode()
 
 
 def test_job_file_is_the_plan_of_the_conversion(source_checkpoints, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadInputError
+from .gc_hold import holding_gc
 from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX
 from .safetensors_io import ShardHeader, TensorInfo, read_header
 
@@ -61,6 +62,7 @@ class Checkpoint:
         return getattr(torch, self.params_dtype_name)
 
 
+@holding_gc
 def open_checkpoint(root: Path) -> Checkpoint:
     """Read a checkpoint directory's description, index and shard headers.
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
 from .names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
-from .plan import ConversionPlan
+from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
 
 JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_json gives it
@@ -118,18 +118,18 @@ def start_share(
     state.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(state / lock_name, dst)
     try:
-        existing = read_plan(job_file) if job_file.is_file() and not overwrite else None
+        existing = _saved_fingerprint(job_file) if job_file.is_file() and not overwrite else None
         if overwrite:
             _clear(dst, keep=state / lock_name)
-        elif existing is not None and existing.fingerprint != plan.fingerprint:
-            if existing.fingerprint == plan.with_checksums(not plan.checksums).fingerprint:
-                flag = _checksums_flag(existing.checksums)
+        elif existing is not None and existing != plan.fingerprint:
+            if existing == plan.with_checksums(not plan.checksums).fingerprint:
+                flag = _checksums_flag(not plan.checksums)
                 raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
             raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
         elif existing is not None and not (resume or is_array):
             raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
         if existing is None:
-            write_json(job_file, plan.to_json())
+            write_atomic(job_file, plan.to_bytes())
         share = JobShare(dst, plan, worker_index, lock_fd)
         share.remove_stale_partials()
     except BaseException:
@@ -141,10 +141,20 @@ def start_share(
 def read_plan(path: Path) -> ConversionPlan:
     """The plan a conversion saved in its state directory; a bad file is one line naming it."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInputError(f"{path}: cannot read the conversion plan ({e})") from None
-    return ConversionPlan.from_json(data, str(path))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read the conversion plan ({e.strerror})") from None
+    return ConversionPlan.from_bytes(raw, str(path))
+
+
+def _saved_fingerprint(path: Path) -> str:
+    """The fingerprint of a saved plan, read from the start of its file without parsing the plan."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    fingerprint = fingerprint_of(head)
+    if fingerprint is None:
+        raise BadInputError(f"{path}: not a w4a8conv conversion plan; remove the directory or choose another --out")
+    return fingerprint
 
 
 def has_manifest(description: dict) -> bool:

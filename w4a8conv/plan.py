@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -17,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInputError
+from .gc_hold import holding_gc
 from .names import MANIFEST_FILE, TOOL_SECTION, natural_key
-from .safetensors_io import OutputEntry, TensorInfo
+from .safetensors_io import ITEMSIZE, OutputEntry, TensorInfo
 from .sources import SourceLayout, get_source
 from .targets import ServingTarget, get_target
 
@@ -176,14 +178,39 @@ class ConversionPlan:
     @cached_property
     def fingerprint(self) -> str:
         """sha256 of the plan's canonical JSON: equal fingerprints, equal conversions."""
-        canonical = json.dumps(self._json_body(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return hashlib.sha256(self._canonical()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict that :meth:`from_json` turns back into this plan."""
-        return {**self._json_body(), "fingerprint": self.fingerprint}
+        """A JSON-ready dict that :meth:`from_json` turns back into this plan.
 
-    def _json_body(self) -> dict[str, Any]:
+        Compact, as a DeepSeek-R1 plan holds 44,544 modules and 223,000 source tensors: files and
+        layouts by their index in a table, each tensor's name and end implied, each shard's tensor
+        list derived again from its pass-through tensors and modules.
+        """
+        # Tensors of one shard share one Path object: index files by it (Path.name is slow at this scale).
+        by_path: dict[int, Path] = {id(i.path): i.path for i in self.passthrough}
+        by_path.update((id(i.path), i.path) for m in self.modules for i in m.sources.values())
+        files = sorted({path.name for path in by_path.values()})
+        file_index = {path_id: files.index(path.name) for path_id, path in by_path.items()}
+        layouts = sorted({m.layout.name for m in self.modules})
+        layout_index = {name: n for n, name in enumerate(layouts)}
+
+        def tensor(info: TensorInfo) -> list:
+            return [file_index[id(info.path)], info.dtype, list(info.shape), info.begin]
+
+        def module(m: Projection) -> list:
+            sources = [[role, *tensor(info)] for role, info in m.sources.items()]
+            return [
+                m.prefix,
+                m.is_moe,
+                layout_index[m.layout.name],
+                m.out_features,
+                m.in_features,
+                m.group_size,
+                m.bias_chunks,
+                sources,
+            ]
+
         return {
             "plan_format": PLAN_FORMAT,
             "tool_version": self.tool_version,
@@ -198,7 +225,17 @@ class ConversionPlan:
             "index_name": self.index_name,
             "other_quant_types": dict(self.other_quant_types),
             "moe_layers": [[m.prefix, list(m.experts), m.hidden_size, m.intermediate_size] for m in self.moe_layers],
-            "shards": [_shard_json(shard) for shard in self.shards],
+            "files": files,
+            "layouts": layouts,
+            "shards": [
+                {
+                    "name": shard.name,
+                    "file_size": shard.file_size,
+                    "passthrough": [[info.name, *tensor(info)] for info in shard.passthrough],
+                    "modules": [module(m) for m in shard.modules],
+                }
+                for shard in self.shards
+            ],
             "shares": [list(share) for share in self.shares],
             "description": dict(self.description),
             "problems": list(self.problems),
@@ -211,21 +248,48 @@ class ConversionPlan:
             if data.get("plan_format") != PLAN_FORMAT:
                 raise ValueError(f"plan_format {data.get('plan_format')!r}, expected {PLAN_FORMAT!r}")
             source = Path(data["source"])
-            shards = tuple(_shard_from_json(item, source) for item in data["shards"])
-            plan = cls(
+            files = [source / _file_name(name) for name in data["files"]]
+            layouts = [get_source(name) for name in data["layouts"]]
+            target = get_target(data["target"])
+
+            def tensor(name: str, file: int, dtype: str, shape: list, begin: int) -> TensorInfo:
+                shape = tuple(int(d) for d in shape)
+                return TensorInfo(
+                    str(name), files[file], str(dtype), shape, begin, begin + math.prod(shape) * ITEMSIZE[dtype]
+                )
+
+            shards = []
+            for item in data["shards"]:
+                name = _file_name(item["name"])
+                passthrough = tuple(tensor(*info) for info in item["passthrough"])
+                modules = tuple(
+                    Projection(
+                        prefix=str(prefix),
+                        is_moe=bool(moe),
+                        layout=layouts[layout],
+                        out_features=int(out),
+                        in_features=int(inp),
+                        group_size=int(group),
+                        bias_chunks=int(chunks),
+                        sources={str(role): tensor(f"{prefix}.{role}", *info) for role, *info in sources},
+                        shard=name,
+                    )
+                    for prefix, moe, layout, out, inp, group, chunks, sources in item["modules"]
+                )
+                entries = shard_entries(passthrough, modules, target)
+                shards.append(OutputShard(name, entries, passthrough, modules, int(item["file_size"])))
+            return cls(
                 source=source,
                 source_layout=str(data["source_layout"]),
-                target=str(data["target"]),
+                target=target.name,
                 group_size=data["group_size"],
                 params_dtype=str(data["params_dtype"]),
                 tool_version=str(data["tool_version"]),
                 checksums=bool(data["checksums"]),
-                modules=tuple(sorted((m for s in shards for m in s.modules), key=lambda m: natural_key(m.prefix))),
-                passthrough=tuple(
-                    sorted((i for s in shards for i in s.passthrough), key=lambda i: natural_key(i.name))
-                ),
+                modules=_sorted((m for s in shards for m in s.modules), lambda m: m.prefix),
+                passthrough=_sorted((i for s in shards for i in s.passthrough), lambda i: i.name),
                 moe_layers=tuple(MoELayer(p, tuple(e), int(h), int(i)) for p, e, h, i in data["moe_layers"]),
-                shards=shards,
+                shards=tuple(shards),
                 shares=tuple(tuple(_file_name(name) for name in share) for share in data["shares"]),
                 extra_files=tuple(_relative_path(rel) for rel in data["extra_files"]),
                 index_name=_file_name(data["index_name"]),
@@ -234,16 +298,66 @@ class ConversionPlan:
                 other_quant_types=dict(data["other_quant_types"]),
                 problems=tuple(data["problems"]),
             )
-        except (AttributeError, KeyError, TypeError, ValueError, BadInputError) as e:
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, BadInputError) as e:
             raise BadInputError(f"{where}: not a w4a8conv conversion plan ({type(e).__name__}: {e})") from None
-        if data.get("fingerprint") != plan.fingerprint:
+
+    @holding_gc
+    def to_bytes(self) -> bytes:
+        """The plan as ``job.json`` holds it: its fingerprint, then its canonical JSON."""
+        canonical = self._canonical()
+        self.__dict__["fingerprint"] = hashlib.sha256(canonical).hexdigest()  # cached_property's slot
+        return _HEAD + self.fingerprint.encode() + _MIDDLE + canonical + _TAIL
+
+    @classmethod
+    @holding_gc
+    def from_bytes(cls, raw: bytes, where: str) -> ConversionPlan:
+        """The plan :meth:`to_bytes` gave, its fingerprint checked; a bad file is one line naming ``where``."""
+        fingerprint = fingerprint_of(raw)
+        canonical = raw[len(_HEAD) + 64 + len(_MIDDLE) : -len(_TAIL)]
+        if fingerprint is None or not raw.endswith(_TAIL):
+            raise BadInputError(f"{where}: not a w4a8conv conversion plan")
+        if hashlib.sha256(canonical).hexdigest() != fingerprint:
             raise BadInputError(f"{where}: its fingerprint does not match its content (edited or corrupt)")
+        try:
+            data = json.loads(canonical)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BadInputError(f"{where}: not valid JSON ({e})") from None
+        plan = cls.from_json(data, where)
+        plan.__dict__["fingerprint"] = fingerprint
         return plan
 
+    def _canonical(self) -> bytes:
+        # Not sort_keys: to_json's order is already fixed, and the description keeps its own order.
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
-def _info_json(info: TensorInfo) -> list:
-    # Shards lie directly in the source directory (an index names files, never paths).
-    return [info.name, info.path.name, info.dtype, list(info.shape), info.begin, info.end]
+
+# job.json: {"fingerprint":"<64 hex digits>","plan":<canonical JSON>}, so that the fingerprint can be
+# read without parsing the plan, and checked against the exact bytes it was computed from.
+_HEAD = b'{"fingerprint":"'
+_MIDDLE = b'","plan":'
+_TAIL = b"}\n"
+
+
+def fingerprint_of(raw: bytes) -> str | None:
+    """The fingerprint at the start of a saved plan, or None if it does not start like one."""
+    if not raw.startswith(_HEAD) or raw[len(_HEAD) + 64 : len(_HEAD) + 64 + len(_MIDDLE)] != _MIDDLE:
+        return None
+    digits = raw[len(_HEAD) : len(_HEAD) + 64].decode("ascii", "replace")
+    return digits if all(c in "0123456789abcdef" for c in digits) else None
+
+
+def shard_entries(
+    passthrough: tuple[TensorInfo, ...], modules: tuple[Projection, ...], target: ServingTarget
+) -> tuple[OutputEntry, ...]:
+    """What an output shard holds, in the order its tensors are produced: the copies, then each module's outputs."""
+    entries = [OutputEntry(info.name, info.dtype, info.shape) for info in passthrough]
+    for module in modules:
+        entries.extend(target.outputs(module))
+    return tuple(entries)
+
+
+def _sorted(items, name) -> tuple:
+    return tuple(sorted(items, key=lambda item: natural_key(name(item))))
 
 
 def _file_name(value: Any) -> str:
@@ -258,56 +372,3 @@ def _relative_path(value: Any) -> str:
     if not isinstance(value, str) or not value or Path(value).is_absolute() or ".." in Path(value).parts:
         raise ValueError(f"{value!r} is not a path inside the directory")
     return value
-
-
-def _info_from_json(item: list, source: Path) -> TensorInfo:
-    name, file_name, dtype, shape, begin, end = item
-    shape = tuple(int(d) for d in shape)
-    return TensorInfo(str(name), source / _file_name(file_name), str(dtype), shape, int(begin), int(end))
-
-
-def _shard_json(shard: OutputShard) -> dict[str, Any]:
-    return {
-        "name": shard.name,
-        "file_size": shard.file_size,
-        "entries": [[e.name, e.dtype, list(e.shape)] for e in shard.entries],
-        "passthrough": [_info_json(info) for info in shard.passthrough],
-        "modules": [
-            {
-                "prefix": m.prefix,
-                "moe": m.is_moe,
-                "layout": m.layout.name,
-                "out": m.out_features,
-                "in": m.in_features,
-                "group_size": m.group_size,
-                "chunks": m.bias_chunks,
-                "sources": {role: _info_json(info) for role, info in m.sources.items()},
-            }
-            for m in shard.modules
-        ],
-    }
-
-
-def _shard_from_json(item: dict, source: Path) -> OutputShard:
-    name = _file_name(item["name"])
-    modules = tuple(
-        Projection(
-            prefix=str(m["prefix"]),
-            is_moe=bool(m["moe"]),
-            layout=get_source(m["layout"]),
-            out_features=int(m["out"]),
-            in_features=int(m["in"]),
-            group_size=int(m["group_size"]),
-            bias_chunks=int(m["chunks"]),
-            sources={str(role): _info_from_json(info, source) for role, info in m["sources"].items()},
-            shard=name,
-        )
-        for m in item["modules"]
-    )
-    return OutputShard(
-        name=name,
-        entries=tuple(OutputEntry(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in item["entries"]),
-        passthrough=tuple(_info_from_json(info, source) for info in item["passthrough"]),
-        modules=modules,
-        file_size=int(item["file_size"]),
-    )

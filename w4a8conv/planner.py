@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from . import __version__
 from .checkpoint import Checkpoint
+from .gc_hold import holding_gc
 from .names import (
     DESCRIPTION_FILE,
     FORMAT_VERSION,
@@ -26,14 +27,15 @@ from .names import (
     natural_key,
     tensor_entries,
 )
-from .plan import ConversionPlan, MoELayer, OutputShard, Projection
-from .safetensors_io import OutputEntry, TensorInfo, layout_header
+from .plan import ConversionPlan, MoELayer, OutputShard, Projection, shard_entries
+from .safetensors_io import TensorInfo, layout_header
 from .sources import ModuleHeaders, detect_source
 from .targets import DEFAULT_TARGET, ServingTarget, get_target
 
 SHARD_METADATA = {"format": "pt", "converted_by": f"w4a8conv {__version__}"}
 
 
+@holding_gc
 def build_plan(
     ckpt: Checkpoint, target: str = DEFAULT_TARGET, num_workers: int = 1, checksums: bool = True
 ) -> ConversionPlan:
@@ -260,22 +262,19 @@ def _output_shards(
     passthrough: list[TensorInfo], modules: list[Projection], target: ServingTarget
 ) -> tuple[OutputShard, ...]:
     """One output shard per source shard, named alike: its pass-through tensors, then its modules' outputs."""
-    entries: dict[str, list[OutputEntry]] = {}
     copies: dict[str, list[TensorInfo]] = {}
     work: dict[str, list[Projection]] = {}
     for info in passthrough:
-        entries.setdefault(info.path.name, []).append(OutputEntry(info.name, info.dtype, info.shape))
         copies.setdefault(info.path.name, []).append(info)
     for module in modules:
-        entries.setdefault(module.shard, []).extend(target.outputs(module))
         work.setdefault(module.shard, []).append(module)
     shards = []
-    for name in sorted(entries):
-        header, _ = layout_header(entries[name], SHARD_METADATA)
-        size = len(header) + sum(e.nbytes for e in entries[name])
-        shards.append(
-            OutputShard(name, tuple(entries[name]), tuple(copies.get(name, ())), tuple(work.get(name, ())), size)
-        )
+    for name in sorted(copies.keys() | work.keys()):
+        shard_copies, shard_work = tuple(copies.get(name, ())), tuple(work.get(name, ()))
+        entries = shard_entries(shard_copies, shard_work, target)
+        header, _ = layout_header(entries, SHARD_METADATA)
+        size = len(header) + sum(e.nbytes for e in entries)
+        shards.append(OutputShard(name, entries, shard_copies, shard_work, size))
     return tuple(shards)
 
 
