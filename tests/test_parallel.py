@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import _ReadAhead, convert_checkpoint
+from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR
 from w4a8conv.planner import assign_shares, build_plan
+from w4a8conv.read_ahead import ReadAhead
 from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
@@ -57,7 +58,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(
     monkeypatch.setattr(writer, "STAGED_COPY_BYTES", 8192)
     monkeypatch.setattr(writer, "RETAINED_BYTES", 64 * 1024)
     hinted: list[TensorInfo] = []
-    monkeypatch.setattr("w4a8conv.convert.prefetch", hinted.extend)
+    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", hinted.extend)
 
     def direct(kind: str) -> list[tuple[str, int, int]]:
         return [(path, offset, length) for k, path, offset, length in direct_io_calls if k == kind]
@@ -237,8 +238,8 @@ def _units(sizes: list[int]) -> list[list[TensorInfo]]:
 
 def test_read_ahead_hints_each_later_unit_once_and_stays_within_its_window(monkeypatch):
     hinted: list[str] = []
-    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.extend(i.name for i in infos))
-    read_ahead = _ReadAhead(_units([10] * 20), window=30)
+    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    read_ahead = ReadAhead(_units([10] * 20), window=30)
     ran = []
     read_ahead.around(0, ran.append, 0)
     assert hinted == ["t1", "t2", "t3"]  # 30 bytes past unit 0
@@ -256,8 +257,8 @@ def test_read_ahead_hints_each_later_unit_once_and_stays_within_its_window(monke
 
 def test_read_ahead_hints_a_unit_larger_than_its_window(monkeypatch):
     hinted: list[str] = []
-    monkeypatch.setattr("w4a8conv.convert.prefetch", lambda infos: hinted.extend(i.name for i in infos))
-    read_ahead = _ReadAhead(_units([1, 500, 1, 1]), window=30)
+    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    read_ahead = ReadAhead(_units([1, 500, 1, 1]), window=30)
     read_ahead.around(0, lambda: None)
     assert hinted == ["t1"]
     read_ahead.around(1, lambda: None)

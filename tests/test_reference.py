@@ -35,7 +35,7 @@ def float_matmul(x, pts, values, scale) -> torch.Tensor:
 
 def test_split_int8_halves_rebuild_x():
     x = torch.arange(-128, 128, dtype=torch.int8)
-    hi, lo = reference._split_int8(x)
+    hi, lo = reference.split_int8(x)
     assert hi.min() >= -8 and hi.max() <= 7 and lo.min() >= -8 and lo.max() <= 7
     assert torch.equal(16 * hi + lo + 8, x.to(torch.int16))
 

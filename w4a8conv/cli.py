@@ -104,10 +104,10 @@ def inspect(
 
     report = inspect_checkpoint(path, target)
     if output.json_mode:
-        output.emit_json(report)
+        output.emit_json(report.as_dict())
     else:
         output.inspect_table(report)
-    if report["problems"]:
+    if report.problems:
         raise typer.Exit(EXIT_BAD_INPUT)
 
 

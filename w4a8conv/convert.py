@@ -15,11 +15,9 @@ from __future__ import annotations
 import functools
 import gc
 import importlib
-import itertools
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +31,11 @@ from .names import TOOL_SECTION
 from .output import Progress
 from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
 from .planner import SHARD_METADATA, build_plan
-from .safetensors_io import ShardWriter, TensorInfo, prefetch, read_tensor, reads_direct
+from .read_ahead import ReadAhead
+from .safetensors_io import ShardWriter, read_tensor, reads_direct
 from .targets import DEFAULT_TARGET
 
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
-
-_READ_AHEAD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -271,7 +268,7 @@ def _convert_shards(
         projections = [(shard.name, p) for shard in shards for p in shard.modules]
         # Sources read with O_DIRECT bypass the page cache, so hinting them would read them twice.
         sources = [[i for i in p.sources.values() if not reads_direct(i, direct_reads)] for _, p in projections]
-        read_ahead = _ReadAhead([[info] for _, info in copies] + sources)
+        read_ahead = ReadAhead([[info] for _, info in copies] + sources)
         for i, (shard_name, info) in enumerate(copies):
             future = pool.submit(read_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)
             pending[future] = (shard_name, "copy", info.name, info.nbytes)
@@ -311,37 +308,6 @@ def _convert_shards(
         raise
     finally:
         pool.shutdown(wait=True)
-
-
-class _ReadAhead:
-    """Keep the kernel reading the sources of the next units while the workers process earlier ones.
-
-    On a disk with high latency, a worker's synchronous read of a 7 MB weight leaves the disk
-    idle between requests; hinting about ``window`` bytes beyond the furthest unit started keeps
-    it streaming. The page cache holds what is read ahead, not this process.
-    """
-
-    def __init__(self, units: list[list[TensorInfo]], window: int = _READ_AHEAD_BYTES):
-        self._units = units
-        # _starts[i]: bytes of the units before unit i, so any run of units is sized by one subtraction
-        self._starts = list(itertools.accumulate((sum(i.nbytes for i in unit) for unit in units), initial=0))
-        self._window = window
-        self._furthest = -1  # furthest unit started
-        self._next = 0  # first unit not hinted yet
-        self._lock = threading.Lock()
-
-    def around(self, index: int, work: Callable[..., None], *args: object) -> None:
-        """Run ``work(*args)`` as unit ``index``, first hinting at the units after it."""
-        with self._lock:
-            self._furthest = max(self._furthest, index)
-            start = self._next = max(self._next, self._furthest + 1)
-            beyond = self._starts[self._furthest + 1]  # where the units not started yet begin
-            while self._next < len(self._units) and self._starts[self._next] - beyond < self._window:
-                self._next += 1
-            stop = self._next
-        for unit in self._units[start:stop]:
-            prefetch(unit)
-        work(*args)
 
 
 @functools.cache

@@ -6,6 +6,7 @@ description's processed tensors.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
@@ -22,7 +23,35 @@ from .planner import build_plan
 from .targets import DEFAULT_TARGET
 
 
-def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> dict:
+@dataclass(frozen=True)
+class InspectReport:
+    """What ``inspect`` found; ``as_dict`` is its ``--json`` form."""
+
+    path: str
+    format: str  # the source layout, ``processed`` for w4a8conv output, or ``unknown``
+    target: str | None
+    version: str | None
+    group_size: int | None
+    w4a8_modules: int
+    w4a8_linear: int
+    moe_layers: int
+    experts: int
+    experts_per_layer: int | list[int]
+    hidden_size: int | None
+    moe_intermediate_size: int | None
+    other_quant_types: dict[str, int]
+    params_dtype: str
+    shards: int
+    tensors: int
+    total_bytes: int
+    converted_bytes: int | None
+    problems: list[str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> InspectReport:
     """Describe a checkpoint from its description, index and safetensors headers (no tensor data).
 
     Args:
@@ -30,36 +59,35 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> dict:
         target: the serving target a source checkpoint is checked against.
 
     Returns:
-        A JSON-ready dict with at least ``format``, ``group_size``, ``w4a8_modules``, ``moe_layers``,
-        ``shards``, ``total_bytes`` and ``problems`` (every inconsistency found, one line each).
+        The report; ``problems`` lists every inconsistency found, one line each.
 
     Raises:
         BadInputError: when the directory cannot be read as a checkpoint at all.
     """
     ckpt = open_checkpoint(Path(path))
     if TOOL_SECTION in ckpt.description:
-        return {**_common(path, ckpt), **_processed(ckpt)}
+        return InspectReport(**_common(path, ckpt), **_processed(ckpt))
     plan = build_plan(ckpt, target)
     experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers})
     moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers}
     hidden, intermediate = moe_shapes.pop() if len(moe_shapes) == 1 else (None, None)
     summary = plan.summary
-    return {
+    return InspectReport(
         **_common(path, ckpt),
-        "format": plan.source_layout,
-        "target": plan.target,
-        "group_size": plan.group_size,
-        "w4a8_modules": summary.modules,
-        "w4a8_linear": sum(not p.is_moe for p in plan.modules),
-        "moe_layers": summary.moe_layers,
-        "experts": summary.experts,
-        "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
-        "hidden_size": hidden or None,
-        "moe_intermediate_size": intermediate or None,
-        "other_quant_types": dict(plan.other_quant_types),
-        "converted_bytes": summary.output_bytes if plan.modules else None,
-        "problems": list(plan.problems),
-    }
+        format=plan.source_layout,
+        target=plan.target,
+        group_size=plan.group_size,
+        w4a8_modules=summary.modules,
+        w4a8_linear=sum(not p.is_moe for p in plan.modules),
+        moe_layers=summary.moe_layers,
+        experts=summary.experts,
+        experts_per_layer=experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
+        hidden_size=hidden or None,
+        moe_intermediate_size=intermediate or None,
+        other_quant_types=dict(plan.other_quant_types),
+        converted_bytes=summary.output_bytes if plan.modules else None,
+        problems=list(plan.problems),
+    )
 
 
 def _common(path: Path | str, ckpt: Checkpoint) -> dict:

@@ -48,36 +48,38 @@ class Output:
         if not self.json_mode:
             self.err.print(message, soft_wrap=True, markup=False)
 
-    def inspect_table(self, report: dict) -> None:
-        table = Table(title=f"w4a8conv inspect {report['path']}", show_header=False)
+    def inspect_table(self, report) -> None:
+        """An ``inspect.InspectReport`` as a table, then its problems."""
+        table = Table(title=f"w4a8conv inspect {report.path}", show_header=False)
         table.add_column("key", style="bold")
         table.add_column("value")
         rows = [
-            ("format", report["format"]),
-            ("version", report["version"] or "-"),
-            ("group size", "per-channel (0)" if report["group_size"] == 0 else report["group_size"]),
-            ("W4A8 modules", f"{report['w4a8_modules']} ({report['w4a8_linear']} Linear)"),
+            ("format", report.format),
+            ("target", report.target or "-"),
+            ("version", report.version or "-"),
+            ("group size", "per-channel (0)" if report.group_size == 0 else report.group_size),
+            ("W4A8 modules", f"{report.w4a8_modules} ({report.w4a8_linear} Linear)"),
             (
                 "MoE layers",
-                f"{report['moe_layers']} x {report['experts_per_layer']} experts"
+                f"{report.moe_layers} x {report.experts_per_layer} experts"
                 + (
-                    f" (hidden {report['hidden_size']}, moe_intermediate {report['moe_intermediate_size']})"
-                    if report["hidden_size"]
+                    f" (hidden {report.hidden_size}, moe_intermediate {report.moe_intermediate_size})"
+                    if report.hidden_size
                     else ""
                 ),
             ),
-            ("other quant types", ", ".join(f"{k}: {v}" for k, v in report["other_quant_types"].items()) or "-"),
-            ("params dtype", report["params_dtype"]),
-            ("shards / tensors", f"{report['shards']} / {report['tensors']}"),
-            ("size", human_bytes(report["total_bytes"])),
-            ("size after convert", human_bytes(report["converted_bytes"])),
+            ("other quant types", ", ".join(f"{k}: {v}" for k, v in report.other_quant_types.items()) or "-"),
+            ("params dtype", report.params_dtype),
+            ("shards / tensors", f"{report.shards} / {report.tensors}"),
+            ("size", human_bytes(report.total_bytes)),
+            ("size after convert", human_bytes(report.converted_bytes)),
         ]
         for key, value in rows:
             table.add_row(key, Text(str(value)))
         self.out.print(table)
-        if report["problems"]:
-            self.out.print(f"[bold red]{len(report['problems'])} problem(s):[/]")
-            for problem in report["problems"]:
+        if report.problems:
+            self.out.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+            for problem in report.problems:
                 self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
         else:
             self.out.print("[green]no problems found[/]")

@@ -19,7 +19,7 @@ from .packing import unpack_int32_words
 from .scales import decode_int64_to_fp32
 
 
-def _split_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 activations into the kernel's int4 halves: ``x = 16 * hi + lo + 8``."""
     x = x.to(torch.int16)
     hi = x >> 4
@@ -49,7 +49,7 @@ def w4a8_matmul(
     out_features, in_features = w.shape
     s = scale.reshape(-1, out_features).to(torch.float64)  # [groups, out]
     groups = s.shape[0]
-    hi, lo = (h.to(torch.float64) for h in _split_int8(x))
+    hi, lo = (h.to(torch.float64) for h in split_int8(x))
     hi_g = hi.reshape(x.shape[0], groups, in_features // groups)
     lo_g = lo.reshape(x.shape[0], groups, in_features // groups)
     w_g = w.reshape(out_features, groups, in_features // groups)
