@@ -50,46 +50,14 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import bench_inputs
+from bench_inputs import HIDDEN, INTER, ensure_checkpoint, write_header_only_deepseek
+
 from w4a8conv.sources import SOURCE_NAMES, get_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv/bin/w4a8conv")
 LAYOUTS = SOURCE_NAMES  # every registered source layout
-HIDDEN, INTER, GROUP, EXPERTS = 7168, 2048, 256, 16
-
-
-def _spec(layers: int):
-    from w4a8conv.synthetic import SyntheticSpec
-
-    return SyntheticSpec(
-        hidden=HIDDEN,
-        intermediate=INTER,
-        experts=EXPERTS,
-        dense_layers=0,
-        moe_layers=layers,
-        group_size=GROUP,
-        vocab=1024,
-        w4a8_linear=False,
-    )
-
-
-def _layer_bytes(layout: str) -> int:
-    expert = 3 * INTER * HIDDEN * (0.5 if get_source(layout).packed_on_disk else 1)
-    passthrough = 4 * HIDDEN * HIDDEN + 3 * INTER * HIDDEN  # attention + shared expert, W8A8
-    return int(EXPERTS * expert + passthrough)
-
-
-def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
-    layers = max(1, round(size_gb * 1e9 / _layer_bytes(layout)))
-    path = data / f"{layout}-{layers}layers"
-    if (path / "quant_model_description.json").is_file():
-        return path
-    shutil.rmtree(path, ignore_errors=True)
-    print(f"generating {path} ...", file=sys.stderr, flush=True)
-    # In a child process: the parent stays small, so the peak RSS it measures for its children
-    # (which start as forks of it) is theirs.
-    subprocess.run([sys.executable, __file__, "--generate", str(path), layout, str(layers)], check=True)
-    return path
 
 
 def evict(path: Path) -> None:
@@ -225,7 +193,7 @@ def bench_layout(
     if no_checksums:
         commands["no_checksums"] = [*convert, "--no-checksums"]
     if naive:
-        commands["naive"] = [sys.executable, __file__, "--naive", str(src), str(out)]
+        commands["naive"] = [sys.executable, bench_inputs.__file__, "--naive", str(src), str(out)]
     runs: dict[str, list[Run]] = {k: [] for k in commands}
     cold_input = src if cache == "disk" else None
     size = dir_bytes(src)
@@ -253,137 +221,6 @@ def bench_layout(
     if naive:
         result["naive_over_convert"] = round(result["naive"]["seconds"] / result["convert"]["seconds"], 2)
     return result
-
-
-# --- the naive, seed-style reference ---------------------------------------------------------------
-
-
-def naive_convert(src: Path, dst: Path) -> None:
-    import numpy as np
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    index = json.loads(next(src.glob("*.safetensors.index.json")).read_text())["weight_map"]
-    description = json.loads((src / "quant_model_description.json").read_text())
-    new_version = description.get("version") == "1.0.0"
-    group_size = description.get("group_size", GROUP)
-    dst.mkdir(parents=True)
-
-    def load(names):
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(index[name], []).append(name)
-        out = {}
-        for file_name, file_names in by_file.items():
-            with safe_open(str(src / file_name), framework="pt") as f:
-                out.update({name: f.get_tensor(name) for name in file_names})
-        return out
-
-    def naive_pack(w: torch.Tensor) -> torch.Tensor:  # numpy emulation of npu_quantize(quint4x2)
-        v = w.numpy().astype(np.int64)
-        groups = v.reshape(*v.shape[:-1], v.shape[-1] // 8, 8)
-        word = np.zeros(groups.shape[:-1], dtype=np.int64)
-        for j in range(8):
-            word |= (groups[..., j] & 0xF) << (4 * j)
-        return torch.from_numpy(np.where(word >= 2**31, word - 2**32, word).astype(np.int32))
-
-    def process_scale(weight, scale, per_group_scale):
-        scale = scale.transpose(1, 2).contiguous()
-        if per_group_scale is None:
-            s = scale.numpy().copy()
-            s.dtype = np.uint32
-            return torch.from_numpy(s.astype(np.int64)), None
-        per_group_scale = per_group_scale.transpose(1, 2).contiguous()
-        e, k, n = weight.shape
-        n = n * 2 if new_version else n
-        per_group_scale = per_group_scale.reshape(e, -1, n)
-        _, groups, n = per_group_scale.shape
-        bias = None
-        if not new_version:
-            high = weight.to(torch.float32).reshape(e, groups, -1, n) * per_group_scale.reshape(e, groups, 1, n)
-            bias = 8 * (high.reshape(e, k, n) * scale).sum(axis=1)
-        s = (scale * per_group_scale).to(torch.float16).to(torch.float32).numpy().copy()
-        s.dtype = np.uint32
-        wide = np.zeros((e, groups, n * 2), dtype=np.uint32)
-        wide[..., ::2] = s
-        return torch.from_numpy(np.frombuffer(wide.tobytes(), dtype=np.int64).copy()).reshape(e, groups, n), bias
-
-    layers: dict[str, set[int]] = {}
-    others = []
-    for name in index:
-        m = re.match(r"(.+\.experts)\.(\d+)\.", name)
-        if m:
-            layers.setdefault(m[1], set()).add(int(m[2]))
-        else:
-            others.append(name)
-    for n, layer in enumerate(sorted(layers)):
-        experts = sorted(layers[layer])
-        t = load([k for k in index if k.startswith(layer + ".")])
-
-        def stack(proj_names, role, experts=experts, layer=layer, t=t):
-            return torch.stack([torch.cat([t[f"{layer}.{e}.{p}.{role}"] for p in proj_names]) for e in experts]).to(
-                torch.float32 if role != "weight" else torch.int8
-            )
-
-        out = {}
-        for prefix, projs in (("w13", ("gate_proj", "up_proj")), ("w2", ("down_proj",))):
-            weight = stack(projs, "weight").transpose(1, 2).contiguous()
-            second = stack(projs, "weight_scale_second") if group_size else None
-            scale, bias = process_scale(weight, stack(projs, "weight_scale"), second)
-            if new_version:
-                bias = stack(projs, "scale_bias").transpose(1, 2).contiguous().sum(axis=1)
-                packed = torch.from_numpy(np.frombuffer(weight.numpy().tobytes(), dtype=np.int32).copy())
-                packed = packed.reshape(*weight.shape[:-1], -1)
-            else:
-                packed = naive_pack(weight)
-            out.update({f"{prefix}_weight": packed, f"{prefix}_weight_scale": scale, f"{prefix}_scale_bias": bias})
-        save_file({f"{layer}.{k}": v.contiguous() for k, v in out.items()}, str(dst / f"layer-{n}.safetensors"))
-    save_file({k: v.contiguous() for k, v in load(others).items()}, str(dst / "others.safetensors"))
-
-
-def write_header_only_deepseek(path: Path) -> Path:
-    """A DeepSeek-R1-sized mindie checkpoint (58 MoE layers x 256 experts, ~650 GB) of sparse files:
-    real safetensors headers, index and description, no data. Planning reads nothing else."""
-    from w4a8conv.safetensors_io import OutputEntry, layout_header
-
-    if (path / "quant_model_description.json").is_file():
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    entries, types = [], {}
-    for layer in range(3, 61):
-        for e in range(256):
-            for proj, n, k in (("gate_proj", INTER, HIDDEN), ("up_proj", INTER, HIDDEN), ("down_proj", HIDDEN, INTER)):
-                prefix = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
-                for suffix, dtype, shape in (
-                    ("weight", "I8", (n, k)),
-                    ("weight_scale", "F32", (n, 1)),
-                    ("weight_offset", "F32", (n, 1)),
-                    ("weight_scale_second", "F32", (n, k // GROUP)),
-                    ("weight_offset_second", "I64", (n, k // GROUP)),
-                ):
-                    entries.append(OutputEntry(f"{prefix}.{suffix}", dtype, shape))
-                    types[f"{prefix}.{suffix}"] = "W4A8_DYNAMIC"
-    shards: list[list] = [[]]
-    filled = 0
-    for entry in entries:
-        if filled > 4 << 30:  # 4 GiB shards, as msModelSlim writes them
-            shards.append([])
-            filled = 0
-        shards[-1].append(entry)
-        filled += entry.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"quant_model_weight_w8a8_dynamic-{i:05d}-of-{len(shards):05d}.safetensors"
-        header, _ = layout_header(shard)
-        with open(path / name, "wb") as f:
-            f.write(header)
-            f.truncate(len(header) + sum(e.nbytes for e in shard))  # sparse: no data written
-        weight_map.update(dict.fromkeys((e.name for e in shard), name))
-    index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
-    (path / "quant_model_weight_w8a8_dynamic.safetensors.index.json").write_text(json.dumps(index))
-    (path / "quant_model_description.json").write_text(json.dumps({"model_quant_type": "W8A8_DYNAMIC", **types}))
-    return path
 
 
 def bench_planning(data: Path, repeats: int) -> dict:
@@ -463,16 +300,8 @@ def measure_costs(repeats: int) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--naive":
-        naive_convert(Path(sys.argv[2]), Path(sys.argv[3]))
-        return
     if len(sys.argv) == 3 and sys.argv[1] == "--costs":
         print(json.dumps(measure_costs(int(sys.argv[2]))))
-        return
-    if len(sys.argv) == 5 and sys.argv[1] == "--generate":
-        from w4a8conv.synthetic import write_checkpoint
-
-        write_checkpoint(Path(sys.argv[2]), sys.argv[3], _spec(int(sys.argv[4])), shard_bytes=1 << 30)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size per layout (default 2)")
