@@ -110,8 +110,11 @@ class _RenamedMindie(MindieLayout):
 
 
 def test_a_source_is_one_class_and_one_registry_line(source_checkpoints, converted_checkpoints, tmp_path, monkeypatch):
-    """Registered in mindie's place, the plan, the conversion and verify all find it through the registry."""
+    """Registered in mindie's place, the plan, the conversion and verify all find it through the registry;
+    a target serves it once its list of layouts names it."""
     monkeypatch.setattr(sources, "SOURCES", {"toy-mindie": _RenamedMindie(), **sources.SOURCES})
+    assert build_plan(open_checkpoint(source_checkpoints["mindie"])).problems  # no target reads it yet
+    monkeypatch.setattr(VllmAscend023, "source_layouts", (*VllmAscend023.source_layouts, "toy-mindie"))
     src = source_checkpoints["mindie"]
     plan = build_plan(open_checkpoint(src))
     assert plan.source_layout == "toy-mindie"
@@ -123,3 +126,24 @@ def test_a_source_is_one_class_and_one_registry_line(source_checkpoints, convert
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     mindie = converted_checkpoints["mindie"]
     assert shards and all((tmp_path / "out" / n).read_bytes() == (mindie / n).read_bytes() for n in shards)
+
+
+class _PerChannelOnly(VllmAscend023):
+    name = "per-channel-only"
+    source_layouts = ("v1.0.0-per-channel",)
+
+
+def test_a_target_refuses_a_layout_it_does_not_read_before_writing(source_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setitem(targets.TARGETS, _PerChannelOnly.name, _PerChannelOnly())
+    src = source_checkpoints["mindie"]
+    result = runner.invoke(app, ["inspect", str(src), "--target", "per-channel-only", "--json"])
+    problems = json.loads(result.output)["problems"]
+    assert result.exit_code == 2 and problems
+    assert all("per-channel-only does not read the mindie layout" in p for p in problems)
+    assert problems[0].startswith(f"{src}/") and ": tensor model.layers." in problems[0]
+    args = ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--target", "per-channel-only"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "per-channel-only does not read the mindie layout" in result.output
+    assert not (tmp_path / "out").exists()
+    ok = runner.invoke(app, ["inspect", str(source_checkpoints["v1.0.0-per-channel"]), "--target", "per-channel-only"])
+    assert ok.exit_code == 0

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .errors import BadInputError
 from .names import DESCRIPTION_FILE, INDEX_SUFFIX, MAX_MOE_TP, MOE_PROJECTIONS, TOOL_SECTION
+from .sources import get_source
 
 
 class ProcessedCheckpoint:
@@ -160,7 +161,7 @@ class ProcessedCheckpoint:
         t = self.tensors([f"{prefix}.weight", f"{prefix}.weight_scale_second", f"{prefix}.scale_bias"], device)
         bias = t[f"{prefix}.scale_bias"]
         out = {"weight": t[f"{prefix}.weight"], "weight_scale_second": t[f"{prefix}.weight_scale_second"]}
-        if self.source_layout == "mindie":
+        if not get_source(self.source_layout).stores_scale_bias:  # upstream computes weight_scale_bias
             out["weight_scale_bias"] = bias.sum(-1)
         else:
             out["scale_bias"] = bias.flatten() if bias.shape[1] == 1 else bias

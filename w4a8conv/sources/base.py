@@ -55,6 +55,7 @@ class SourceLayout:
     summary: ClassVar[str]  # one line: what writes it and what it holds
     packed_on_disk: ClassVar[bool]  # weight int8 [out/2, in] (two int4 per byte) instead of [out, in]
     per_group: ClassVar[bool]  # has weight_scale_second [out, in/g]
+    stores_scale_bias: ClassVar[bool]  # the checkpoint carries scale_bias (else it is computed from the weight)
     synthetic_linear: ClassVar[bool] = True  # `synthetic` writes W4A8 Linear layers in this layout
     oracle: ClassVar[SourceOracle]  # verify's independent numpy re-derivation
 

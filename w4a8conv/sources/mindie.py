@@ -39,6 +39,7 @@ class MindieLayout(SourceLayout):
     summary = "old msModelSlim output: int8 [out, in] one int4 per byte, per-group scales, no scale_bias"
     packed_on_disk = False
     per_group = True
+    stores_scale_bias = False
     oracle = MindieOracle()
 
     def bias_chunks(self, module: ModuleHeaders, problems: list[str]) -> int | None:

@@ -62,6 +62,7 @@ class V1PerGroupLayout(SourceLayout):
     summary = "msModelSlim 1.0.0, group_size > 0: int8 [out/2, in] two int4 per byte, per-group scales, scale_bias"
     packed_on_disk = True
     per_group = True
+    stores_scale_bias = True
     oracle = V1Oracle()
 
     def bias_chunks(self, module: ModuleHeaders, problems: list[str]) -> int | None:

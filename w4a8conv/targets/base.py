@@ -25,9 +25,15 @@ class ServingTarget:
     name: ClassVar[str]  # the --target value
     summary: ClassVar[str]  # one line: the engine, its releases, what it reads
     quant_type: ClassVar[str]  # how the description types every processed tensor
+    source_layouts: ClassVar[tuple[str, ...]]  # the source layouts it can serve
 
     def refusal(self, projection: Projection) -> str | None:
-        """Why this target cannot serve the projection, or None (checked at plan time, from headers)."""
+        """Why this target cannot serve the projection, or None (checked at plan time, from headers).
+
+        The default refuses a source layout not in :attr:`source_layouts`; a target adds its own rules.
+        """
+        if projection.layout.name not in self.source_layouts:
+            return f"{self.name} does not read the {projection.layout.name} layout"
         return None
 
     def outputs(self, projection: Projection) -> list[OutputEntry]:

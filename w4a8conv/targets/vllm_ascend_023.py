@@ -24,11 +24,12 @@ class VllmAscend023(ServingTarget):
     name = "vllm-ascend-0.23"
     summary = "vllm-ascend 0.23 (MoE and Linear; mindie, 1.0.0 per-group and per-channel)"
     quant_type = PREPACKED_TYPE
+    source_layouts = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
 
     def refusal(self, projection):
         if not projection.is_moe and projection.group_size == 0:
             return "a W4A8 Linear with per-channel scales is not supported by vllm-ascend"
-        return None
+        return super().refusal(projection)
 
     def outputs(self, projection):
         p, n, k = projection.prefix, projection.out_features, projection.in_features
