@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -103,3 +104,20 @@ def test_planning_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numpy_is_first_imported_with_one_openblas_thread():
+    """OpenBLAS's idle threads spin; the CLI limits them before anything it imports loads numpy."""
+    code = (
+        "import builtins, os\n"
+        "seen, real = {}, builtins.__import__\n"
+        "def hook(name, *args, **kwargs):\n"
+        "    if name.split('.')[0] == 'numpy':\n"
+        "        seen.setdefault('threads', os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = hook\n"
+        "import w4a8conv.cli\n"
+        "assert seen == {'threads': '1'}, seen\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

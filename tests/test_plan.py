@@ -139,3 +139,13 @@ def test_dry_run_reports_the_plan(source_checkpoints, tmp_path):
     assert report["shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
     assert report["target"] == plan.target and report["modules"] == len(plan.modules)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_output_of_an_earlier_version_is_refused_by_name(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    (out / STATE_DIR / JOB_FILE).write_text(json.dumps({"tool_version": "0.1.0", "num_workers": 1}))
+    result = runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--resume"])
+    assert result.exit_code == 2
+    assert f"{out / STATE_DIR / JOB_FILE}: not a conversion plan of this w4a8conv" in result.output

@@ -1,10 +1,16 @@
 """The ``w4a8conv`` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
 
+import os
+
+# numpy's OpenBLAS starts a thread per core that spins while idle (docs/performance.md, "Measurements
+# behind the code"); nothing here calls BLAS. Set before numpy is first imported: the source registry
+# imported below brings it in.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import contextlib
 import ctypes
 import functools
 import inspect as _inspect  # the `inspect` command below takes the plain name
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,10 +22,6 @@ from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_err
 from .output import Output, human_bytes
 from .sources import SOURCE_NAMES
 from .targets import DEFAULT_TARGET, TARGET_NAMES
-
-# numpy's OpenBLAS starts a thread per core that spins while idle (docs/performance.md, "Measurements
-# behind the code"); nothing here calls BLAS. Set before numpy is first imported, which the commands do lazily.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 app = typer.Typer(
     name="w4a8conv",

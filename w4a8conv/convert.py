@@ -162,7 +162,7 @@ def convert_checkpoint(
         _convert_shards(todo, unhashed, share, torch_device, workers, direct_io, direct_reads, report)
         share.mark_done()
         if num_workers == 1:
-            finalize(dst)
+            finalize(dst, plan)
     finally:
         report.finish()
         share.close()

@@ -153,7 +153,11 @@ def _saved_fingerprint(path: Path) -> str:
         head = f.read(256)
     fingerprint = fingerprint_of(head)
     if fingerprint is None:
-        raise BadInputError(f"{path}: not a w4a8conv conversion plan; remove the directory or choose another --out")
+        # Before the plan had a fingerprint (w4a8conv 0.1.0 up to 2026-11-28) job.json was plain JSON.
+        raise BadInputError(
+            f"{path}: not a conversion plan of this w4a8conv (an earlier version's, or damaged); "
+            "finish that conversion with the version that started it, or choose a new --out"
+        )
     return fingerprint
 
 
@@ -215,10 +219,11 @@ def _clear(dst: Path, keep: Path) -> None:
             child.unlink()
 
 
-def finalize(dst: Path | str) -> ConversionPlan:
+def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionPlan:
     """Write the manifest (if the job has checksums), the index and then the description once every share is done.
 
-    Refuses, naming them, while shares are missing or still running. Returns the plan.
+    Refuses, naming them, while shares are missing or still running. ``plan``: the job's plan, when
+    the caller holds it (a single-process conversion); else it is read from the job file. Returns it.
     """
     dst = Path(dst)
     state = dst / STATE_DIR
@@ -227,7 +232,7 @@ def finalize(dst: Path | str) -> ConversionPlan:
         if _finished_description(dst) is not None:
             raise BadInputError(f"{dst}: already finalized")
         raise BadInputError(f"{dst}: no conversion in progress here ({STATE_DIR}/{JOB_FILE} is missing)")
-    plan = read_plan(job_file)
+    plan = plan or read_plan(job_file)
     n = plan.num_workers
     missing = [i for i in range(n) if not (state / _share_file(i, n)).is_file()]
     if missing:
