@@ -9,7 +9,10 @@ from, only the behaviour the plugin relies on:
   first half, w3 in the second) and of w2 on the input dim, the dims swapped for ``is_transposed``
   parameters; per-channel w2 scales are loaded whole; experts outside this rank are skipped;
 * vLLM's column / row parallel Linear loaders: narrow ``output_dim`` / ``input_dim`` by rank;
-* the two registration mechanisms (scheme registry, ``SUPPORT_ASCEND_QUANTIZER_TYPE``);
+* the two registration mechanisms (scheme registry, ``SUPPORT_ASCEND_QUANTIZER_TYPE``), the 0.23
+  registry refusing a second registration of a quant type;
+* ``vllm.config.get_current_vllm_config()``, through which both releases' methods read the
+  checkpoint's description;
 * ``maybe_trans_nz`` / ``npu_format_cast``, which record the cast and keep the values.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import types
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
@@ -47,16 +51,22 @@ def _register(layer, name: str, value: torch.Tensor, *attrs: dict) -> torch.nn.P
     return param
 
 
+def get_current_vllm_config() -> SimpleNamespace:
+    return SimpleNamespace(quant_config=SimpleNamespace(quant_description=Config.description))
+
+
 class UpstreamLinearMethod:
     def __init__(self):
-        self.group_size = Config.description.get("group_size", 256)
-        self.new_quant_version = Config.description.get("version", "0") == "1.0.0"
+        description = get_current_vllm_config().quant_config.quant_description
+        self.group_size = description.get("group_size", 256)
+        self.new_quant_version = description.get("version", "0") == "1.0.0"
 
 
 class UpstreamMoEMethod:
     def __init__(self):
-        self.group_size = Config.description.get("group_size", 256)
-        self.new_quant_version = Config.description.get("version", "0") == "1.0.0"
+        description = get_current_vllm_config().quant_config.quant_description
+        self.group_size = description.get("group_size", 256)
+        self.new_quant_version = description.get("version", "0") == "1.0.0"
         self.tp_size = Config.tp_size
 
 
@@ -115,13 +125,22 @@ class MoEAdapter:
 class FusedMoELayer(torch.nn.Module):
     """vLLM's FusedMoE as far as loading goes: its parameters and weight_loader."""
 
-    def __init__(self, method, local_experts: list[int], hidden: int, intermediate: int, tp_size: int, tp_rank: int):
+    def __init__(
+        self,
+        method,
+        local_experts: list[int],
+        hidden: int,
+        intermediate: int,
+        tp_size: int,
+        tp_rank: int,
+        params_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.tp_size, self.tp_rank = tp_size, tp_rank
         self.expert_map = {e: i for i, e in enumerate(local_experts)}
         self.quant_method = MoEAdapter(method)
         self.quant_method.create_weights(
-            self, len(local_experts), hidden, intermediate // tp_size, torch.bfloat16, weight_loader=self.weight_loader
+            self, len(local_experts), hidden, intermediate // tp_size, params_dtype, weight_loader=self.weight_loader
         )
 
     def weight_loader(self, param, loaded, weight_name: str, shard_id: str, expert_id: int) -> None:
@@ -158,7 +177,16 @@ class FusedMoELayer(torch.nn.Module):
 class LinearLayer(torch.nn.Module):
     """vLLM's Column/RowParallelLinear as far as loading goes."""
 
-    def __init__(self, method, in_features: int, out_features: int, row_parallel: bool, tp_size: int, tp_rank: int):
+    def __init__(
+        self,
+        method,
+        in_features: int,
+        out_features: int,
+        row_parallel: bool,
+        tp_size: int,
+        tp_rank: int,
+        params_dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__()
         self.row_parallel, self.tp_rank = row_parallel, tp_rank
         if row_parallel:
@@ -167,7 +195,7 @@ class LinearLayer(torch.nn.Module):
         in_part = in_features // tp_size if row_parallel else in_features
         out_part = out_features if row_parallel else out_features // tp_size
         self.quant_method.create_weights(
-            self, in_part, [out_part], in_features, out_features, torch.bfloat16, weight_loader=self.weight_loader
+            self, in_part, [out_part], in_features, out_features, params_dtype, weight_loader=self.weight_loader
         )
 
     def weight_loader(self, param, loaded) -> None:
@@ -202,6 +230,8 @@ def install(release: str) -> None:
 
     LinearAdapter.passes_layer_type = release == "registry"
     MoEAdapter.marks_scale_bias_and_scales_as_group = release == "registry"
+    module("vllm")
+    module("vllm.config", get_current_vllm_config=get_current_vllm_config)
     module("vllm_ascend")
     module("vllm_ascend.quantization")
     if release == "registry":
@@ -256,7 +286,7 @@ def install(release: str) -> None:
 
 
 def uninstall() -> None:
-    for name in [n for n in sys.modules if n == "vllm_ascend" or n.startswith("vllm_ascend.")]:
+    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "vllm_ascend")]:
         del sys.modules[name]
     for adapter in (LinearAdapter, MoEAdapter):  # undo the plugin's create_weights wrapper
         if getattr(adapter.create_weights, "_w4a8conv", False):

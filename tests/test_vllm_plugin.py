@@ -184,3 +184,40 @@ def test_dynamic_eplb_gets_per_expert_lists(converted_checkpoints, source_checkp
             assert torch.equal(layer.w2_weight_scale_list[e], expected["w2_weight_scale"][e])
     finally:
         stand_ins.uninstall()
+
+
+def test_register_is_idempotent(release):
+    """vllm-ascend 0.23's scheme registry refuses a second registration; the plugin registers once."""
+    first = registered(release)
+    vllm_plugin.register()
+    assert registered(release) == first
+
+
+@pytest.mark.parametrize("tp_size", [3, 6, 32])
+def test_a_moe_tensor_parallel_size_that_does_not_divide_16_is_refused(release, converted_checkpoints, tp_size):
+    """Each rank sums its share of the 16 stored scale_bias chunks: 16 // 3 chunks would load wrong biases."""
+    _, moe_method = registered(release)
+    configure(converted_checkpoints["mindie"], tp_size)
+    with pytest.raises(ValueError, match=rf"must divide the checkpoint's 16 scale_bias chunks .*found {tp_size};"):
+        moe_method()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_serving_in_another_dtype_than_the_checkpoint_was_made_for_is_refused(release, converted_checkpoints, dtype):
+    """A W4A8 Linear's scales were rounded to the model dtype at conversion: another dtype serves other numbers."""
+    linear_method, moe_method = registered(release)
+    configure(converted_checkpoints["mindie"])
+    found = str(dtype).removeprefix("torch.")
+    message = rf"converted for dtype bfloat16 .* the server runs {found}; serve it with --dtype bfloat16"
+    with pytest.raises(ValueError, match=message):
+        stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0, params_dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        stand_ins.FusedMoELayer(moe_method(), [0], SPEC.hidden, SPEC.intermediate, 1, 0, params_dtype=dtype)
+
+
+def test_a_description_without_the_w4a8conv_section_is_refused(release, converted_checkpoints):
+    linear_method, _ = registered(release)
+    configure(converted_checkpoints["mindie"])
+    del stand_ins.Config.description["w4a8conv"]
+    with pytest.raises(ValueError, match="has no 'w4a8conv' section; convert the checkpoint again"):
+        stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .names import PREPACKED_TYPE, SCALE_BIAS_CHUNKS
+from .names import DESCRIPTION_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION
 
 
 def _logger() -> logging.Logger:
@@ -54,6 +54,7 @@ class VllmAscendApi:
         adapters: the wrappers whose ``create_weights`` registers a method's parameters.
         moe_scale_names: the names upstream's MoE ``apply`` reads the int64 scales from.
         register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
+        registered: whether that has been done in this process.
         nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
     """
 
@@ -63,6 +64,7 @@ class VllmAscendApi:
     adapters: tuple[type, ...]
     moe_scale_names: tuple[str, str]
     register: Callable[[type, type], None]
+    registered: Callable[[], bool]
     nz_cast: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -90,6 +92,7 @@ def detect_api() -> VllmAscendApi:
         adapters=(AscendLinearMethod, AscendFusedMoEMethod),
         moe_scale_names=("w13_weight_scale", "w2_weight_scale"),
         register=register,
+        registered=lambda: registry.get_scheme_class(PREPACKED_TYPE, "moe") is not None,
         nz_cast=maybe_trans_nz,
     )
 
@@ -114,16 +117,23 @@ def _detect_quantizer_release() -> VllmAscendApi:
         adapters=(AscendLinearMethod, AscendFusedMoEMethod),
         moe_scale_names=("w13_weight_scale_second", "w2_weight_scale_second"),
         register=register,
+        registered=lambda: PREPACKED_TYPE in quantizer.SUPPORT_ASCEND_QUANTIZER_TYPE,
         nz_cast=lambda tensor: tensor,  # that release kept W4A8 weights in ND
     )
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: register the prepacked methods with vllm-ascend."""
+    """The ``vllm.general_plugins`` entry point: register the prepacked methods with vllm-ascend.
+
+    Idempotent: vllm-ascend's scheme registry refuses a second registration of a quant type, so a
+    second call (a process that loads plugins twice) does nothing.
+    """
     try:
         api = detect_api()
     except ImportError:
         log.debug("w4a8conv: vllm-ascend is not installed; nothing to register")
+        return
+    if api.registered():
         return
     linear, moe = build_methods(api)
     for adapter in api.adapters:
@@ -180,6 +190,41 @@ def _announce_once() -> None:
     log.info("w4a8conv: W4A8 MoE weights arrived prepacked; skipping repacking, scale encoding and bias sums")
 
 
+def _section() -> dict[str, Any]:
+    """The ``w4a8conv`` section of the checkpoint vLLM is loading (read as upstream reads the description)."""
+    from vllm.config import get_current_vllm_config
+
+    description = get_current_vllm_config().quant_config.quant_description
+    section = description.get(TOOL_SECTION) if isinstance(description, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(
+            f"w4a8conv: tensors are typed {PREPACKED_TYPE} but {DESCRIPTION_FILE} has no '{TOOL_SECTION}' section; "
+            "convert the checkpoint again"
+        )
+    return section
+
+
+def check_serving_dtype(params_dtype: torch.dtype) -> None:
+    """Refuse to serve in another dtype than the one the checkpoint's scales were rounded to."""
+    recorded = _section().get("params_dtype")
+    found = str(params_dtype).removeprefix("torch.")
+    if found != recorded:
+        raise ValueError(
+            f"w4a8conv: this checkpoint was converted for dtype {recorded} (its W4A8 scales are rounded to it), "
+            f"but the server runs {found}; serve it with --dtype {recorded}, or convert it again"
+        )
+
+
+def check_moe_tensor_parallel(tp_size: int) -> None:
+    """Refuse a MoE tensor-parallel size that does not split the stored scale_bias chunks evenly."""
+    if tp_size < 1 or SCALE_BIAS_CHUNKS % tp_size:
+        sizes = ", ".join(str(n) for n in range(1, SCALE_BIAS_CHUNKS + 1) if SCALE_BIAS_CHUNKS % n == 0)
+        raise ValueError(
+            f"w4a8conv: MoE tensor-parallel size must divide the checkpoint's {SCALE_BIAS_CHUNKS} scale_bias chunks "
+            f"({sizes}), found {tp_size}; use one of those or --enable-expert-parallel"
+        )
+
+
 def build_methods(api: VllmAscendApi) -> tuple[type, type]:
     """The plugin's Linear and MoE methods, derived from this release's W4A8_DYNAMIC methods."""
 
@@ -187,6 +232,7 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
         """A W4A8_DYNAMIC Linear whose tensors w4a8conv already processed."""
 
         def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
+            check_serving_dtype(params_dtype)
             return {"weight": torch.empty(input_size, output_size // 8, dtype=torch.int32)}
 
         def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None) -> dict[str, Any]:
@@ -216,7 +262,12 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
     class PrepackedW4A8FusedMoEMethod(api.moe_method):
         """A W4A8_DYNAMIC FusedMoE layer whose expert tensors w4a8conv already processed."""
 
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            check_moe_tensor_parallel(self.tp_size)
+
         def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
+            check_serving_dtype(params_dtype)
             e, i, h = num_experts, intermediate_size_per_partition, hidden_sizes
             return {
                 "w13_weight": torch.empty(e, h, 2 * i // 8, dtype=torch.int32),
