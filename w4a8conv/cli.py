@@ -20,8 +20,8 @@ import typer
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_error
 from .output import Output, human_bytes
-from .sources import SOURCE_NAMES
-from .targets import DEFAULT_TARGET, TARGET_NAMES
+from .sources import SOURCE_NAMES, SOURCES
+from .targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
 
 app = typer.Typer(
     name="w4a8conv",
@@ -35,7 +35,12 @@ app = typer.Typer(
 DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 TargetOpt = Annotated[
-    str, typer.Option(help=f"The serving engine release the output is for: {', '.join(TARGET_NAMES)}.")
+    str,
+    typer.Option(
+        help="The serving engine release the output is for: "
+        + "; ".join(f"{name}: {TARGETS[name].summary}" for name in TARGET_NAMES)
+        + f". Default: {DEFAULT_TARGET}, the newest."
+    ),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
 
@@ -284,7 +289,9 @@ def finalize(
 @handle_errors
 def synthetic(
     path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
-    layout: Annotated[str, typer.Option(help=f"The source layout: {', '.join(SOURCE_NAMES)}.")] = SOURCE_NAMES[0],
+    layout: Annotated[
+        str, typer.Option(help="The source layout: " + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES))
+    ] = SOURCE_NAMES[0],
     seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
     json_output: JsonOpt = False,
     *,

@@ -25,7 +25,7 @@ from .names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, nat
 from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
 
-JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_json gives it
+JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_bytes writes it
 SUMS_DIR = "sums"
 
 
