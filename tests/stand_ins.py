@@ -34,6 +34,12 @@ class Config:
 
     description: ClassVar[dict] = {}
     tp_size = 1
+    enable_fused_mc2 = 0
+    mega_moe_supported: str | None = None  # the module that says so (0.25.1rc1+), None before
+
+
+def get_ascend_config() -> SimpleNamespace:
+    return SimpleNamespace(enable_fused_mc2=Config.enable_fused_mc2)
 
 
 def _set_attrs(param: torch.nn.Parameter, attrs: dict) -> None:
@@ -263,6 +269,10 @@ def install(release: str) -> None:
             AscendFusedMoEMethod=MoEAdapter,
         )
         module("vllm_ascend.utils", maybe_trans_nz=maybe_trans_nz)
+        module("vllm_ascend.ascend_config", get_ascend_config=get_ascend_config)
+        module("vllm_ascend.ascend_forward_context")
+        if Config.mega_moe_supported:
+            modules[Config.mega_moe_supported]._MEGA_MOE_SUPPORTED = True
     else:
 
         class VLLMAscendQuantizer:

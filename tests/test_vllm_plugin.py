@@ -221,3 +221,25 @@ def test_a_description_without_the_w4a8conv_section_is_refused(release, converte
     del stand_ins.Config.description["w4a8conv"]
     with pytest.raises(ValueError, match="has no 'w4a8conv' section; convert the checkpoint again"):
         stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0)
+
+
+@pytest.mark.parametrize("where", [None, "vllm_ascend.ascend_forward_context", "vllm_ascend.ascend_config"])
+def test_mega_moe_is_refused_where_the_release_has_it(converted_checkpoints, monkeypatch, where):
+    """0.25.1rc1 and later build cann_mega_moe_* lists when enable_fused_mc2 == 1 and cann_ops_transformer is
+    installed (the flag lives in ascend_forward_context, on main in ascend_config); the plugin does not yet,
+    so the layer would fail at its first forward: it refuses at construction instead."""
+    monkeypatch.setattr(stand_ins.Config, "mega_moe_supported", where)
+    monkeypatch.setattr(stand_ins.Config, "enable_fused_mc2", 1)
+    stand_ins.install("registry")
+    try:
+        _, moe_method = registered("registry")
+        configure(converted_checkpoints["v1.0.0-per-channel"])
+        if where is None:  # 0.23 hands the same tensors to every MoE comm method, fused MC2 included
+            moe_method()
+            return
+        with pytest.raises(ValueError, match=r"MegaMoE \(enable_fused_mc2=1\) is not supported .* found it on"):
+            moe_method()
+        monkeypatch.setattr(stand_ins.Config, "enable_fused_mc2", 0)
+        moe_method()
+    finally:
+        stand_ins.uninstall()

@@ -55,6 +55,9 @@ class VllmAscendApi:
         moe_scale_names: the names upstream's MoE ``apply`` reads the int64 scales from.
         register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
         registered: whether that has been done in this process.
+        mega_moe: whether MegaMoE is on (``enable_fused_mc2 == 1`` where ``cann_ops_transformer`` is
+            installed, 0.25.1rc1 and later), a serving mode whose per-expert lists the plugin does
+            not build yet.
         nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
     """
 
@@ -66,6 +69,7 @@ class VllmAscendApi:
     register: Callable[[type, type], None]
     registered: Callable[[], bool]
     nz_cast: Callable[[torch.Tensor], torch.Tensor]
+    mega_moe: Callable[[], bool] = lambda: False
 
 
 def detect_api() -> VllmAscendApi:
@@ -94,7 +98,26 @@ def detect_api() -> VllmAscendApi:
         register=register,
         registered=lambda: registry.get_scheme_class(PREPACKED_TYPE, "moe") is not None,
         nz_cast=maybe_trans_nz,
+        mega_moe=_mega_moe_on,
     )
+
+
+def _mega_moe_on() -> bool:
+    """MegaMoE as vllm-ascend decides it: ``_MEGA_MOE_SUPPORTED`` (in ``ascend_forward_context`` on
+    0.25.1rc1 and the 0.26 branch, in ``ascend_config`` on main; absent before) and ``enable_fused_mc2 == 1``."""
+    import importlib
+
+    supported = False
+    for name in ("vllm_ascend.ascend_config", "vllm_ascend.ascend_forward_context"):
+        try:
+            supported = supported or bool(getattr(importlib.import_module(name), "_MEGA_MOE_SUPPORTED", False))
+        except ImportError:
+            continue
+    if not supported:
+        return False
+    from vllm_ascend.ascend_config import get_ascend_config
+
+    return getattr(get_ascend_config(), "enable_fused_mc2", 0) == 1
 
 
 def _detect_quantizer_release() -> VllmAscendApi:
@@ -265,6 +288,11 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             check_moe_tensor_parallel(self.tp_size)
+            if api.mega_moe():
+                raise ValueError(
+                    f"w4a8conv: MegaMoE (enable_fused_mc2=1) is not supported for {PREPACKED_TYPE} checkpoints "
+                    "yet, found it on; serve with enable_fused_mc2=0"
+                )
 
         def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
             check_serving_dtype(params_dtype)
