@@ -137,7 +137,9 @@ def test_a_target_refuses_a_layout_it_does_not_read_before_writing(source_checkp
     monkeypatch.setitem(targets.TARGETS, _PerChannelOnly.name, _PerChannelOnly())
     src = source_checkpoints["mindie"]
     result = runner.invoke(app, ["inspect", str(src), "--target", "per-channel-only", "--json"])
-    problems = json.loads(result.output)["problems"]
+    report = json.loads(result.output)
+    problems = report["problems"]
+    assert report["serving_targets"] == ["vllm-ascend-0.23"]  # inspect says which target can
     assert result.exit_code == 2 and problems
     assert all("per-channel-only does not read the mindie layout" in p for p in problems)
     assert problems[0].startswith(f"{src}/") and ": tensor model.layers." in problems[0]
@@ -146,4 +148,4 @@ def test_a_target_refuses_a_layout_it_does_not_read_before_writing(source_checkp
     assert result.exit_code == 2 and "per-channel-only does not read the mindie layout" in result.output
     assert not (tmp_path / "out").exists()
     ok = runner.invoke(app, ["inspect", str(source_checkpoints["v1.0.0-per-channel"]), "--target", "per-channel-only"])
-    assert ok.exit_code == 0
+    assert ok.exit_code == 0 and "targets that serve it │ vllm-ascend-0.23, per-channel-only" in ok.output

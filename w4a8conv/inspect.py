@@ -29,7 +29,8 @@ class InspectReport:
 
     path: str
     format: str  # the source layout, ``processed`` for w4a8conv output, or ``unknown``
-    target: str | None
+    target: str | None  # checked against (a source), or made for (a w4a8conv output)
+    serving_targets: list[str]  # the registered targets that can serve a source (empty for an output)
     version: str | None
     group_size: int | None
     w4a8_modules: int
@@ -76,6 +77,7 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         **_common(path, ckpt),
         format=plan.source_layout,
         target=plan.target,
+        serving_targets=list(plan.serving_targets),
         group_size=plan.group_size,
         w4a8_modules=summary.modules,
         w4a8_linear=sum(not p.is_moe for p in plan.modules),
@@ -130,6 +132,7 @@ def _processed(ckpt: Checkpoint) -> dict:
     return {
         "format": PROCESSED_FORMAT,
         "target": section.get("target"),
+        "serving_targets": [],
         "group_size": section.get("group_size"),
         "w4a8_modules": modules,
         "w4a8_linear": linear,

@@ -56,6 +56,11 @@ class Output:
         rows = [
             ("format", report.format),
             ("target", report.target or "-"),
+            *(
+                [("targets that serve it", ", ".join(report.serving_targets) or "none")]
+                if report.format != "processed"
+                else []
+            ),
             ("version", report.version or "-"),
             ("group size", "per-channel (0)" if report.group_size == 0 else report.group_size),
             ("W4A8 modules", f"{report.w4a8_modules} ({report.w4a8_linear} Linear)"),

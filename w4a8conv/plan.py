@@ -108,6 +108,7 @@ class ConversionPlan:
         extra_files: files copied beside the shards (config, tokenizer...), relative to the source.
         description: the processed ``quant_model_description.json``, written last.
         problems: every inconsistency found; a conversion refuses to start while any is listed.
+        serving_targets: the registered targets that can serve every module (whichever ``target`` is).
     """
 
     source: Path
@@ -128,6 +129,7 @@ class ConversionPlan:
     input_bytes: int
     other_quant_types: Mapping[str, int] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
+    serving_targets: tuple[str, ...] = ()
 
     @property
     def serving_target(self) -> ServingTarget:
@@ -239,6 +241,7 @@ class ConversionPlan:
             "shares": [list(share) for share in self.shares],
             "description": dict(self.description),
             "problems": list(self.problems),
+            "serving_targets": list(self.serving_targets),
         }
 
     @classmethod
@@ -297,6 +300,7 @@ class ConversionPlan:
                 input_bytes=int(data["input_bytes"]),
                 other_quant_types=dict(data["other_quant_types"]),
                 problems=tuple(data["problems"]),
+                serving_targets=tuple(str(name) for name in data["serving_targets"]),
             )
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, BadInputError) as e:
             raise BadInputError(f"{where}: not a w4a8conv conversion plan ({type(e).__name__}: {e})") from None

@@ -30,7 +30,7 @@ from .names import (
 from .plan import ConversionPlan, MoELayer, OutputShard, Projection, shard_entries
 from .safetensors_io import TensorInfo, layout_header
 from .sources import ModuleHeaders, detect_source
-from .targets import DEFAULT_TARGET, ServingTarget, get_target
+from .targets import DEFAULT_TARGET, TARGETS, ServingTarget, get_target
 
 SHARD_METADATA = {"format": "pt", "converted_by": f"w4a8conv {__version__}"}
 
@@ -62,7 +62,14 @@ def build_plan(
     prefixes = sorted(
         (n[: -len(".weight")] for n, t in types.items() if t == W4A8_TYPE and n.endswith(".weight")), key=natural_key
     )
-    modules = [p for p in (_plan_projection(ckpt, prefix, serving, problems) for prefix in prefixes) if p is not None]
+    modules = [p for p in (_plan_projection(ckpt, prefix, problems) for prefix in prefixes) if p is not None]
+    for module in modules:
+        refusal = serving.refusal(module)
+        if refusal is not None:
+            problems.append(f"{module.where('weight')}: {refusal}")
+    serving_targets = tuple(
+        name for name, each in TARGETS.items() if modules and all(each.refusal(m) is None for m in modules)
+    )
 
     layouts = {p.layout.name for p in modules}
     group_sizes = {p.group_size for p in modules}
@@ -114,6 +121,7 @@ def build_plan(
         input_bytes=ckpt.total_bytes,
         other_quant_types=dict(sorted(other_types.items())),
         problems=tuple(problems),
+        serving_targets=serving_targets,
     )
 
 
@@ -182,7 +190,7 @@ def _module_headers(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Modul
     )
 
 
-def _plan_projection(ckpt: Checkpoint, prefix: str, target: ServingTarget, problems: list[str]) -> Projection | None:
+def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Projection | None:
     before = len(problems)
     module = _module_headers(ckpt, prefix, problems)
     if module is None:
@@ -206,9 +214,6 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, target: ServingTarget, probl
         sources=module.sources,
         shard=module.sources["weight"].path.name,
     )
-    refusal = target.refusal(projection)
-    if refusal is not None:
-        problems.append(f"{module.where}: {refusal}")
     chunks = layout.bias_chunks(module, problems)
     if chunks is None:
         return None
