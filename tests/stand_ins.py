@@ -1,7 +1,7 @@
 """Stand-ins for the few vLLM / vllm-ascend / torch_npu entry points the serving plugin touches.
 
-They reproduce, from the vllm-ascend 0.23 sources and the mid-2025 release the project was seeded
-from, only the behaviour the plugin relies on:
+They reproduce, from the vllm-ascend 0.23 sources, main's (182b75ea84, "main" below) and the mid-2025
+release the project was seeded from, only the behaviour the plugin relies on:
 
 * the adapters' ``create_weights``: which parameters a method's ``get_*`` dicts become, and which
   loader attributes (``input_dim``, ``output_dim``, ``quant_method``) they get;
@@ -9,6 +9,9 @@ from, only the behaviour the plugin relies on:
   first half, w3 in the second) and of w2 on the input dim, the dims swapped for ``is_transposed``
   parameters; per-channel w2 scales are loaded whole; experts outside this rank are skipped;
 * vLLM's column / row parallel Linear loaders: narrow ``output_dim`` / ``input_dim`` by rank;
+* main's W4A8 MoE method: no Linear scheme beside it, no ``group_size`` attribute, per-group
+  weights refused in ``__init__``, ``use_expert_weight_list`` for dynamic EPLB or the v2 runner
+  with EPLB;
 * the two registration mechanisms (scheme registry, ``SUPPORT_ASCEND_QUANTIZER_TYPE``), the 0.23
   registry refusing a second registration of a quant type;
 * ``vllm.config.get_current_vllm_config()``, through which both releases' methods read the
@@ -35,6 +38,7 @@ class Config:
     description: ClassVar[dict] = {}
     tp_size = 1
     enable_fused_mc2 = 0
+    use_expert_weight_list = False  # main: dynamic EPLB, or the v2 model runner with EPLB
     mega_moe_supported: str | None = None  # the module that says so (0.25.1rc1+), None before
 
 
@@ -76,6 +80,21 @@ class UpstreamMoEMethod:
         self.tp_size = Config.tp_size
 
 
+class UpstreamMainMoEMethod:
+    """main's AscendW4A8DynamicFusedMoEMethod.__init__, as far as the plugin relies on it."""
+
+    def __init__(self):
+        description = get_current_vllm_config().quant_config.quant_description
+        if description.get("group_size", 0) > 0:
+            raise ValueError(
+                "The current weights use Per-Group quantization, which is no longer supported. Please "
+                "switch to Per-Channel quantized weights."
+            )
+        self.tp_size = Config.tp_size
+        self.dynamic_eplb = False
+        self.use_expert_weight_list = Config.use_expert_weight_list
+
+
 class LinearAdapter:
     passes_layer_type = True  # 0.23 tells get_pergroup_param the layer type; the mid-2025 release did not
 
@@ -113,15 +132,15 @@ class MoEAdapter:
             _register(layer, name, value, extra)
         extra = {**extra, "quant_method": CHANNEL}
         per_group = ["weight_scale_second", "weight_offset_second"]
-        if self.marks_scale_bias_and_scales_as_group:  # 0.23; the mid-2025 release marked only *_second
+        if self.marks_scale_bias_and_scales_as_group:  # 0.23 and main; the mid-2025 release marked only *_second
             per_group += ["scale_bias"] + (
-                ["weight_scale", "weight_offset"] if self.quant_method.group_size > 0 else []
+                ["weight_scale", "weight_offset"] if getattr(self.quant_method, "group_size", 0) > 0 else []
             )
         for name, value in self.quant_method.get_dynamic_quant_param(
             num_experts, intermediate_size_per_partition, hidden_size, params_dtype
         ).items():
             param = _register(layer, name, value, extra)
-            if any(field in name for field in per_group):
+            if any(field in name for field in per_group):  # main tests hasattr(group_size) the same way
                 param.quant_method = GROUP
 
     def process_weights_after_loading(self, layer):
@@ -224,7 +243,7 @@ def maybe_trans_nz(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def install(release: str) -> None:
-    """Put stand-in ``vllm_ascend`` modules of ``release`` ("registry" or "quantizer") in sys.modules."""
+    """Put stand-in ``vllm_ascend`` modules of ``release`` ("registry", "main" or "quantizer") in sys.modules."""
     nz_casts.clear()
     modules = {}
 
@@ -234,13 +253,13 @@ def install(release: str) -> None:
         modules[name] = mod
         return mod
 
-    LinearAdapter.passes_layer_type = release == "registry"
-    MoEAdapter.marks_scale_bias_and_scales_as_group = release == "registry"
+    LinearAdapter.passes_layer_type = release != "quantizer"
+    MoEAdapter.marks_scale_bias_and_scales_as_group = release != "quantizer"
     module("vllm")
     module("vllm.config", get_current_vllm_config=get_current_vllm_config)
     module("vllm_ascend")
     module("vllm_ascend.quantization")
-    if release == "registry":
+    if release in ("registry", "main"):
         schemes: dict = {}
 
         def register_scheme(quant_type, layer_type):
@@ -258,11 +277,14 @@ def install(release: str) -> None:
             get_scheme_class=lambda q, t: schemes.get((q, t)),
             schemes=schemes,
         )
-        module(
-            "vllm_ascend.quantization.methods.w4a8",
-            AscendW4A8DynamicLinearMethod=UpstreamLinearMethod,
-            AscendW4A8DynamicFusedMoEMethod=UpstreamMoEMethod,
-        )
+        if release == "main":  # the W4A8_DYNAMIC Linear scheme is gone
+            module("vllm_ascend.quantization.methods.w4a8", AscendW4A8DynamicFusedMoEMethod=UpstreamMainMoEMethod)
+        else:
+            module(
+                "vllm_ascend.quantization.methods.w4a8",
+                AscendW4A8DynamicLinearMethod=UpstreamLinearMethod,
+                AscendW4A8DynamicFusedMoEMethod=UpstreamMoEMethod,
+            )
         module(
             "vllm_ascend.quantization.method_adapters",
             AscendLinearMethod=LinearAdapter,

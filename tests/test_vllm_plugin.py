@@ -243,3 +243,72 @@ def test_mega_moe_is_refused_where_the_release_has_it(converted_checkpoints, mon
         moe_method()
     finally:
         stand_ins.uninstall()
+
+
+@pytest.fixture
+def main_release():
+    stand_ins.install("main")
+    yield
+    stand_ins.uninstall()
+
+
+def test_on_main_only_the_moe_scheme_is_registered(main_release):
+    vllm_plugin.register()
+    vllm_plugin.register()  # idempotent there too
+    from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+    assert vllm_plugin.detect_api().release == "registry-moe-only"
+    assert get_scheme_class(PREPACKED_TYPE, "linear") is None and get_scheme_class(PREPACKED_TYPE, "moe") is not None
+
+
+@pytest.mark.parametrize("tp_size,tp_rank", [(1, 0), (2, 1)])
+def test_on_main_per_channel_moe_parameters_equal_stock_processing(
+    main_release, converted_checkpoints, source_checkpoints, tp_size, tp_rank
+):
+    vllm_plugin.register()
+    from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+    ckpt = configure(converted_checkpoints["v1.0.0-per-channel"], tp_size)
+    method = get_scheme_class(PREPACKED_TYPE, "moe")()
+    layer = stand_ins.FusedMoELayer(method, list(range(SPEC.experts)), SPEC.hidden, SPEC.intermediate, tp_size, tp_rank)
+    layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+    layer.quant_method.process_weights_after_loading(layer)
+    expected = UpstreamReference(source_checkpoints["v1.0.0-per-channel"]).moe(
+        MOE_LAYER, SPEC.experts, tp_size, tp_rank
+    )
+    for name, value in expected.items():
+        got = getattr(layer, name).data
+        assert got.dtype == value.dtype and got.shape == value.shape, name
+        if name.endswith("scale_bias"):
+            torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, value), name
+
+
+def test_on_main_expert_weight_lists_are_built(main_release, converted_checkpoints, source_checkpoints, monkeypatch):
+    """main keeps per-expert lists (int8 weights) for dynamic EPLB and for the v2 model runner with EPLB."""
+    monkeypatch.setattr(stand_ins.Config, "use_expert_weight_list", True)
+    vllm_plugin.register()
+    from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+    ckpt = configure(converted_checkpoints["v1.0.0-per-channel"])
+    layer = stand_ins.FusedMoELayer(
+        get_scheme_class(PREPACKED_TYPE, "moe")(), list(range(SPEC.experts)), SPEC.hidden, SPEC.intermediate, 1, 0
+    )
+    layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+    layer.quant_method.process_weights_after_loading(layer)
+    expected = UpstreamReference(source_checkpoints["v1.0.0-per-channel"]).moe(MOE_LAYER, SPEC.experts)
+    assert not hasattr(layer, "w13_weight") and len(layer.w2_weight_list) == SPEC.experts
+    for e in range(SPEC.experts):
+        assert layer.w13_weight_list[e].dtype == torch.int8
+        assert torch.equal(layer.w13_weight_list[e].view(torch.int32), expected["w13_weight"][e])
+        assert torch.equal(layer.w13_weight_scale_list[e], expected["w13_weight_scale"][e])
+
+
+def test_on_main_a_per_group_output_is_refused_by_upstream(main_release, converted_checkpoints):
+    vllm_plugin.register()
+    from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+    configure(converted_checkpoints["v1.0.0-per-group"])
+    with pytest.raises(ValueError, match="Per-Group quantization, which is no longer supported"):
+        get_scheme_class(PREPACKED_TYPE, "moe")()

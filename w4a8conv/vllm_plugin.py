@@ -48,9 +48,12 @@ class VllmAscendApi:
     """The vllm-ascend entry points the plugin touches, for the installed release.
 
     Attributes:
-        release: ``"registry"`` (scheme registry, vllm-ascend 0.11 to 0.23 and on) or ``"quantizer"``
-            (``SUPPORT_ASCEND_QUANTIZER_TYPE``, the mid-2025 releases w4a8conv was seeded from).
-        linear_method, moe_method: upstream's W4A8_DYNAMIC methods, the plugin's base classes.
+        release: ``"registry"`` (scheme registry, vllm-ascend 0.11 to the 0.26 branch),
+            ``"registry-moe-only"`` (main, where the W4A8_DYNAMIC Linear scheme is removed) or
+            ``"quantizer"`` (``SUPPORT_ASCEND_QUANTIZER_TYPE``, the mid-2025 releases w4a8conv was
+            seeded from).
+        linear_method, moe_method: upstream's W4A8_DYNAMIC methods, the plugin's base classes (no
+            Linear on main).
         adapters: the wrappers whose ``create_weights`` registers a method's parameters.
         moe_scale_names: the names upstream's MoE ``apply`` reads the int64 scales from.
         register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
@@ -62,11 +65,11 @@ class VllmAscendApi:
     """
 
     release: str
-    linear_method: type
+    linear_method: type | None
     moe_method: type
     adapters: tuple[type, ...]
     moe_scale_names: tuple[str, str]
-    register: Callable[[type, type], None]
+    register: Callable[[type | None, type], None]
     registered: Callable[[], bool]
     nz_cast: Callable[[torch.Tensor], torch.Tensor]
     mega_moe: Callable[[], bool] = lambda: False
@@ -76,24 +79,24 @@ def detect_api() -> VllmAscendApi:
     """Find the installed vllm-ascend's entry points (raises ImportError without vllm-ascend)."""
     try:
         from vllm_ascend.quantization.method_adapters import AscendFusedMoEMethod, AscendLinearMethod
-        from vllm_ascend.quantization.methods import registry
-        from vllm_ascend.quantization.methods.w4a8 import (
-            AscendW4A8DynamicFusedMoEMethod,
-            AscendW4A8DynamicLinearMethod,
-        )
+        from vllm_ascend.quantization.methods import registry, w4a8
         from vllm_ascend.utils import maybe_trans_nz
-    except ImportError:
-        return _detect_quantizer_release()
 
-    def register(linear: type, moe: type) -> None:
-        registry.register_scheme(PREPACKED_TYPE, "linear")(linear)
+        moe_method = w4a8.AscendW4A8DynamicFusedMoEMethod
+    except (ImportError, AttributeError):
+        return _detect_quantizer_release()
+    linear_method = getattr(w4a8, "AscendW4A8DynamicLinearMethod", None)  # removed on main
+
+    def register(linear: type | None, moe: type) -> None:
+        if linear is not None:
+            registry.register_scheme(PREPACKED_TYPE, "linear")(linear)
         registry.register_scheme(PREPACKED_TYPE, "moe")(moe)
 
     return VllmAscendApi(
-        release="registry",
-        linear_method=AscendW4A8DynamicLinearMethod,
-        moe_method=AscendW4A8DynamicFusedMoEMethod,
-        adapters=(AscendLinearMethod, AscendFusedMoEMethod),
+        release="registry" if linear_method is not None else "registry-moe-only",
+        linear_method=linear_method,
+        moe_method=moe_method,
+        adapters=(AscendLinearMethod, AscendFusedMoEMethod) if linear_method is not None else (AscendFusedMoEMethod,),
         moe_scale_names=("w13_weight_scale", "w2_weight_scale"),
         register=register,
         registered=lambda: registry.get_scheme_class(PREPACKED_TYPE, "moe") is not None,
@@ -248,8 +251,13 @@ def check_moe_tensor_parallel(tp_size: int) -> None:
         )
 
 
-def build_methods(api: VllmAscendApi) -> tuple[type, type]:
-    """The plugin's Linear and MoE methods, derived from this release's W4A8_DYNAMIC methods."""
+def build_methods(api: VllmAscendApi) -> tuple[type | None, type]:
+    """The plugin's Linear and MoE methods, derived from this release's W4A8_DYNAMIC methods (no Linear on main)."""
+    linear = _linear_method(api) if api.linear_method is not None else None
+    return linear, _moe_method(api)
+
+
+def _linear_method(api: VllmAscendApi) -> type:
 
     class PrepackedW4A8LinearMethod(api.linear_method):
         """A W4A8_DYNAMIC Linear whose tensors w4a8conv already processed."""
@@ -282,11 +290,17 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
                 del layer.scale_bias
                 layer.register_parameter("weight_scale_bias", torch.nn.Parameter(bias.sum(-1), requires_grad=False))
 
+    return PrepackedW4A8LinearMethod
+
+
+def _moe_method(api: VllmAscendApi) -> type:
     class PrepackedW4A8FusedMoEMethod(api.moe_method):
         """A W4A8_DYNAMIC FusedMoE layer whose expert tensors w4a8conv already processed."""
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
+            if not hasattr(self, "group_size"):  # main keeps none: it serves per-channel weights only
+                self.group_size = _section().get("group_size", 0)
             check_moe_tensor_parallel(self.tp_size)
             if api.mega_moe():
                 raise ValueError(
@@ -334,7 +348,8 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
                 layer.w13_weight_scale.data = layer.w13_weight_scale.data.squeeze(1)
             layer.w13_weight.data = _nz(api, layer.w13_weight.data)
             layer.w2_weight.data = _nz(api, layer.w2_weight.data)
-            if getattr(self, "dynamic_eplb", False):
+            # Per-expert lists: dynamic EPLB (0.23 on), or on main the v2 model runner with EPLB.
+            if getattr(self, "use_expert_weight_list", getattr(self, "dynamic_eplb", False)):
                 _split_for_eplb(layer)
                 return
             w13_name, w2_name = api.moe_scale_names
@@ -343,4 +358,4 @@ def build_methods(api: VllmAscendApi) -> tuple[type, type]:
                     layer.register_parameter(new, torch.nn.Parameter(getattr(layer, old).data, requires_grad=False))
                     delattr(layer, old)
 
-    return PrepackedW4A8LinearMethod, PrepackedW4A8FusedMoEMethod
+    return PrepackedW4A8FusedMoEMethod
