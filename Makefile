@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
+	@# vllm-ascend's current line (the default target) serves per-channel MoE only; 0.23 serves every layout.
 	@for layout in mindie v1.0.0-per-group v1.0.0-per-channel; do \
-		echo "== $$layout: a tiny synthetic DeepSeek-like checkpoint"; \
+		target=vllm-ascend-0.25; [ $$layout = v1.0.0-per-channel ] || target=vllm-ascend-0.23; \
+		echo "== $$layout: a tiny synthetic DeepSeek-like checkpoint, converted for $$target"; \
 		$(BIN)/w4a8conv synthetic $(DEMO)/ds-tiny-$$layout --layout $$layout || exit 1; \
-		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout || exit 1; \
-		$(BIN)/w4a8conv convert --in $(DEMO)/ds-tiny-$$layout --out $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
+		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout --target $$target || exit 1; \
+		$(BIN)/w4a8conv convert --in $(DEMO)/ds-tiny-$$layout --out $(DEMO)/ds-tiny-$$layout-converted \
+			--target $$target || exit 1; \
 		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout-converted || exit 1; \
 		$(BIN)/w4a8conv verify $(DEMO)/ds-tiny-$$layout $(DEMO)/ds-tiny-$$layout-converted --numeric || exit 1; \
 	done

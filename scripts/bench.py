@@ -58,6 +58,9 @@ from w4a8conv.sources import SOURCE_NAMES, get_source
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv/bin/w4a8conv")
 LAYOUTS = SOURCE_NAMES  # every registered source layout
+# The target that serves every layout, so that each is timed through the same processing (for 1.0.0
+# per-channel MoE the current line's output is the same bytes).
+TARGET = ("--target", "vllm-ascend-0.23")
 
 
 def evict(path: Path) -> None:
@@ -137,7 +140,7 @@ def summarize(runs: list[Run], size: int) -> dict:
 def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) -> dict:
     """Time `w4a8conv verify` of a conversion of ``src``; with --cache disk both directories come from the disk."""
     shutil.rmtree(out, ignore_errors=True)
-    subprocess.run([CLI, "convert", "--in", str(src), "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([CLI, "convert", "--in", str(src), "--out", str(out), *TARGET], check=True, capture_output=True)
     size = dir_bytes(src)
     disk = cache == "disk"
     runs = []
@@ -187,7 +190,7 @@ def bench_layout(
     prime: bool = True,
     no_checksums: bool = False,
 ) -> dict:
-    convert = [CLI, "convert", "--in", str(src), "--out", str(out)]
+    convert = [CLI, "convert", "--in", str(src), "--out", str(out), *TARGET]
     convert += ["--workers", str(workers)] if workers else []
     commands = {"copy": ["cp", "-r", str(src), str(out)], "convert": convert}
     if no_checksums:
@@ -226,8 +229,8 @@ def bench_layout(
 def bench_planning(data: Path, repeats: int) -> dict:
     src = write_header_only_deepseek(data / "deepseek-r1-headers-only")
     commands = {
-        "inspect": [CLI, "inspect", str(src), "--json"],
-        "dry_run": [CLI, "convert", "--in", str(src), "--out", str(data / "never"), "--dry-run"],
+        "inspect": [CLI, "inspect", str(src), "--json", *TARGET],
+        "dry_run": [CLI, "convert", "--in", str(src), "--out", str(data / "never"), "--dry-run", *TARGET],
     }
     result = {}
     for name, cmd in commands.items():

@@ -12,16 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from w4a8conv.cli import app
 from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
+
+from .conftest import LEGACY_TARGET
+from .conftest import cli as run
 
 runner = CliRunner()
 EXPERT = "model.layers.1.mlp.experts.0.gate_proj"
-
-
-def run(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def edit_tensor(ckpt: Path, name: str, change) -> None:
@@ -170,7 +167,10 @@ def test_json_mode_reports_errors_as_json(tmp_path, mindie):
 def test_installed_entry_point_prints_no_traceback(tmp_path, mindie):
     (mindie / "quant_model_description.json").write_text("{not json")
     proc = subprocess.run(
-        [sys.executable, "-m", "w4a8conv.cli", "inspect", str(mindie)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "w4a8conv.cli", "inspect", str(mindie), "--target", LEGACY_TARGET],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
@@ -183,6 +183,7 @@ def test_entry_point_reports_a_problem_found_after_torch_loaded(tmp_path, mindie
     name = f"{EXPERT}.weight"
     edit_tensor(mindie, name, lambda t: t[name].__setitem__((0, 0), 9))
     cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(mindie), "--out", str(tmp_path / "o")]
+    cmd += ["--target", LEGACY_TARGET]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

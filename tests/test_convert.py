@@ -9,10 +9,8 @@ import sys
 import torch
 from rich.console import Console
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import PREPACKED_TYPE
 from w4a8conv.output import LineProgress
@@ -21,6 +19,7 @@ from w4a8conv.safetensors_io import read_header
 from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
+from .conftest import LEGACY_TARGET, cli
 from .test_parallel import tree_bytes
 
 INDEX = f"{SHARD_PREFIX}.safetensors.index.json"
@@ -104,7 +103,7 @@ def test_non_tensor_files_are_copied(source_checkpoints, converted_checkpoints, 
 def test_source_is_untouched(tmp_path):
     src = write_checkpoint(tmp_path / "src", "mindie")
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()}
-    convert_checkpoint(src, tmp_path / "out")
+    convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in src.iterdir()} == before
 
 
@@ -122,7 +121,7 @@ def test_single_file_checkpoint_without_index(tmp_path):
     (src / INDEX).unlink()
     only = next(src.glob("*.safetensors"))
     only.rename(src / "quant_model_weights.safetensors")
-    result = convert_checkpoint(src, tmp_path / "out")
+    result = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET)
     assert result.summary.shards == 1
     assert (tmp_path / "out" / "quant_model_weights.safetensors.index.json").is_file()
     assert ProcessedCheckpoint(tmp_path / "out").load_moe("model.layers.1.mlp.experts")["w2_weight"].shape[0] == 4
@@ -134,7 +133,8 @@ def test_entry_point_json_summary_through_a_pipe(source_checkpoints, converted_c
     (The entry point skips Python's teardown once torch is loaded, so this checks it flushes first.)
     """
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(source_checkpoints["mindie"])]
+    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(source_checkpoints["mindie"]), "--target"]
+    cmd.append(LEGACY_TARGET)
     proc = subprocess.run([*cmd, "--out", str(out), "--json"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -144,11 +144,9 @@ def test_entry_point_json_summary_through_a_pipe(source_checkpoints, converted_c
 
 def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(
-        app, ["convert", "--in", str(source_checkpoints["mindie"]), "--out", str(out), "--dry-run", "--json"]
-    )
-    assert result.exit_code == 0, result.stderr
-    plan = json.loads(result.stdout)
+    code, stdout, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", out, "--dry-run", "--json")
+    assert code == 0, stderr
+    plan = json.loads(stdout)
     assert plan["dry_run"] and plan["modules"] == 30 and plan["total_shards"] == 3 and len(plan["shards"]) == 3
     assert plan["output_bytes"] == 551200 and not out.exists()
 
@@ -156,7 +154,9 @@ def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
 def test_ci_progress_lines(source_checkpoints, tmp_path):
     """In CI logs: a line per shard written, and a line at least every interval while work goes on."""
     console = Console(record=True, width=200)
-    convert_checkpoint(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console))
+    convert_checkpoint(
+        source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console), target=LEGACY_TARGET
+    )
     lines = console.export_text().splitlines()
     assert len(lines) == 3 and all("wrote quant_model_weight_w8a8_dynamic-0000" in line for line in lines)
     assert "30/30 modules" in lines[-1]

@@ -18,6 +18,8 @@ from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
+from .conftest import LEGACY_TARGET
+
 runner = CliRunner()
 CASES = 150
 OUTPUT_CASES = 60
@@ -31,7 +33,9 @@ def pristine(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pristine_output(pristine, tmp_path_factory) -> Path:
-    return convert_checkpoint(pristine, tmp_path_factory.mktemp("fuzz-out") / "out", checksums=False).out_dir
+    return convert_checkpoint(
+        pristine, tmp_path_factory.mktemp("fuzz-out") / "out", checksums=False, target=LEGACY_TARGET
+    ).out_dir
 
 
 def mutate(root: Path, rng: random.Random) -> str:

@@ -17,6 +17,8 @@ from w4a8conv.convert import convert_checkpoint
 from w4a8conv.sources import SOURCE_NAMES
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
+from .conftest import LEGACY_TARGET
+
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "sha256.json").read_text())
 SPECS = {
     "default": SyntheticSpec(),
@@ -41,5 +43,5 @@ def test_synthetic_input_and_its_conversion_are_byte_identical_to_the_golden_run
     spec_name, layout = case.split("/")
     src = write_checkpoint(tmp_path / "src", layout, SPECS[spec_name])
     assert _digests(src) == GOLDEN[case]["source"]
-    dst = convert_checkpoint(src, tmp_path / "out", workers=3).out_dir
+    dst = convert_checkpoint(src, tmp_path / "out", workers=3, target=LEGACY_TARGET).out_dir
     assert _digests(dst) == GOLDEN[case]["output"]

@@ -11,14 +11,14 @@ from typer.testing import CliRunner
 from w4a8conv.cli import app
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
-from .conftest import SPEC
+from .conftest import LEGACY_TARGET, SPEC
 
 runner = CliRunner()
 KEYS = {"format", "group_size", "w4a8_modules", "moe_layers", "shards", "total_bytes", "problems"}
 
 
 def inspect_json(path) -> tuple[int, dict]:
-    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    result = runner.invoke(app, ["inspect", str(path), "--json", "--target", LEGACY_TARGET])
     return result.exit_code, json.loads(result.stdout)
 
 
@@ -78,7 +78,7 @@ def test_processed_output_is_recognised(converted_checkpoints, layout):
 
 
 def test_human_table(source_checkpoints):
-    result = runner.invoke(app, ["inspect", str(source_checkpoints["mindie"])])
+    result = runner.invoke(app, ["inspect", str(source_checkpoints["mindie"]), "--target", LEGACY_TARGET])
     assert result.exit_code == 0
     assert "mindie" in result.stdout and "no problems found" in result.stdout
 

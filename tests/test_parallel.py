@@ -21,6 +21,8 @@ from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
+from .conftest import LEGACY_TARGET
+
 runner = CliRunner()
 
 
@@ -37,13 +39,13 @@ def many_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_run(many_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "out"
-    convert_checkpoint(many_shards, out, workers=1)
+    convert_checkpoint(many_shards, out, workers=1, target=LEGACY_TARGET)
     return out
 
 
 @pytest.mark.parametrize("workers", [2, 5])
 def test_workers_give_identical_bytes(many_shards, single_run, tmp_path, workers):
-    convert_checkpoint(many_shards, tmp_path / "out", workers=workers)
+    convert_checkpoint(many_shards, tmp_path / "out", workers=workers, target=LEGACY_TARGET)
     assert tree_bytes(tmp_path / "out") == tree_bytes(single_run)
 
 
@@ -63,7 +65,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(
     def direct(kind: str) -> list[tuple[str, int, int]]:
         return [(path, offset, length) for k, path, offset, length in direct_io_calls if k == kind]
 
-    args = ["convert", "--in", str(many_shards), "--workers", str(workers)]
+    args = ["convert", "--in", str(many_shards), "--workers", str(workers), "--target", LEGACY_TARGET]
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "direct"), "--direct-io"]).exit_code == 0
     if not direct("write"):
         pytest.skip("this filesystem takes no O_DIRECT")
@@ -107,7 +109,7 @@ def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_
     released = []
     real_give = STAGING.give
     monkeypatch.setattr(STAGING, "give", lambda buffer: released.append(1) or real_give(buffer))
-    result = convert_checkpoint(many_shards, tmp_path / "out", workers=3, checksums=False)
+    result = convert_checkpoint(many_shards, tmp_path / "out", workers=3, checksums=False, target=LEGACY_TARGET)
     assert result.checksums is False
     files, description, named, manifest = _split_manifest(tmp_path / "out")
     assert named is None and manifest is None
@@ -129,13 +131,13 @@ def test_array_jobs_must_agree_on_checksums(many_shards, tmp_path):
     assert "this conversion was started with --no-checksums; pass it here too" in result.stderr
     assert convert_share(many_shards, out, 2, 1, *no_sums).exit_code == 0
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
-    convert_checkpoint(many_shards, tmp_path / "single", checksums=False)
+    convert_checkpoint(many_shards, tmp_path / "single", checksums=False, target=LEGACY_TARGET)
     assert tree_bytes(out) == tree_bytes(tmp_path / "single")
     assert not (out / MANIFEST_FILE).exists()
 
 
 def test_conversion_is_deterministic(many_shards, single_run, tmp_path):
-    convert_checkpoint(many_shards, tmp_path / "again", workers=1)
+    convert_checkpoint(many_shards, tmp_path / "again", workers=1, target=LEGACY_TARGET)
     assert tree_bytes(tmp_path / "again") == tree_bytes(single_run)
 
 
@@ -153,6 +155,7 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
     # Each job of the array is an independent process, as in a Slurm array or a Kubernetes Indexed Job.
     for index in (2, 0, 1):
         cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(many_shards), "--out", str(out)]
+        cmd += ["--target", LEGACY_TARGET]
         cmd += ["--num-workers", "3", "--worker-index", str(index)]
         subprocess.run(cmd, check=True, capture_output=True)
         assert not (out / "quant_model_description.json").exists()  # not complete before finalize
@@ -165,7 +168,7 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
 
 def convert_share(src: Path, out: Path, num_workers: int, index: int, *more: str):
     args = ["--num-workers", str(num_workers), "--worker-index", str(index), *more]
-    return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), *args])
+    return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--target", LEGACY_TARGET, *args])
 
 
 def test_array_jobs_starting_together_do_not_refuse_each_other(many_shards, single_run, tmp_path, monkeypatch):
@@ -181,9 +184,9 @@ def test_array_jobs_starting_together_do_not_refuse_each_other(many_shards, sing
         return listing(path)
 
     monkeypatch.setattr(Path, "iterdir", sibling_starts_first)
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1)
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1, target=LEGACY_TARGET)
     monkeypatch.undo()
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0)
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0, target=LEGACY_TARGET)
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
     assert tree_bytes(out) == tree_bytes(single_run)
 
@@ -195,10 +198,10 @@ def test_job_zero_leaves_a_siblings_job_file_being_written_alone(many_shards, si
     (out / STATE_DIR).mkdir(parents=True)
     sibling = out / STATE_DIR / "job.json.4242.1.partial"
     sibling.write_text("{}")
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0)
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0, target=LEGACY_TARGET)
     assert sibling.read_text() == "{}"
     sibling.unlink()  # job 1 renames it
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1)
+    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1, target=LEGACY_TARGET)
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
     assert tree_bytes(out) == tree_bytes(single_run)
 

@@ -20,11 +20,13 @@ from w4a8conv.names import STATE_DIR
 from w4a8conv.plan import ConversionPlan, fingerprint_of
 from w4a8conv.planner import build_plan
 
+from .conftest import LEGACY_TARGET, cli
+
 runner = CliRunner()
 
 
 def _plan(source_checkpoints, layout="v1.0.0-per-group", **kwargs) -> ConversionPlan:
-    return build_plan(open_checkpoint(source_checkpoints[layout]), **kwargs)
+    return build_plan(open_checkpoint(source_checkpoints[layout]), **{"target": LEGACY_TARGET, **kwargs})
 
 
 def test_plan_round_trips_through_json(source_checkpoints, layout):
@@ -93,49 +95,42 @@ def json_canonical(plan: ConversionPlan) -> bytes:
 
 def test_job_file_is_the_plan_of_the_conversion(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    convert_checkpoint(src, tmp_path / "out", num_workers=2, worker_index=1)
+    convert_checkpoint(src, tmp_path / "out", num_workers=2, worker_index=1, target=LEGACY_TARGET)
     saved = read_plan(tmp_path / "out" / STATE_DIR / JOB_FILE)
-    assert saved.fingerprint == build_plan(open_checkpoint(src), num_workers=2).fingerprint
-    assert (
-        runner.invoke(
-            app, ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--num-workers", "2"]
-        ).exit_code
-        == 0
-    )
-    assert runner.invoke(app, ["finalize", str(tmp_path / "out")]).exit_code == 0
+    assert saved.fingerprint == build_plan(open_checkpoint(src), LEGACY_TARGET, num_workers=2).fingerprint
+    assert cli("convert", "--in", src, "--out", tmp_path / "out", "--num-workers", "2")[0] == 0
+    assert cli("finalize", tmp_path / "out")[0] == 0
 
 
 def test_resume_refuses_when_the_source_planned_differently(source_checkpoints, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
     out = tmp_path / "out"
-    convert_checkpoint(src, out, num_workers=2, worker_index=0)
+    convert_checkpoint(src, out, num_workers=2, worker_index=0, target=LEGACY_TARGET)
     config = json.loads((src / "config.json").read_text())
     config["torch_dtype"] = "float16"  # the Linear scales would be rounded differently
     (src / "config.json").write_text(json.dumps(config))
-    result = runner.invoke(
-        app, ["convert", "--in", str(src), "--out", str(out), "--num-workers", "2", "--worker-index", "1"]
-    )
-    assert result.exit_code == 2 and "holds a different conversion in progress" in result.output
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
+    assert code == 2 and "holds a different conversion in progress" in stderr
 
 
 def test_relative_paths_convert_resume_and_verify(source_checkpoints, tmp_path, monkeypatch):
     shutil.copytree(source_checkpoints["mindie"], tmp_path / "src")
     monkeypatch.chdir(tmp_path)
-    assert runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--num-workers", "2"]).exit_code == 0
-    result = runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--num-workers", "2", "--worker-index", "1"])
-    assert result.exit_code == 0, result.output
+    assert cli("convert", "--in", "src", "--out", "out", "--num-workers", "2")[0] == 0
+    code, _, stderr = cli("convert", "--in", "src", "--out", "out", "--num-workers", "2", "--worker-index", "1")
+    assert code == 0, stderr
     assert runner.invoke(app, ["finalize", "out"]).exit_code == 0
     # finished: the same output whatever the array's size, so a single run resumes it as done
-    assert runner.invoke(app, ["convert", "--in", "src", "--out", "out", "--resume"]).exit_code == 0
+    assert cli("convert", "--in", "src", "--out", "out", "--resume")[0] == 0
     assert runner.invoke(app, ["verify", "src", "out"]).exit_code == 0
 
 
 def test_dry_run_reports_the_plan(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    args = ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--dry-run", "--json", "--num-workers", "2"]
-    report = json.loads(runner.invoke(app, args).output)
-    plan = build_plan(open_checkpoint(src), num_workers=2)
+    _, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "out", "--dry-run", "--json", "--num-workers", "2")
+    report = json.loads(stdout)
+    plan = build_plan(open_checkpoint(src), LEGACY_TARGET, num_workers=2)
     assert report["shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
     assert report["target"] == plan.target and report["modules"] == len(plan.modules)
     assert not (tmp_path / "out").exists()
@@ -146,6 +141,6 @@ def test_an_unfinished_output_of_an_earlier_version_is_refused_by_name(source_ch
     out = tmp_path / "out"
     (out / STATE_DIR).mkdir(parents=True)
     (out / STATE_DIR / JOB_FILE).write_text(json.dumps({"tool_version": "0.1.0", "num_workers": 1}))
-    result = runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--resume"])
+    result = runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--resume", "--target", LEGACY_TARGET])
     assert result.exit_code == 2
     assert f"{out / STATE_DIR / JOB_FILE}: not a conversion plan of this w4a8conv" in result.output

@@ -26,20 +26,20 @@ from w4a8conv.targets import DEFAULT_TARGET, TARGET_NAMES, get_target
 from w4a8conv.targets.vllm_ascend_023 import VllmAscend023
 from w4a8conv.verify import verify_conversion
 
-from .conftest import SPEC
+from .conftest import LEGACY_TARGET, SPEC
 
 runner = CliRunner()
 
 
 def test_each_synthetic_checkpoint_is_detected_as_its_layout(source_checkpoints, layout):
-    plan = build_plan(open_checkpoint(source_checkpoints[layout]))
+    plan = build_plan(open_checkpoint(source_checkpoints[layout]), LEGACY_TARGET)
     assert plan.source_layout == layout and not plan.problems
     assert {m.layout.name for m in plan.modules} == {layout}
 
 
 def test_each_oracle_reads_what_its_layout_wrote_and_agrees_with_the_converter(source_checkpoints, layout):
     """The numpy oracle and the torch math are independent; on every module they must agree."""
-    plan = build_plan(open_checkpoint(source_checkpoints[layout]))
+    plan = build_plan(open_checkpoint(source_checkpoints[layout]), LEGACY_TARGET)
     truth = w4a8_truth(SPEC, layout)
     oracle = get_source(layout).oracle
     for module in plan.modules:
@@ -113,12 +113,12 @@ def test_a_source_is_one_class_and_one_registry_line(source_checkpoints, convert
     """Registered in mindie's place, the plan, the conversion and verify all find it through the registry;
     a target serves it once its list of layouts names it."""
     monkeypatch.setattr(sources, "SOURCES", {"toy-mindie": _RenamedMindie(), **sources.SOURCES})
-    assert build_plan(open_checkpoint(source_checkpoints["mindie"])).problems  # no target reads it yet
+    assert build_plan(open_checkpoint(source_checkpoints["mindie"]), LEGACY_TARGET).problems  # no target reads it yet
     monkeypatch.setattr(VllmAscend023, "source_layouts", (*VllmAscend023.source_layouts, "toy-mindie"))
     src = source_checkpoints["mindie"]
-    plan = build_plan(open_checkpoint(src))
+    plan = build_plan(open_checkpoint(src), LEGACY_TARGET)
     assert plan.source_layout == "toy-mindie"
-    convert_checkpoint(src, tmp_path / "out")
+    convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET)
     description = json.loads((tmp_path / "out" / DESCRIPTION_FILE).read_text())
     assert description[TOOL_SECTION]["source_layout"] == "toy-mindie"
     report = verify_conversion(src, tmp_path / "out")
@@ -141,11 +141,15 @@ def test_a_target_refuses_a_layout_it_does_not_read_before_writing(source_checkp
     problems = report["problems"]
     assert report["serving_targets"] == ["vllm-ascend-0.23"]  # inspect says which target can
     assert result.exit_code == 2 and problems
-    assert all("per-channel-only does not read the mindie layout" in p for p in problems)
+    assert all(
+        "per-channel-only: does not read the mindie layout; --target vllm-ascend-0.23 serves it" in p for p in problems
+    )
     assert problems[0].startswith(f"{src}/") and ": tensor model.layers." in problems[0]
     args = ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--target", "per-channel-only"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "per-channel-only does not read the mindie layout" in result.output
+    assert result.exit_code == 2 and "per-channel-only: does not read the mindie layout" in result.output
     assert not (tmp_path / "out").exists()
-    ok = runner.invoke(app, ["inspect", str(source_checkpoints["v1.0.0-per-channel"]), "--target", "per-channel-only"])
-    assert ok.exit_code == 0 and "targets that serve it │ vllm-ascend-0.23, per-channel-only" in ok.output
+    per_channel = str(source_checkpoints["v1.0.0-per-channel"])
+    ok = runner.invoke(app, ["inspect", per_channel, "--target", "per-channel-only", "--json"])
+    assert ok.exit_code == 0
+    assert json.loads(ok.output)["serving_targets"] == ["vllm-ascend-0.23", "vllm-ascend-0.25", "per-channel-only"]

@@ -15,21 +15,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import STATE_DIR
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
+from .conftest import LEGACY_TARGET, cli
 from .test_parallel import tree_bytes
 
 runner = CliRunner()
 DESCRIPTION = "quant_model_description.json"
 MEDIUM = SyntheticSpec(hidden=1024, intermediate=512, experts=8, moe_layers=4, group_size=128, shards=6)
-
-
-def cli(*args) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +33,7 @@ def medium(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("medium")
     src = write_checkpoint(root / "src", "mindie", MEDIUM)
     reference = root / "reference"
-    convert_checkpoint(src, reference, workers=1)
+    convert_checkpoint(src, reference, workers=1, target=LEGACY_TARGET)
     return src, reference
 
 
@@ -86,6 +81,7 @@ def test_lock_stops_a_second_conversion(source_checkpoints, tmp_path):
 
 def _start(src: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(src), "--out", str(out), "--workers", "2"]
+    cmd += ["--target", LEGACY_TARGET]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -12,19 +12,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import MANIFEST_FILE
 from w4a8conv.safetensors_io import read_header, staging
 from w4a8conv.verify import verify_conversion
 
+from .conftest import LEGACY_TARGET, cli
+
 runner = CliRunner()
 DESCRIPTION = "quant_model_description.json"
-
-
-def cli(*args) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
 
 
 def test_verify_accepts_every_layout(source_checkpoints, converted_checkpoints, layout):
@@ -39,7 +35,7 @@ def test_verify_accepts_every_layout(source_checkpoints, converted_checkpoints, 
 def test_verify_compares_the_copied_files_with_the_source(source_checkpoints, tmp_path, checksums):
     # Without a manifest nothing else looks at them; with one, only that they did not change since.
     src = source_checkpoints["v1.0.0-per-channel"]
-    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums).out_dir
+    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums, target=LEGACY_TARGET).out_dir
     _flip(out / "generation_config.json", 3)
     (out / "tokenizer_config.json").unlink()
     code, stdout, _ = cli("verify", src, out)
@@ -52,7 +48,7 @@ def test_verify_compares_the_copied_files_with_the_source(source_checkpoints, tm
 @pytest.mark.parametrize("checksums", [True, False])
 def test_verify_flags_a_file_the_conversion_did_not_write(source_checkpoints, tmp_path, checksums):
     src = source_checkpoints["v1.0.0-per-group"]
-    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums).out_dir
+    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums, target=LEGACY_TARGET).out_dir
     (out / "leftover.safetensors.partial").write_bytes(b"\0" * 16)
     code, stdout, _ = cli("verify", src, out)
     expected = f"not in {MANIFEST_FILE}" if checksums else "not part of the conversion"
@@ -71,7 +67,7 @@ def test_verify_flags_a_file_the_conversion_did_not_write(source_checkpoints, tm
 )
 def test_verify_checks_the_description_keys_a_loader_reads(source_checkpoints, tmp_path, change, expected):
     src = source_checkpoints["v1.0.0-per-group"]
-    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False, target=LEGACY_TARGET).out_dir
     path = out / "quant_model_description.json"
     description = json.loads(path.read_text())
     for key, value in change.items():
@@ -122,7 +118,7 @@ def test_verify_refuses_a_source_description_that_names_a_missing_tensor(
 def test_verify_recomputes_a_mindie_bias_to_the_last_bits(source_checkpoints, tmp_path, change):
     # 4e-6 is ~30 fp32 steps: it passed a relative tolerance of 1e-5; NaN passed every comparison.
     src = source_checkpoints["mindie"]
-    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False, target=LEGACY_TARGET).out_dir
     name = "model.layers.0.self_attn.o_proj.scale_bias"
     info = _tensor(out, name)
     value = np.fromfile(info.path, dtype=np.float32, count=1, offset=info.begin)[0]
@@ -133,7 +129,7 @@ def test_verify_recomputes_a_mindie_bias_to_the_last_bits(source_checkpoints, tm
 
 def test_verify_checks_the_type_that_marks_a_processed_tensor(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    out = convert_checkpoint(src, tmp_path / "out", checksums=False).out_dir
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False, target=LEGACY_TARGET).out_dir
     path = out / "quant_model_description.json"
     description = json.loads(path.read_text())
     name = "model.layers.1.mlp.experts.1.up_proj.weight_scale"
@@ -326,7 +322,7 @@ def test_verify_flags_a_missing_manifest_where_the_description_names_one(
 
 def test_verify_still_checks_a_manifest_left_beside_a_no_checksums_output(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    convert_checkpoint(src, tmp_path / "o", checksums=False)
+    convert_checkpoint(src, tmp_path / "o", checksums=False, target=LEGACY_TARGET)
     (tmp_path / "o" / MANIFEST_FILE).write_text(f"{'0' * 64}  {DESCRIPTION}\n")
     report = verify_conversion(src, tmp_path / "o")
     assert not report.ok and any("sha256 differs" in p for p in report.problems)

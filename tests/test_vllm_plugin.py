@@ -17,7 +17,7 @@ from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import stand_ins
-from .conftest import SPEC
+from .conftest import LEGACY_TARGET, SPEC
 from .upstream_reference import UpstreamReference
 
 MOE_LAYER = f"model.layers.{SPEC.dense_layers}.mlp.experts"
@@ -152,7 +152,7 @@ def test_moe_tensor_parallel_16(release, tmp_path):
         pytest.skip("per-channel W4A8 MoE appeared after the mid-2025 release")
     spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
-    out = convert_checkpoint(src, tmp_path / "out").out_dir
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
     _, moe_method = registered(release)
     ckpt = configure(out, tp_size=16)
     layer_prefix = f"model.layers.{spec.dense_layers}.mlp.experts"

@@ -66,7 +66,9 @@ def build_plan(
     for module in modules:
         refusal = serving.refusal(module)
         if refusal is not None:
-            problems.append(f"{module.where('weight')}: {refusal}")
+            others = [name for name, each in TARGETS.items() if each.refusal(module) is None]
+            hint = f"; --target {others[-1]} serves it" if others else ""
+            problems.append(f"{module.where('weight')}: {serving.name}: {refusal}{hint}")
     serving_targets = tuple(
         name for name, each in TARGETS.items() if modules and all(each.refusal(m) is None for m in modules)
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..errors import BadInputError
 from .base import ServingTarget
 from .vllm_ascend_023 import VllmAscend023
+from .vllm_ascend_025 import VllmAscend025
 
-TARGETS: dict[str, ServingTarget] = {target.name: target for target in (VllmAscend023(),)}
+TARGETS: dict[str, ServingTarget] = {target.name: target for target in (VllmAscend023(), VllmAscend025())}
 TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 DEFAULT_TARGET = TARGET_NAMES[-1]
 

@@ -33,7 +33,7 @@ class ServingTarget:
         The default refuses a source layout not in :attr:`source_layouts`; a target adds its own rules.
         """
         if projection.layout.name not in self.source_layouts:
-            return f"{self.name} does not read the {projection.layout.name} layout"
+            return f"does not read the {projection.layout.name} layout"
         return None
 
     def outputs(self, projection: Projection) -> list[OutputEntry]:
