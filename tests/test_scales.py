@@ -14,6 +14,7 @@ from w4a8conv.scales import (
     moe_per_channel_scale,
     moe_per_group_scale,
     scale_bias_chunks,
+    sum_scale_bias_chunks,
 )
 
 
@@ -123,3 +124,13 @@ def test_scale_bias_is_exact_for_every_run_length(chunk):
     ):
         expected = 8 * values.long().reshape(4, 2, chunk).sum(-1)
         assert torch.equal(scale_bias_chunks(values, torch.ones(4, 1), None, 2), expected.float())
+
+
+def test_scale_bias_chunks_are_summed_in_upstreams_order():
+    """vllm-ascend sums a MoE layer's [E, n, chunks] scale_bias as transpose(1, 2).contiguous().sum(axis=1);
+    summing the last dim directly rounds differently where chunk magnitudes differ (most values here)."""
+    generator = torch.Generator().manual_seed(0)
+    chunks = torch.randn(4, 256, 16, generator=generator) * torch.logspace(0, -7, 16)
+    upstream = chunks.transpose(1, 2).contiguous().sum(axis=1)
+    assert torch.equal(sum_scale_bias_chunks(chunks), upstream)
+    assert not torch.equal(chunks.sum(-1), upstream)

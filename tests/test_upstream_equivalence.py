@@ -31,7 +31,10 @@ def test_moe_matches_upstream(source_checkpoints, converted_checkpoints, layout,
             assert torch.equal(ours[name], theirs[name]), f"{prefix} {name} differs"
         for name in ("w13_scale_bias", "w2_scale_bias"):
             assert ours[name].dtype == torch.float32 and ours[name].shape == theirs[name].shape
-            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+            if layout == "mindie":  # upstream sums fp32 terms of the rank's slice; ours float64 chunks
+                torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-5)
+            else:  # the stored chunks, summed with upstream's expression: the same bits
+                assert torch.equal(ours[name], theirs[name]), f"{prefix} {name} differs"
 
 
 def test_moe_shapes_are_upstream_0_23(converted_checkpoints, layout):

@@ -18,7 +18,14 @@ import torch
 from safetensors import safe_open
 
 from .errors import BadInputError
-from .names import DESCRIPTION_FILE, INDEX_SUFFIX, MAX_MOE_TP, MOE_PROJECTIONS, TOOL_SECTION
+from .names import (
+    DESCRIPTION_FILE,
+    INDEX_SUFFIX,
+    MAX_MOE_TP,
+    MOE_PROJECTIONS,
+    TOOL_SECTION,
+)
+from .scales import sum_scale_bias_chunks
 from .sources import get_source
 
 
@@ -125,7 +132,7 @@ class ProcessedCheckpoint:
                 )
             )
             s13.append(torch.cat([t[f"{p}.{x}.weight_scale"][:, cols] for x in ("gate_proj", "up_proj")], -1))
-            b13.append(torch.cat([t[f"{p}.{x}.scale_bias"][cols].sum(-1) for x in ("gate_proj", "up_proj")], -1))
+            b13.append(torch.cat([t[f"{p}.{x}.scale_bias"][cols] for x in ("gate_proj", "up_proj")]))
             w2.append(t[f"{p}.down_proj.weight"][cols])
             if per_group:
                 g = self.group_size
@@ -135,15 +142,15 @@ class ProcessedCheckpoint:
                 s2.append(t[f"{p}.down_proj.weight_scale"])
             chunks = t[f"{p}.down_proj.scale_bias"]
             mine = _rank_range(chunks.shape[1], tp_size, tp_rank, 1, f"{p}.down_proj.scale_bias chunks")
-            b2.append(chunks[:, mine].sum(-1))
+            b2.append(chunks[:, mine])
         w13_scale = torch.stack(s13)
         return {
             "w13_weight": torch.stack(w13),
             "w2_weight": torch.stack(w2),
             "w13_weight_scale": w13_scale if per_group else w13_scale.squeeze(1),
             "w2_weight_scale": torch.stack(s2),
-            "w13_scale_bias": torch.stack(b13),
-            "w2_scale_bias": torch.stack(b2),
+            "w13_scale_bias": sum_scale_bias_chunks(torch.stack(b13)),
+            "w2_scale_bias": sum_scale_bias_chunks(torch.stack(b2)),
         }
 
     def load_linear(self, prefix: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

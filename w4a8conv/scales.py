@@ -117,3 +117,10 @@ def scale_bias_chunks(
         result[:, c] = acc
     first = weight_scale.cpu().to(torch.float64).reshape(out_features, 1)
     return (8.0 * result * first).to(torch.float32).to(values.device)
+
+
+def sum_scale_bias_chunks(bias: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's scale_bias ``[E, n, chunks]`` summed over its chunks to ``[E, n]``, with vllm-ascend's own
+    expression (``transpose(1, 2).contiguous().sum(axis=1)``): another order, such as ``sum(-1)``, can round
+    differently in the last bit, on the CPU and on the device alike."""
+    return bias.transpose(1, 2).contiguous().sum(axis=1)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .names import DESCRIPTION_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION
+from .scales import sum_scale_bias_chunks
 
 
 def _logger() -> logging.Logger:
@@ -341,9 +342,9 @@ def _moe_method(api: VllmAscendApi) -> type:
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             _announce_once()
-            # This rank's scale_bias chunks (all 16 with expert parallelism) sum to its bias.
-            layer.w13_scale_bias.data = layer.w13_scale_bias.data.sum(-1)
-            layer.w2_scale_bias.data = layer.w2_scale_bias.data.sum(-1)
+            # This rank's scale_bias chunks (all 16 with expert parallelism) sum to its bias, as upstream sums them.
+            layer.w13_scale_bias.data = sum_scale_bias_chunks(layer.w13_scale_bias.data)
+            layer.w2_scale_bias.data = sum_scale_bias_chunks(layer.w2_scale_bias.data)
             if self.group_size == 0:
                 layer.w13_weight_scale.data = layer.w13_weight_scale.data.squeeze(1)
             layer.w13_weight.data = _nz(api, layer.w13_weight.data)
