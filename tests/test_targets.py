@@ -36,7 +36,8 @@ def test_per_channel_moe_converts_for_the_current_line_as_for_0_23(tmp_path, sou
     for tree in (new, old):
         tree.pop(MANIFEST_FILE)
     assert new == old  # shards, index, copied files
-    assert descriptions[0][TOOL_SECTION].pop("target") != descriptions[1][TOOL_SECTION].pop("target")
+    for key in ("target", "engine_releases", "upstream"):  # the contract names the target
+        assert descriptions[0][TOOL_SECTION].pop(key) != descriptions[1][TOOL_SECTION].pop(key)
     assert descriptions[0] == descriptions[1]
     assert verify_conversion(src, tmp_path / "out").ok
 
@@ -69,3 +70,58 @@ def test_without_a_target_the_newest_is_asked_for(tmp_path, source_checkpoints):
     explicit = runner.invoke(app, ["convert", "--in", src, "--out", str(tmp_path / "out"), "--target", CURRENT])
     assert default.exit_code == explicit.exit_code == 2 and default.stderr == explicit.stderr
     assert convert_checkpoint(source_checkpoints["v1.0.0-per-channel"], tmp_path / "pc").target == CURRENT
+
+
+def _edit_section(out, **changes) -> None:
+    path = out / DESCRIPTION_FILE
+    description = json.loads(path.read_text())
+    description[TOOL_SECTION].update(changes)
+    path.write_text(json.dumps(description, indent=2) + "\n")
+
+
+def test_an_output_records_its_contract_and_inspect_shows_it(converted_checkpoints):
+    code, stdout, _ = cli("inspect", converted_checkpoints["mindie"], "--json")
+    contract = json.loads(stdout)["contract"]
+    assert code == 0 and contract == {
+        "format_version": 2,
+        "target": "vllm-ascend-0.23",
+        "engine": "vllm-ascend",
+        "engine_releases": ">=0.9.0,<0.27",
+        "upstream": "vllm-project/vllm-ascend v0.23.0 (5cb98caaadeff42b5b62b996e34bb2aaa29d20fd) "
+        "vllm_ascend/quantization/methods/w4a8.py",
+        "source_layout": "mindie",
+        "params_dtype": "bfloat16",
+        "scale_bias_chunks": 16,
+    }
+
+
+def test_readers_refuse_a_format_they_do_not_know_and_read_format_1(tmp_path, source_checkpoints):
+    from w4a8conv.errors import BadInputError
+    from w4a8conv.runtime import ProcessedCheckpoint
+
+    out = convert_checkpoint(source_checkpoints["mindie"], tmp_path / "out", target="vllm-ascend-0.23").out_dir
+    _edit_section(out, format_version=3)
+    with pytest.raises(
+        BadInputError, match=r"format_version 3, this w4a8conv reads 1, 2: use the w4a8conv that wrote it"
+    ):
+        ProcessedCheckpoint(out)
+    _edit_section(out, format_version=1, target="vllm-ascend 0.23 process_weights_after_loading")
+    assert ProcessedCheckpoint(out).target is None  # format 1 named no target, and its tensors are format 2's
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"engine_releases": ">=0.1"}, "w4a8conv.engine_releases is '>=0.1', expected '>=0.9.0,<0.27'"),
+        ({"target": "vllm-ascend-9"}, "w4a8conv.target is 'vllm-ascend-9', none of vllm-ascend-0.23, vllm-ascend-0.25"),
+        ({"target": CURRENT}, f"w4a8conv.target {CURRENT} does not serve a mindie source"),
+        ({"scale_bias_chunks": 8}, "w4a8conv.scale_bias_chunks is 8, expected 16"),
+    ],
+)
+def test_verify_checks_the_contract(tmp_path, source_checkpoints, changes, problem):
+    src = source_checkpoints["mindie"]
+    out = convert_checkpoint(src, tmp_path / "out", target="vllm-ascend-0.23", checksums=False).out_dir
+    assert verify_conversion(src, out).ok
+    _edit_section(out, **changes)
+    report = verify_conversion(src, out)
+    assert not report.ok and any(problem in p for p in report.problems), report.problems

@@ -334,3 +334,11 @@ def test_moe_scale_bias_is_upstreams_to_the_bit_where_chunk_magnitudes_differ(tm
         assert torch.equal(ProcessedCheckpoint(out).load_moe(MOE_LAYER)["w2_scale_bias"], expected["w2_scale_bias"])
     finally:
         stand_ins.uninstall()
+
+
+def test_a_format_the_plugin_does_not_know_is_refused(release, converted_checkpoints):
+    linear_method, _ = registered(release)
+    configure(converted_checkpoints["mindie"])
+    stand_ins.Config.description["w4a8conv"]["format_version"] = 3
+    with pytest.raises(ValueError, match="format_version 3, this w4a8conv reads 1, 2"):
+        stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0)

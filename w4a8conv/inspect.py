@@ -31,6 +31,7 @@ class InspectReport:
     format: str  # the source layout, ``processed`` for w4a8conv output, or ``unknown``
     target: str | None  # checked against (a source), or made for (a w4a8conv output)
     serving_targets: list[str]  # the registered targets that can serve a source (empty for an output)
+    contract: dict  # a w4a8conv output's artifact contract, as its description records it (empty for a source)
     version: str | None
     group_size: int | None
     w4a8_modules: int
@@ -78,6 +79,7 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         format=plan.source_layout,
         target=plan.target,
         serving_targets=list(plan.serving_targets),
+        contract={},
         group_size=plan.group_size,
         w4a8_modules=summary.modules,
         w4a8_linear=sum(not p.is_moe for p in plan.modules),
@@ -90,6 +92,18 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         converted_bytes=summary.output_bytes if plan.modules else None,
         problems=list(plan.problems),
     )
+
+
+CONTRACT_KEYS = (
+    "format_version",
+    "target",
+    "engine",
+    "engine_releases",
+    "upstream",
+    "source_layout",
+    "params_dtype",
+    "scale_bias_chunks",
+)
 
 
 def _common(path: Path | str, ckpt: Checkpoint) -> dict:
@@ -133,6 +147,7 @@ def _processed(ckpt: Checkpoint) -> dict:
         "format": PROCESSED_FORMAT,
         "target": section.get("target"),
         "serving_targets": [],
+        "contract": {key: section[key] for key in CONTRACT_KEYS if key in section},
         "group_size": section.get("group_size"),
         "w4a8_modules": modules,
         "w4a8_linear": linear,

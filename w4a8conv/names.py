@@ -16,7 +16,10 @@ MANIFEST_FILE = "w4a8conv.sha256"  # `sha256sum -c w4a8conv.sha256` checks it to
 STATE_DIR = ".w4a8conv"  # an unfinished conversion's state, inside --out
 
 TOOL_SECTION = "w4a8conv"  # the description's section recording what w4a8conv did
-FORMAT_VERSION = 1  # of that section and the processed tensors' layout
+# Of that section and the processed tensors. 2 (2026-11-30): the section names the target and the
+# upstream processing it mirrors; the tensors are those of 1, which readers still accept.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 W4A8_TYPE = "W4A8_DYNAMIC"
 # Our output's quant type: a stock vllm-ascend has no scheme for it and raises NotImplementedError,
 # instead of re-processing already processed tensors.
@@ -37,6 +40,17 @@ SOURCE_ROLES = ("weight", "weight_scale", "weight_offset", "weight_scale_second"
 def natural_key(name: str) -> tuple:
     """Sort ``layers.10`` after ``layers.9``."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def format_problem(section: object) -> str | None:
+    """Why a reader of this release cannot trust a processed checkpoint's ``w4a8conv`` section, or None."""
+    if not isinstance(section, dict):
+        return f"no '{TOOL_SECTION}' section: not a w4a8conv output"
+    version = section.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
+        return f"format_version {version!r}, this w4a8conv reads {readable}: use the w4a8conv that wrote it"
+    return None
 
 
 def tensor_entries(description: dict) -> dict[str, str]:

@@ -56,6 +56,7 @@ class Output:
         rows = [
             ("format", report.format),
             ("target", report.target or "-"),
+            *[(f"contract: {key}", str(value)) for key, value in report.contract.items() if key != "target"],
             *(
                 [("targets that serve it", ", ".join(report.serving_targets) or "none")]
                 if report.format != "processed"

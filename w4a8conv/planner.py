@@ -21,6 +21,7 @@ from .names import (
     MOE_EXPERT,
     MOE_PROJECTIONS,
     PREPACKED_TYPE,
+    SCALE_BIAS_CHUNKS,
     SOURCE_ROLES,
     TOOL_SECTION,
     W4A8_TYPE,
@@ -329,6 +330,7 @@ def _processed_description(
         "quant_type": target.quant_type,
         "params_dtype": ckpt.params_dtype_name,
         **target.section(),
+        "scale_bias_chunks": SCALE_BIAS_CHUNKS,
         "checksum_manifest": MANIFEST_FILE if checksums else None,
     }
     return dict(sorted(description.items(), key=lambda kv: natural_key(kv[0])))

@@ -24,6 +24,7 @@ from .names import (
     MAX_MOE_TP,
     MOE_PROJECTIONS,
     TOOL_SECTION,
+    format_problem,
 )
 from .scales import sum_scale_bias_chunks
 from .sources import get_source
@@ -48,10 +49,12 @@ class ProcessedCheckpoint:
             self.description = json.loads(description_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BadInputError(f"{description_path}: cannot read the description ({e})") from e
-        section = self.description.get(TOOL_SECTION)
-        if not isinstance(section, dict):
-            raise BadInputError(f"{description_path}: not a w4a8conv output (no '{TOOL_SECTION}' section)")
+        section = self.description.get(TOOL_SECTION) if isinstance(self.description, dict) else None
+        problem = format_problem(section)
+        if problem is not None:
+            raise BadInputError(f"{description_path}: {problem}")
         self.section = section
+        self.target: str | None = section.get("target") if section.get("format_version", 1) >= 2 else None
         self.group_size: int = section["group_size"]
         self.source_layout: str = section["source_layout"]
         indexes = sorted(self.path.glob(f"*{INDEX_SUFFIX}"))

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .names import DESCRIPTION_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION
+from .names import DESCRIPTION_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION, format_problem
 from .scales import sum_scale_bias_chunks
 
 
@@ -228,6 +228,9 @@ def _section() -> dict[str, Any]:
             f"w4a8conv: tensors are typed {PREPACKED_TYPE} but {DESCRIPTION_FILE} has no '{TOOL_SECTION}' section; "
             "convert the checkpoint again"
         )
+    problem = format_problem(section)
+    if problem is not None:
+        raise ValueError(f"w4a8conv: {DESCRIPTION_FILE}: {problem}")
     return section
 
 

@@ -25,6 +25,9 @@ class ServingTarget:
     name: ClassVar[str]  # the --target value
     summary: ClassVar[str]  # one line: the engine, its releases, what it reads
     quant_type: ClassVar[str]  # how the description types every processed tensor
+    engine: ClassVar[str]  # the serving engine's package
+    engine_releases: ClassVar[str]  # the releases whose processing the output mirrors (PEP 440 specifiers)
+    upstream: ClassVar[str]  # the code read: repository, ref, commit, file
     source_layouts: ClassVar[tuple[str, ...]]  # the source layouts it can serve
 
     def refusal(self, projection: Projection) -> str | None:
@@ -51,5 +54,10 @@ class ServingTarget:
         raise NotImplementedError
 
     def section(self) -> dict[str, str]:
-        """What the description's ``w4a8conv`` section records about this target."""
-        raise NotImplementedError
+        """What the description's ``w4a8conv`` section records about this target: the artifact contract."""
+        return {
+            "target": self.name,
+            "engine": self.engine,
+            "engine_releases": self.engine_releases,
+            "upstream": self.upstream,
+        }

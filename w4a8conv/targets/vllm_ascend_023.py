@@ -24,6 +24,13 @@ class VllmAscend023(ServingTarget):
     name = "vllm-ascend-0.23"
     summary = "vllm-ascend 0.23 (MoE and Linear; mindie, 1.0.0 per-group and per-channel)"
     quant_type = PREPACKED_TYPE
+    engine = "vllm-ascend"
+    # The same processing from the mid-2025 releases to the 0.26 branch (main reads a subset of it).
+    engine_releases = ">=0.9.0,<0.27"
+    upstream = (
+        "vllm-project/vllm-ascend v0.23.0 (5cb98caaadeff42b5b62b996e34bb2aaa29d20fd) "
+        "vllm_ascend/quantization/methods/w4a8.py"
+    )
     source_layouts = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
 
     def refusal(self, projection):
@@ -67,6 +74,6 @@ class VllmAscend023(ServingTarget):
 
     def section(self):
         return {
-            "target": "vllm-ascend 0.23 process_weights_after_loading",
+            **super().section(),
             "scale_bias": "float32 [out, chunks]; a tensor-parallel rank sums the chunks of its input slice",
         }

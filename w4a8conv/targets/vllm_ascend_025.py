@@ -16,6 +16,11 @@ from .vllm_ascend_023 import VllmAscend023
 class VllmAscend025(VllmAscend023):
     name = "vllm-ascend-0.25"
     summary = "vllm-ascend 0.25.1rc1 and later, as main reads it (MoE only, 1.0.0 per-channel)"
+    engine_releases = ">=0.25.1rc1"
+    upstream = (
+        "vllm-project/vllm-ascend main (182b75ea84ff13ece27b57391331ef8935410aea) "
+        "vllm_ascend/quantization/methods/w4a8.py"
+    )
     source_layouts = ("v1.0.0-per-channel",)
 
     def refusal(self, projection):
@@ -26,9 +31,3 @@ class VllmAscend025(VllmAscend023):
         if projection.group_size:
             return "vllm-ascend main refuses per-group W4A8 MoE weights ('no longer supported')"
         return super().refusal(projection)
-
-    def section(self):
-        return {
-            **super().section(),
-            "target": "vllm-ascend 0.25.1rc1+ (main) process_weights_after_loading, per-channel MoE",
-        }

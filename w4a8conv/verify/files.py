@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BadInputError
-from ..names import INDEX_SUFFIX, MANIFEST_FILE, PREPACKED_TYPE, TOOL_SECTION
+from ..names import FORMAT_VERSION, INDEX_SUFFIX, MANIFEST_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION
 from ..output import Progress
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, sha256_file
 from ..sources import SourceLayout
+from ..targets import TARGETS
 from .report import VerifyReport
 
 _COMPARE_CHUNK = 16 << 20  # bytes of a pass-through tensor compared at a time
@@ -74,7 +75,20 @@ def check_description_keys(
         "source_version": source_description.get("version"),
         "quant_type": PREPACKED_TYPE,
     }
+    if section.get("format_version") != 1:  # the artifact contract, since format 2: what a reader checks
+        expected["format_version"] = FORMAT_VERSION
+        expected["scale_bias_chunks"] = SCALE_BIAS_CHUNKS
+        target = TARGETS.get(section.get("target"))
+        if target is None:
+            known = ", ".join(TARGETS)
+            report.problem(f"{path}: {TOOL_SECTION}.target is {section.get('target')!r}, none of {known}")
+        else:
+            expected.update(target.section())
+            if layout is not None and layout.name not in target.source_layouts:
+                report.problem(f"{path}: {TOOL_SECTION}.target {target.name} does not serve a {layout.name} source")
     compare({key: section[key] for key in expected if key in section}, expected, f"{TOOL_SECTION}.")
+    for key in sorted(set(expected) - set(section)):
+        report.problem(f"{path}: {TOOL_SECTION}.{key} is absent, expected {expected[key]!r}")
 
 
 def check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
