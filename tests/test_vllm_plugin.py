@@ -225,23 +225,34 @@ def test_a_description_without_the_w4a8conv_section_is_refused(release, converte
 
 
 @pytest.mark.parametrize("where", [None, "vllm_ascend.ascend_forward_context", "vllm_ascend.ascend_config"])
-def test_mega_moe_is_refused_where_the_release_has_it(converted_checkpoints, monkeypatch, where):
+def test_mega_moe_gets_the_lists_upstream_builds(converted_checkpoints, source_checkpoints, monkeypatch, where):
     """0.25.1rc1 and later build cann_mega_moe_* lists when enable_fused_mc2 == 1 and cann_ops_transformer is
-    installed (the flag lives in ascend_forward_context, on main in ascend_config); the plugin does not yet,
-    so the layer would fail at its first forward: it refuses at construction instead."""
+    installed (the flag lives in ascend_forward_context, on main in ascend_config); 0.23 has no MegaMoE."""
     monkeypatch.setattr(stand_ins.Config, "mega_moe_supported", where)
     monkeypatch.setattr(stand_ins.Config, "enable_fused_mc2", 1)
     stand_ins.install("registry")
     try:
         _, moe_method = registered("registry")
-        configure(converted_checkpoints["v1.0.0-per-channel"])
-        if where is None:  # 0.23 hands the same tensors to every MoE comm method, fused MC2 included
-            moe_method()
+        ckpt = configure(converted_checkpoints["v1.0.0-per-channel"])
+        layer = stand_ins.FusedMoELayer(moe_method(), list(range(SPEC.experts)), SPEC.hidden, SPEC.intermediate, 1, 0)
+        layer.load(MOE_LAYER, all_tensors(ckpt, MOE_LAYER))
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = UpstreamReference(source_checkpoints["v1.0.0-per-channel"]).moe(MOE_LAYER, SPEC.experts)
+        if where is None:
+            assert torch.equal(layer.w13_weight.data, expected["w13_weight"])
             return
-        with pytest.raises(ValueError, match=r"MegaMoE \(enable_fused_mc2=1\) is not supported .* found it on"):
-            moe_method()
-        monkeypatch.setattr(stand_ins.Config, "enable_fused_mc2", 0)
-        moe_method()
+        assert not any(hasattr(layer, name) for name in expected)
+        for e in range(SPEC.experts):
+            for name in ("w13", "w2"):
+                weight = getattr(layer, f"cann_mega_moe_{name}_weight_list")[e]
+                assert weight.dtype == torch.int8 and torch.equal(
+                    weight, expected[f"{name}_weight"][e].view(torch.int8)
+                )
+                scale = getattr(layer, f"cann_mega_moe_{name}_weight_scale_list")[e]
+                assert torch.equal(scale, expected[f"{name}_weight_scale"][e].reshape(-1))
+                bias = getattr(layer, f"cann_mega_moe_{name}_scale_bias_list")[e]
+                assert bias.dtype == torch.float32 and torch.equal(bias, expected[f"{name}_scale_bias"][e].reshape(-1))
+        assert [dtype for dtype, _ in stand_ins.nz_casts] == ["torch.int8", "torch.int8"]
     finally:
         stand_ins.uninstall()
 

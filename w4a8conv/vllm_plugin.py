@@ -60,8 +60,7 @@ class VllmAscendApi:
         register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
         registered: whether that has been done in this process.
         mega_moe: whether MegaMoE is on (``enable_fused_mc2 == 1`` where ``cann_ops_transformer`` is
-            installed, 0.25.1rc1 and later), a serving mode whose per-expert lists the plugin does
-            not build yet.
+            installed, 0.25.1rc1 and later), whose kernels read per-expert ``cann_mega_moe_*`` lists.
         nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
     """
 
@@ -212,6 +211,20 @@ def _split_for_eplb(layer: torch.nn.Module) -> None:
         delattr(layer, name)
 
 
+def _build_mega_moe_lists(layer: torch.nn.Module) -> None:
+    """MegaMoE (0.25.1rc1 and later, ``enable_fused_mc2=1``) reads per-expert lists: the int8 NZ weights,
+    the int64 scales flattened and the biases in fp32, as upstream builds them; the stacked tensors go."""
+    for name in ("w13", "w2"):
+        weights = getattr(layer, f"{name}_weight").data.unbind(0)
+        setattr(layer, f"cann_mega_moe_{name}_weight_list", [w.view(torch.int8).clone() for w in weights])
+        scales = getattr(layer, f"{name}_weight_scale").data.unbind(0)
+        setattr(layer, f"cann_mega_moe_{name}_weight_scale_list", [t.reshape(-1) for t in scales])
+        biases = getattr(layer, f"{name}_scale_bias").data.unbind(0)
+        setattr(layer, f"cann_mega_moe_{name}_scale_bias_list", [t.reshape(-1).to(torch.float32) for t in biases])
+    for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias"):
+        delattr(layer, name)
+
+
 @functools.cache
 def _announce_once() -> None:
     log.info("w4a8conv: W4A8 MoE weights arrived prepacked; skipping repacking, scale encoding and bias sums")
@@ -306,11 +319,6 @@ def _moe_method(api: VllmAscendApi) -> type:
             if not hasattr(self, "group_size"):  # main keeps none: it serves per-channel weights only
                 self.group_size = _section().get("group_size", 0)
             check_moe_tensor_parallel(self.tp_size)
-            if api.mega_moe():
-                raise ValueError(
-                    f"w4a8conv: MegaMoE (enable_fused_mc2=1) is not supported for {PREPACKED_TYPE} checkpoints "
-                    "yet, found it on; serve with enable_fused_mc2=0"
-                )
 
         def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
             check_serving_dtype(params_dtype)
@@ -355,6 +363,9 @@ def _moe_method(api: VllmAscendApi) -> type:
             # Per-expert lists: dynamic EPLB (0.23 on), or on main the v2 model runner with EPLB.
             if getattr(self, "use_expert_weight_list", getattr(self, "dynamic_eplb", False)):
                 _split_for_eplb(layer)
+                return
+            if api.mega_moe():
+                _build_mega_moe_lists(layer)
                 return
             w13_name, w2_name = api.moe_scale_names
             if w13_name != "w13_weight_scale":
