@@ -18,7 +18,7 @@ from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import stand_ins
-from .conftest import LEGACY_TARGET, SPEC
+from .conftest import SPEC
 from .upstream_reference import UpstreamReference
 
 MOE_LAYER = f"model.layers.{SPEC.dense_layers}.mlp.experts"
@@ -147,24 +147,24 @@ def test_entry_point_is_declared():
     assert "vllm-ascend" in project["optional-dependencies"]
 
 
-def test_moe_tensor_parallel_16(release, tmp_path):
-    """The largest MoE tensor parallelism upstream allows: each rank gets one of the 16 bias chunks."""
+@pytest.mark.parametrize("tp_size", [4, 8, 16])
+def test_moe_tensor_parallel_up_to_16(release, tmp_path, tp_size):
+    """Up to the largest MoE tensor parallelism upstream allows: each rank sums its share of the 16 chunks."""
     if release == "quantizer":
         pytest.skip("per-channel W4A8 MoE appeared after the mid-2025 release")
     spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
-    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
+    out = convert_checkpoint(src, tmp_path / "out").out_dir
     _, moe_method = registered(release)
-    ckpt = configure(out, tp_size=16)
+    ckpt = configure(out, tp_size=tp_size)
     layer_prefix = f"model.layers.{spec.dense_layers}.mlp.experts"
-    for rank in (0, 5, 15):
-        layer = stand_ins.FusedMoELayer(moe_method(), [0, 1], spec.hidden, spec.intermediate, 16, rank)
+    for rank in sorted({0, tp_size // 2 - 1, tp_size - 1}):
+        layer = stand_ins.FusedMoELayer(moe_method(), [0, 1], spec.hidden, spec.intermediate, tp_size, rank)
         layer.load(layer_prefix, all_tensors(ckpt, layer_prefix))
         layer.quant_method.process_weights_after_loading(layer)
-        expected = UpstreamReference(src).moe(layer_prefix, 2, tp_size=16, tp_rank=rank)
-        for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale"):
-            assert torch.equal(getattr(layer, name).data, expected[name]), (rank, name)
-        assert torch.equal(layer.w2_scale_bias.data, expected["w2_scale_bias"]), rank
+        expected = UpstreamReference(src).moe(layer_prefix, 2, tp_size=tp_size, tp_rank=rank)
+        for name, value in expected.items():
+            assert torch.equal(getattr(layer, name).data, value), (rank, name)
 
 
 def test_dynamic_eplb_gets_per_expert_lists(converted_checkpoints, source_checkpoints):
@@ -353,3 +353,23 @@ def test_a_format_the_plugin_does_not_know_is_refused(release, converted_checkpo
     stand_ins.Config.description["w4a8conv"]["format_version"] = 3
     with pytest.raises(ValueError, match="format_version 3, this w4a8conv reads 1, 2"):
         stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0)
+
+
+@pytest.mark.parametrize("tp_size", [4, 8, 16])
+def test_on_main_moe_tensor_parallel_up_to_16(main_release, tmp_path, tp_size):
+    spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
+    out = convert_checkpoint(src, tmp_path / "out").out_dir  # the default target: main's
+    vllm_plugin.register()
+    from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+    ckpt = configure(out, tp_size=tp_size)
+    layer_prefix = f"model.layers.{spec.dense_layers}.mlp.experts"
+    for rank in (0, tp_size - 1):
+        method = get_scheme_class(PREPACKED_TYPE, "moe")()
+        layer = stand_ins.FusedMoELayer(method, [0, 1], spec.hidden, spec.intermediate, tp_size, rank)
+        layer.load(layer_prefix, all_tensors(ckpt, layer_prefix))
+        layer.quant_method.process_weights_after_loading(layer)
+        expected = UpstreamReference(src).moe(layer_prefix, 2, tp_size=tp_size, tp_rank=rank)
+        for name, value in expected.items():
+            assert torch.equal(getattr(layer, name).data, value), (rank, name)
