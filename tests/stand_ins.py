@@ -39,6 +39,7 @@ class Config:
     tp_size = 1
     enable_fused_mc2 = 0
     use_expert_weight_list = False  # main: dynamic EPLB, or the v2 model runner with EPLB
+    version: str | None = None  # vllm_ascend._version.version; None: each release's own below
     mega_moe_supported: str | None = None  # the module that says so (0.25.1rc1+), None before
 
 
@@ -258,6 +259,8 @@ def install(release: str) -> None:
     module("vllm")
     module("vllm.config", get_current_vllm_config=get_current_vllm_config)
     module("vllm_ascend")
+    default = {"registry": "0.23.0", "main": "0.19.1rc2.dev1637+g182b75ea8", "quantizer": "0.9.1"}[release]
+    module("vllm_ascend._version", version=Config.version or default)
     module("vllm_ascend.quantization")
     if release in ("registry", "main"):
         schemes: dict = {}

@@ -18,7 +18,7 @@ from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import stand_ins
-from .conftest import SPEC
+from .conftest import LEGACY_TARGET, SPEC
 from .upstream_reference import UpstreamReference
 
 MOE_LAYER = f"model.layers.{SPEC.dense_layers}.mlp.experts"
@@ -154,7 +154,7 @@ def test_moe_tensor_parallel_up_to_16(release, tmp_path, tp_size):
         pytest.skip("per-channel W4A8 MoE appeared after the mid-2025 release")
     spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
-    out = convert_checkpoint(src, tmp_path / "out").out_dir
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir  # served by 0.23
     _, moe_method = registered(release)
     ckpt = configure(out, tp_size=tp_size)
     layer_prefix = f"model.layers.{spec.dense_layers}.mlp.experts"
@@ -332,7 +332,7 @@ def test_moe_scale_bias_is_upstreams_to_the_bit_where_chunk_magnitudes_differ(tm
             tensors = load_file(src / shard)
             tensors[name] = tensors[name] * torch.logspace(0, -7, 16)
             save_file(tensors, src / shard, metadata={"format": "pt"})
-    out = convert_checkpoint(src, tmp_path / "out").out_dir
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
     stand_ins.install("registry")
     try:
         _, moe_method = registered("registry")
@@ -373,3 +373,34 @@ def test_on_main_moe_tensor_parallel_up_to_16(main_release, tmp_path, tp_size):
         expected = UpstreamReference(src).moe(layer_prefix, 2, tp_size=tp_size, tp_rank=rank)
         for name, value in expected.items():
             assert torch.equal(getattr(layer, name).data, value), (rank, name)
+
+
+@pytest.mark.parametrize(
+    ("target", "version", "refused"),
+    [
+        (LEGACY_TARGET, "0.23.0", False),
+        (LEGACY_TARGET, "0.26.0rc1", False),
+        (LEGACY_TARGET, "0.27.0", True),
+        ("vllm-ascend-0.25", "0.23.0", True),
+        ("vllm-ascend-0.25", "0.25.1rc1", False),
+        ("vllm-ascend-0.25", "0.19.1rc2.dev1637+g182b75ea8", False),  # a source build of main: not checked
+    ],
+)
+def test_an_engine_release_outside_the_contract_is_refused(
+    source_checkpoints, tmp_path, monkeypatch, target, version, refused
+):
+    out = convert_checkpoint(source_checkpoints["v1.0.0-per-channel"], tmp_path / "out", target=target).out_dir
+    monkeypatch.setattr(stand_ins.Config, "version", version)
+    stand_ins.install("registry")
+    try:
+        _, moe_method = registered("registry")
+        configure(out)
+        if not refused:
+            moe_method()
+            return
+        with pytest.raises(
+            ValueError, match=rf"converted for {target} \(vllm-ascend .*\), found vllm-ascend {version};"
+        ):
+            moe_method()
+    finally:
+        stand_ins.uninstall()

@@ -59,6 +59,7 @@ class VllmAscendApi:
         moe_scale_names: the names upstream's MoE ``apply`` reads the int64 scales from.
         register: registers the plugin's Linear and MoE methods for ``W4A8_DYNAMIC_PREPACKED``.
         registered: whether that has been done in this process.
+        version: the installed vllm-ascend's version, None where it says none.
         mega_moe: whether MegaMoE is on (``enable_fused_mc2 == 1`` where ``cann_ops_transformer`` is
             installed, 0.25.1rc1 and later), whose kernels read per-expert ``cann_mega_moe_*`` lists.
         nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
@@ -73,6 +74,7 @@ class VllmAscendApi:
     registered: Callable[[], bool]
     nz_cast: Callable[[torch.Tensor], torch.Tensor]
     mega_moe: Callable[[], bool] = lambda: False
+    version: str | None = None
 
 
 def detect_api() -> VllmAscendApi:
@@ -102,7 +104,23 @@ def detect_api() -> VllmAscendApi:
         registered=lambda: registry.get_scheme_class(PREPACKED_TYPE, "moe") is not None,
         nz_cast=maybe_trans_nz,
         mega_moe=_mega_moe_on,
+        version=_installed_version(),
     )
+
+
+def _installed_version() -> str | None:
+    """vllm-ascend's version: its setuptools_scm ``_version`` module, else the installed distribution's."""
+    import importlib
+    import importlib.metadata
+
+    try:
+        return str(importlib.import_module("vllm_ascend._version").version)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        return importlib.metadata.version("vllm-ascend")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _mega_moe_on() -> bool:
@@ -145,6 +163,7 @@ def _detect_quantizer_release() -> VllmAscendApi:
         register=register,
         registered=lambda: PREPACKED_TYPE in quantizer.SUPPORT_ASCEND_QUANTIZER_TYPE,
         nz_cast=lambda tensor: tensor,  # that release kept W4A8 weights in ND
+        version=_installed_version(),
     )
 
 
@@ -247,6 +266,43 @@ def _section() -> dict[str, Any]:
     return section
 
 
+def check_engine_release(version: str | None) -> None:
+    """Refuse a vllm-ascend release outside the range the checkpoint's processing mirrors.
+
+    A development build (a git checkout of main or of a release branch) reports a version counted
+    from the last tag on its history (0.19.1rc2.devN for main late in 2026), which says nothing about
+    the code: it is let through with a warning, and what the code exposes decides.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    section = _section()
+    releases = section.get("engine_releases")
+    if releases is None:  # format 1 recorded none
+        return
+    try:
+        installed = Version(version) if version else None
+    except InvalidVersion:
+        installed = None
+    if installed is None or installed.is_devrelease or installed.local:
+        _warn_unchecked_release(version, releases)
+        return
+    if installed not in SpecifierSet(releases, prereleases=True):
+        raise ValueError(
+            f"w4a8conv: this checkpoint was converted for {section.get('target')} (vllm-ascend {releases}), "
+            f"found vllm-ascend {version}; convert it again with a --target for this release"
+        )
+
+
+@functools.cache
+def _warn_unchecked_release(version: str | None, releases: str) -> None:
+    log.warning(
+        "w4a8conv: vllm-ascend %s is a development build or unversioned; the checkpoint's releases %s not checked",
+        version,
+        releases,
+    )
+
+
 def check_serving_dtype(params_dtype: torch.dtype) -> None:
     """Refuse to serve in another dtype than the one the checkpoint's scales were rounded to."""
     recorded = _section().get("params_dtype")
@@ -278,6 +334,10 @@ def _linear_method(api: VllmAscendApi) -> type:
 
     class PrepackedW4A8LinearMethod(api.linear_method):
         """A W4A8_DYNAMIC Linear whose tensors w4a8conv already processed."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            check_engine_release(api.version)
 
         def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
             check_serving_dtype(params_dtype)
@@ -316,6 +376,7 @@ def _moe_method(api: VllmAscendApi) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
+            check_engine_release(api.version)
             if not hasattr(self, "group_size"):  # main keeps none: it serves per-channel weights only
                 self.group_size = _section().get("group_size", 0)
             check_moe_tensor_parallel(self.tp_size)
