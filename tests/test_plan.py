@@ -111,7 +111,7 @@ def test_resume_refuses_when_the_source_planned_differently(source_checkpoints, 
     config["torch_dtype"] = "float16"  # the Linear scales would be rounded differently
     (src / "config.json").write_text(json.dumps(config))
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
-    assert code == 2 and "holds a different conversion in progress" in stderr
+    assert code == 2 and f"{src / 'config.json'}: changed since the conversion into --out {out} started" in stderr
 
 
 def test_relative_paths_convert_resume_and_verify(source_checkpoints, tmp_path, monkeypatch):
@@ -144,3 +144,26 @@ def test_an_unfinished_output_of_an_earlier_version_is_refused_by_name(source_ch
     result = runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--resume", "--target", LEGACY_TARGET])
     assert result.exit_code == 2
     assert f"{out / STATE_DIR / JOB_FILE}: not a conversion plan of this w4a8conv" in result.output
+
+
+@pytest.mark.parametrize("edit", ["data", "header"])
+def test_a_source_shard_changed_between_jobs_is_named_not_mixed(source_checkpoints, tmp_path, edit):
+    """An in-place edit of tensor data (same size, same header) or a re-written shard: the jobs still to
+    run would mix new bytes with the shards converted from the old ones."""
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    shard = sorted(src.glob("*-00002-of-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    if edit == "data":
+        data[-1] ^= 1  # the last tensor's last byte; the header is untouched
+        with open(shard, "r+b") as f:
+            f.seek(len(data) - 1)
+            f.write(data[-1:])
+    else:
+        shard.unlink()  # a re-download: a new file under the same name
+        shard.write_bytes(bytes(data))
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
+    assert code == 2 and stderr.startswith(f"error: {shard}: changed since the conversion into --out {out} started")
+    assert not (out / "quant_model_description.json").exists()

@@ -7,6 +7,7 @@ checkpoint directory.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BadInputError
 from .gc_hold import holding_gc
 from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX
-from .safetensors_io import ShardHeader, TensorInfo, read_header
+from .safetensors_io import ShardHeader, TensorInfo, file_identity, read_header
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +47,18 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(s.file_size for s in self.shards.values())
+
+    def input_identities(self) -> dict[str, str]:
+        """Every file a conversion reads or copies, relative to the root, with what identifies its version
+        (:func:`~.safetensors_io.file_identity`): a resumed conversion must find each one unchanged."""
+        identities = {name: shard.identity for name, shard in self.shards.items()}
+        others = [DESCRIPTION_FILE, f"{self.prefix}{INDEX_SUFFIX}", *map(str, self.extra_files)]
+        for rel in others:
+            try:
+                identities[rel] = file_identity(os.stat(self.root / rel))
+            except FileNotFoundError:
+                continue  # no index: a single unsharded file
+        return dict(sorted(identities.items()))
 
     @property
     def params_dtype_name(self) -> str:

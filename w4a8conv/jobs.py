@@ -125,6 +125,13 @@ def start_share(
             if existing == plan.with_checksums(not plan.checksums).fingerprint:
                 flag = _checksums_flag(not plan.checksums)
                 raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
+            changed = _changed_input(read_plan(job_file), plan)
+            if changed is not None:
+                raise BadInputError(
+                    f"{plan.source / changed}: changed since the conversion into --out {dst} started "
+                    "(size, time, inode or header); its shards so far hold the old data: convert again into "
+                    "a new directory"
+                )
             raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
         elif existing is not None and not (resume or is_array):
             raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
@@ -159,6 +166,14 @@ def _saved_fingerprint(path: Path) -> str:
             "finish that conversion with the version that started it, or choose a new --out"
         )
     return fingerprint
+
+
+def _changed_input(saved: ConversionPlan, plan: ConversionPlan) -> str | None:
+    """The first input file whose identity differs between a saved plan and a new one of the same source."""
+    if saved.source != plan.source:
+        return None
+    names = sorted(set(saved.inputs) | set(plan.inputs))
+    return next((name for name in names if saved.inputs.get(name) != plan.inputs.get(name)), None)
 
 
 def has_manifest(description: dict) -> bool:

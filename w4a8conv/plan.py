@@ -109,6 +109,8 @@ class ConversionPlan:
         description: the processed ``quant_model_description.json``, written last.
         problems: every inconsistency found; a conversion refuses to start while any is listed.
         serving_targets: the registered targets that can serve every module (whichever ``target`` is).
+        inputs: each input file (relative to ``source``) with what identifies its version, so that a
+            resumed conversion of a changed source is refused rather than mixed into one output.
     """
 
     source: Path
@@ -130,6 +132,7 @@ class ConversionPlan:
     other_quant_types: Mapping[str, int] = field(default_factory=dict)
     problems: tuple[str, ...] = ()
     serving_targets: tuple[str, ...] = ()
+    inputs: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def serving_target(self) -> ServingTarget:
@@ -242,6 +245,7 @@ class ConversionPlan:
             "description": dict(self.description),
             "problems": list(self.problems),
             "serving_targets": list(self.serving_targets),
+            "inputs": dict(self.inputs),
         }
 
     @classmethod
@@ -301,6 +305,7 @@ class ConversionPlan:
                 other_quant_types=dict(data["other_quant_types"]),
                 problems=tuple(data["problems"]),
                 serving_targets=tuple(str(name) for name in data["serving_targets"]),
+                inputs={_relative_path(name): str(identity) for name, identity in data["inputs"].items()},
             )
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, BadInputError) as e:
             raise BadInputError(f"{where}: not a w4a8conv conversion plan ({type(e).__name__}: {e})") from None

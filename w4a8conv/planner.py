@@ -125,6 +125,7 @@ def build_plan(
         other_quant_types=dict(sorted(other_types.items())),
         problems=tuple(problems),
         serving_targets=serving_targets,
+        inputs=ckpt.input_identities(),
     )
 
 

@@ -7,8 +7,10 @@ then the data, offsets relative to its start.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,6 +87,13 @@ class ShardHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     file_size: int
+    identity: str = ""  # size, mtime, inode and header digest: what changes when the file does
+
+
+def file_identity(stat: os.stat_result, header: bytes = b"") -> str:
+    """What identifies a file's version cheaply: size, mtime (ns) and inode, and a digest of its header."""
+    digest = f":{hashlib.sha256(header).hexdigest()[:16]}" if header else ""
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}{digest}"
 
 
 def read_header(path: Path) -> ShardHeader:
@@ -95,8 +104,9 @@ def read_header(path: Path) -> ShardHeader:
             offsets or dtypes, or the file is shorter than the header says.
     """
     try:
-        file_size = path.stat().st_size
         with open(path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            file_size = stat.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise BadInputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
@@ -123,7 +133,8 @@ def read_header(path: Path) -> ShardHeader:
     for name, entry in header.items():
         tensors[name] = _parse_entry(path, name, entry, data_start, data_size)
     _check_no_overlap(path, tensors.values())
-    return ShardHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, file_size)
+    metadata = {str(k): str(v) for k, v in metadata.items()}
+    return ShardHeader(path, tensors, metadata, file_size, file_identity(stat, raw))
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
