@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -303,3 +305,58 @@ def test_output_equal_to_or_containing_the_input(tmp_path, mindie):
     for out in (mindie, mindie.parent):
         code, _, stderr = run("convert", "--in", mindie, "--out", out)
         assert code == 2 and "must not be, contain or lie inside --in" in stderr
+
+
+def _rewrite_header(shard: Path, header: bytes) -> None:
+    """Replace a shard's header and keep its data (offsets count from the data's start, so they stay valid)."""
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    padded = header + b" " * (-len(header) % 8)
+    shard.write_bytes(struct.pack("<Q", len(padded)) + padded + raw[8 + length :])
+
+
+def _first_shard(ckpt: Path) -> Path:
+    return sorted(ckpt.glob(f"{SHARD_PREFIX}-*.safetensors"))[0]
+
+
+def test_a_safetensors_file_the_index_does_not_name_is_refused(tmp_path, mindie):
+    stray = mindie / "model-extra.safetensors"
+    save_file({"model.layers.0.input_layernorm.weight": torch.zeros(4)}, stray)
+    assert_refused(tmp_path, mindie, f"{stray}: a safetensors file the index does not name")
+
+
+def test_a_header_naming_a_tensor_twice_is_refused(tmp_path, mindie):
+    shard = _first_shard(mindie)
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    name = next(key for key in header if key != "__metadata__")
+    text = json.dumps(header)
+    entry = json.dumps({name: header[name]})[1:-1]
+    _rewrite_header(shard, (text[:-1] + ", " + entry + "}").encode())
+    assert_refused(tmp_path, mindie, f"{shard}: safetensors header names {name!r} twice")
+
+
+def test_a_utf16_header_is_refused(tmp_path, mindie):
+    shard = _first_shard(mindie)
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    _rewrite_header(shard, raw[8 : 8 + length].rstrip(b" ").decode().encode("utf-16"))
+    assert_refused(tmp_path, mindie, f"{shard}: safetensors header is not UTF-8")
+
+
+def test_a_nul_in_an_index_value_is_refused_at_plan_time(tmp_path, mindie):
+    index_path = mindie / f"{SHARD_PREFIX}.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] += "\x00"
+    index_path.write_text(json.dumps(index))
+    assert_refused(tmp_path, mindie, f"tensor {name} maps to")
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_at_plan_time(tmp_path, mindie):
+    with open(os.fsencode(mindie) + b"/notes-\xff.txt", "wb") as f:
+        f.write(b"x")
+    code, _, stderr = run("convert", "--in", mindie, "--out", tmp_path / "out")
+    assert code == 2 and "the file name is not UTF-8; rename it" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists()

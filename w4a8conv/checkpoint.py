@@ -133,7 +133,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadInputError(f"{config_path}: not valid JSON ({e})") from e
     skip = {DESCRIPTION_FILE, *(shard_names), *([index_path.name] if index_path else [])}
-    extra = _extra_files(root, real_root, skip)
+    extra = _extra_files(root, real_root, skip, index_path is not None)
     return Checkpoint(
         root=root,
         description=description,
@@ -170,7 +170,7 @@ def _read_index(index_path: Path, real_root: Path) -> dict[str, set[str]]:
         raise BadInputError(f"{index_path}: no weight_map")
     shard_names: dict[str, set[str]] = {}
     for tensor_name, file_name in weight_map.items():
-        if not isinstance(file_name, str) or "/" in file_name or file_name in ("", ".", ".."):
+        if not isinstance(file_name, str) or "/" in file_name or "\x00" in file_name or file_name in ("", ".", ".."):
             raise BadInputError(f"{index_path}: tensor {tensor_name} maps to {file_name!r}, not a shard file name")
         shard_names.setdefault(file_name, set()).add(tensor_name)
     return shard_names
@@ -184,7 +184,7 @@ def _inside(path: Path, real_root: Path) -> Path:
     return path
 
 
-def _extra_files(root: Path, real_root: Path, skip: set[str]) -> list[Path]:
+def _extra_files(root: Path, real_root: Path, skip: set[str], index_exists: bool) -> list[Path]:
     extra: list[Path] = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
@@ -192,5 +192,14 @@ def _extra_files(root: Path, real_root: Path, skip: set[str]) -> list[Path]:
             continue
         if path.is_file():
             _inside(path, real_root)
+            if index_exists and len(rel.parts) == 1 and rel.name.endswith(".safetensors"):
+                raise BadInputError(
+                    f"{path}: a safetensors file the index does not name; its tensors would be copied beside the "
+                    "converted ones: remove it, or add it to the index"
+                )
+            try:
+                str(rel).encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadInputError(f"{root / rel!s}: the file name is not UTF-8; rename it") from None
             extra.append(rel)
     return extra

@@ -90,6 +90,19 @@ class ShardHeader:
     identity: str = ""  # size, mtime, inode and header digest: what changes when the file does
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects keep the last of two equal keys silently; a header that names a tensor twice is refused."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return result
+
+
 def file_identity(stat: os.stat_result, header: bytes = b"") -> str:
     """What identifies a file's version cheaply: size, mtime (ns) and inode, and a digest of its header."""
     digest = f":{hashlib.sha256(header).hexdigest()[:16]}" if header else ""
@@ -119,9 +132,14 @@ def read_header(path: Path) -> ShardHeader:
     except OSError as e:
         raise BadInputError(f"{path}: cannot read: {e.strerror}") from e
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # The format says UTF-8; json.loads of bytes would also take UTF-16 and UTF-32.
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path}: safetensors header is not UTF-8 ({e})") from e
+    except json.JSONDecodeError as e:
         raise BadInputError(f"{path}: safetensors header is not valid JSON ({e})") from e
+    except _DuplicateKey as e:
+        raise BadInputError(f"{path}: safetensors header names {e.args[0]!r} twice (JSON keeps only one)") from None
     if not isinstance(header, dict):
         raise BadInputError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_len
