@@ -155,7 +155,7 @@ def convert_checkpoint(
         )
         if worker_index == 0:
             for rel in ckpt.extra_files:
-                copy_file_atomic(ckpt.root / rel, dst / rel)
+                copy_file_atomic(ckpt.root / rel, dst, rel)
         converting = {s.name for s in todo}
         unhashed = [name for name in share.shard_names if name not in converting] if share.checksums else []
         _import_math_in_background()

@@ -11,6 +11,7 @@ a directory without the description is visibly unfinished. Nothing here knows ab
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -60,7 +61,7 @@ class JobShare:
         self.save_checksum(shard, sha256_file(self.dst / shard))
 
     def save_checksum(self, shard: str, digest: str) -> None:
-        (self.state / SUMS_DIR).mkdir(exist_ok=True)
+        real_directory(self.state / SUMS_DIR, self.dst)
         write_atomic(self.state / SUMS_DIR / f"{shard}.sha256", f"{digest}\n".encode())
 
     def remove_stale_partials(self) -> None:
@@ -100,6 +101,8 @@ def start_share(
     lock_name = f"lock-{worker_index}-of-{plan.num_workers}"
     if overwrite and is_array:
         raise BadInputError("--overwrite: not with --num-workers > 1; give the array a fresh directory")
+    if state.is_symlink():
+        raise BadInputError(f"{state}: is a link; w4a8conv follows no link inside --out: remove it")
     finished = _finished_description(dst)
     if not state.is_dir():
         if finished is not None:
@@ -115,7 +118,8 @@ def start_share(
         elif dst.exists() and any(dst.iterdir()) and not state.is_dir():
             what = "--overwrite only replaces w4a8conv output" if overwrite else "choose a new one"
             raise BadInputError(f"--out {dst}: exists and is not an empty directory; {what}")
-    state.mkdir(parents=True, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    real_directory(state, dst)
     lock_fd = _lock(state / lock_name, dst)
     try:
         existing = _saved_fingerprint(job_file) if job_file.is_file() and not overwrite else None
@@ -227,7 +231,7 @@ def _clear(dst: Path, keep: Path) -> None:
         if child.name == STATE_DIR:
             for inner in child.iterdir():
                 if inner != keep:
-                    shutil.rmtree(inner) if inner.is_dir() else inner.unlink()
+                    shutil.rmtree(inner) if inner.is_dir() and not inner.is_symlink() else inner.unlink()
         elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -243,6 +247,8 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
     dst = Path(dst)
     state = dst / STATE_DIR
     job_file = state / JOB_FILE
+    if state.is_symlink():
+        raise BadInputError(f"{state}: is a link; w4a8conv follows no link inside --out: remove it")
     if not job_file.is_file():
         if _finished_description(dst) is not None:
             raise BadInputError(f"{dst}: already finalized")
@@ -292,22 +298,46 @@ def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json_bytes(data))
 
 
+def real_directory(path: Path, top: Path) -> None:
+    """Make ``path`` (inside ``top``) a directory, refusing any link on the way: nothing under --out is followed."""
+    current = top
+    for part in path.relative_to(top).parts:
+        current = current / part
+        if current.is_symlink():
+            raise BadInputError(f"{current}: is a link; w4a8conv follows no link inside --out: remove it")
+        if not current.exists():
+            current.mkdir(exist_ok=True)
+        elif not current.is_dir():
+            raise BadInputError(f"{current}: is not a directory, but the conversion needs one there")
+
+
+def _create_new(path: Path):
+    """A new file at ``path``, never through a link (an old temporary file there goes first)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # removes a link itself, never its target
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write under a unique temporary name, fsync, rename: complete or absent, safe with concurrent jobs."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
-    with open(tmp, "wb") as f:
+    with _create_new(tmp) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
 
 
-def copy_file_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def copy_file_atomic(src: Path, top: Path, rel: Path) -> None:
+    """Copy ``src`` to ``top / rel`` as :func:`write_atomic` writes, following no link under ``top``."""
+    dst = top / rel
+    real_directory(dst.parent, top)
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.partial")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    with open(src, "rb") as source, _create_new(tmp) as target:
+        shutil.copyfileobj(source, target, 16 << 20)
+        target.flush()
+        os.fsync(target.fileno())
     os.replace(tmp, dst)
 
 

@@ -6,6 +6,7 @@ written where the header says, pass-through tensors copied file to file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -72,13 +73,17 @@ class ShardWriter:
         self._direct_fd = -1
         self._direct = False  # large tensors go direct
         try:
-            self._fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Never through a link: an old partial file (or a link planted there) goes first.
+            with contextlib.suppress(FileNotFoundError):
+                self.partial_path.unlink()
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            self._fd = os.open(self.partial_path, flags, 0o644)
         except OSError as e:
             raise name_file(e, self.partial_path) from None
         self._hasher = PrefixHasher(self._fd, self.partial_path, self._release) if checksum else None
         try:
             if direct_io:
-                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
                 self._direct = True
         except (OSError, AttributeError):
             pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
