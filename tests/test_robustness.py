@@ -156,3 +156,21 @@ def test_read_only_output(source_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out")
     assert code == 1 and "read-only file system; choose an --out on a writable filesystem" in stderr
+
+
+def test_every_writer_takes_the_directory_lock(source_checkpoints, tmp_path):
+    """A running job of an array holds the directory's lock shared: another share may run beside it, but
+    neither --overwrite, nor a single conversion, nor finalize."""
+    src = source_checkpoints["mindie"]
+    out = tmp_path / "out"
+    assert cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "0")[0] == 0
+    with open(out / STATE_DIR / "lock", "r+") as running_share:
+        fcntl.flock(running_share.fileno(), fcntl.LOCK_SH)
+        for args in (["--overwrite"], ["--resume"]):
+            code, _, stderr = cli("convert", "--in", src, "--out", out, *args)
+            assert code == 2 and "the jobs of an array are converting into it" in stderr, stderr
+        code, _, stderr = cli("finalize", out)
+        assert code == 2 and "the jobs of an array are converting into it" in stderr
+        assert cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")[0] == 0
+    assert cli("finalize", out)[0] == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

@@ -27,17 +27,20 @@ from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
 
 JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_bytes writes it
+# Every writer locks it: the jobs of an array shared, a single conversion, --overwrite and finalize
+# exclusively, so that none of those runs beside another.
+DIRECTORY_LOCK = "lock"
 SUMS_DIR = "sums"
 
 
 class JobShare:
     """This process's share of a job in an output directory, held under a lock until closed."""
 
-    def __init__(self, dst: Path, plan: ConversionPlan, worker_index: int, lock_fd: int):
+    def __init__(self, dst: Path, plan: ConversionPlan, worker_index: int, lock_fds: tuple[int, ...]):
         self.dst = dst
         self.plan = plan
         self.worker_index = worker_index
-        self._lock_fd = lock_fd
+        self._lock_fds = lock_fds
         self.state = dst / STATE_DIR
 
     @property
@@ -82,9 +85,9 @@ class JobShare:
         write_json(self.state / _share_file(self.worker_index, self.plan.num_workers), {"shards": self.shard_names})
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = ()
 
 
 def start_share(
@@ -120,11 +123,12 @@ def start_share(
             raise BadInputError(f"--out {dst}: exists and is not an empty directory; {what}")
     dst.mkdir(parents=True, exist_ok=True)
     real_directory(state, dst)
-    lock_fd = _lock(state / lock_name, dst)
+    locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
     try:
+        locks.append(_lock(state / lock_name, dst))
         existing = _saved_fingerprint(job_file) if job_file.is_file() and not overwrite else None
         if overwrite:
-            _clear(dst, keep=state / lock_name)
+            _clear(dst, keep={state / lock_name, state / DIRECTORY_LOCK})
         elif existing is not None and existing != plan.fingerprint:
             if existing == plan.with_checksums(not plan.checksums).fingerprint:
                 flag = _checksums_flag(not plan.checksums)
@@ -141,10 +145,11 @@ def start_share(
             raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
         if existing is None:
             write_atomic(job_file, plan.to_bytes())
-        share = JobShare(dst, plan, worker_index, lock_fd)
+        share = JobShare(dst, plan, worker_index, tuple(locks))
         share.remove_stale_partials()
     except BaseException:
-        os.close(lock_fd)
+        for fd in locks:
+            os.close(fd)
         raise
     return share
 
@@ -209,28 +214,32 @@ def _finished_description(dst: Path) -> dict | None:
     return description if isinstance(description, dict) and TOOL_SECTION in description else None
 
 
-def _lock(path: Path, dst: Path) -> int:
-    """An exclusive lock the kernel drops when the process dies (kill -9 included)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(path: Path, dst: Path, shared: bool = False) -> int:
+    """A lock the kernel drops when the process dies (kill -9 included): exclusive, or ``shared`` with
+    other shared holders (the jobs of an array). An exclusive holder writes its pid into the file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise BadInputError(
-            f"--out {dst}: another w4a8conv (pid {holder}) is converting into it; wait for it to end"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if holder:
+            raise BadInputError(
+                f"--out {dst}: another w4a8conv (pid {holder}) is converting into it; wait for it to end"
+            ) from None
+        raise BadInputError(f"--out {dst}: the jobs of an array are converting into it; wait for them to end") from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
-def _clear(dst: Path, keep: Path) -> None:
-    """Delete a previous w4a8conv output (for --overwrite), all but our own lock."""
+def _clear(dst: Path, keep: set[Path]) -> None:
+    """Delete a previous w4a8conv output (for --overwrite), all but our own locks."""
     for child in dst.iterdir():
         if child.name == STATE_DIR:
             for inner in child.iterdir():
-                if inner != keep:
+                if inner not in keep:
                     shutil.rmtree(inner) if inner.is_dir() and not inner.is_symlink() else inner.unlink()
         elif child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -242,7 +251,8 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
     """Write the manifest (if the job has checksums), the index and then the description once every share is done.
 
     Refuses, naming them, while shares are missing or still running. ``plan``: the job's plan, when
-    the caller holds it (a single-process conversion); else it is read from the job file. Returns it.
+    the caller holds it and the directory's lock (a single-process conversion); else the lock is
+    taken here and the plan read from the job file. Returns it.
     """
     dst = Path(dst)
     state = dst / STATE_DIR
@@ -253,7 +263,17 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
         if _finished_description(dst) is not None:
             raise BadInputError(f"{dst}: already finalized")
         raise BadInputError(f"{dst}: no conversion in progress here ({STATE_DIR}/{JOB_FILE} is missing)")
-    plan = plan or read_plan(job_file)
+    if plan is not None:
+        return _finalize_locked(dst, plan)
+    lock = _lock(state / DIRECTORY_LOCK, dst)
+    try:
+        return _finalize_locked(dst, read_plan(job_file))
+    finally:
+        os.close(lock)
+
+
+def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
+    state = dst / STATE_DIR
     n = plan.num_workers
     missing = [i for i in range(n) if not (state / _share_file(i, n)).is_file()]
     if missing:
