@@ -360,3 +360,49 @@ def test_a_file_name_that_is_not_utf8_is_refused_at_plan_time(tmp_path, mindie):
     code, _, stderr = run("convert", "--in", mindie, "--out", tmp_path / "out")
     assert code == 2 and "the file name is not UTF-8; rename it" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["index", "description", "config.json", "tokenizer.json", "shard"])
+def test_a_fifo_in_the_input_is_refused_not_read(tmp_path, mindie, name):
+    """A FIFO named like a file the conversion reads would block it forever."""
+    index = mindie / f"{SHARD_PREFIX}.safetensors.index.json"
+    target = {
+        "index": index,
+        "description": mindie / "quant_model_description.json",
+        "config.json": mindie / "config.json",
+        "tokenizer.json": mindie / "tokenizer.json",
+        "shard": mindie / json.loads(index.read_text())["weight_map"]["lm_head.weight"],
+    }[name]
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    for command in (["inspect", mindie], ["convert", "--in", mindie, "--out", tmp_path / "out"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "w4a8conv.cli", *map(str, command), "--target", LEGACY_TARGET],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"{target}: not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_subdirectory_that_cannot_be_read_is_refused(tmp_path, mindie, monkeypatch):
+    (mindie / "optional").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("optional"):  # as for a directory without read permission (root reads all)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, _, stderr = run("convert", "--in", mindie, "--out", tmp_path / "out")
+    assert code == 2 and f"{mindie / 'optional'}: cannot read: Permission denied; its files would be missing" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_description_larger_than_the_cap_is_refused(tmp_path, mindie, monkeypatch):
+    monkeypatch.setattr("w4a8conv.checkpoint.MAX_JSON_BYTES", 1000)
+    code, _, stderr = run("inspect", mindie)
+    assert code == 2 and "quant_model_description.json: larger than 1000 bytes" in stderr

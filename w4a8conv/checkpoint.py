@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 _MODEL_DTYPES = ("bfloat16", "float16", "float32")
+MAX_JSON_BYTES = 1 << 30  # a DeepSeek-R1 description or index is about 20 MB
 
 
 @dataclass
@@ -107,8 +109,9 @@ def open_checkpoint(root: Path) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     for name in sorted(shard_names):
         path = _inside(root / name, real_root)
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise BadInputError(f"{index_path or root}: names shard {name}, which does not exist")
+        _regular_file(path)
         header = read_header(path)
         shards[name] = header
         for tensor_name, info in header.tensors.items():
@@ -127,11 +130,8 @@ def open_checkpoint(root: Path) -> Checkpoint:
 
     config = None
     config_path = root / CONFIG_FILE
-    if config_path.is_file():
-        try:
-            config = json.loads(_inside(config_path, real_root).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadInputError(f"{config_path}: not valid JSON ({e})") from e
+    if os.path.lexists(config_path):
+        config = _read_json(config_path, real_root)
     skip = {DESCRIPTION_FILE, *(shard_names), *([index_path.name] if index_path else [])}
     extra = _extra_files(root, real_root, skip, index_path is not None)
     return Checkpoint(
@@ -145,26 +145,46 @@ def open_checkpoint(root: Path) -> Checkpoint:
     )
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse what is not a regular file (a FIFO would hang the read, a device never end it)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise BadInputError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
+
+
+def _read_json(path: Path, real_root: Path) -> Any:
+    """A JSON file of the checkpoint: inside it, regular, at most MAX_JSON_BYTES, UTF-8."""
+    _regular_file(_inside(path, real_root))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise BadInputError(f"{path}: larger than {MAX_JSON_BYTES} bytes; not a description, index or config")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInputError(f"{path}: not valid JSON ({e})") from e
+
+
 def _read_description(root: Path, real_root: Path) -> dict[str, Any]:
     path = root / DESCRIPTION_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         similar = sorted(p.name for p in root.glob("quant_model_description*.json"))
         hint = f" (found {similar[0]}: rename it to {DESCRIPTION_FILE})" if similar else ""
         raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint{hint}")
-    try:
-        description = json.loads(_inside(path, real_root).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{path}: not valid JSON ({e})") from e
+    description = _read_json(path, real_root)
     if not isinstance(description, dict):
         raise BadInputError(f"{path}: expected a JSON object mapping tensor names to quant types")
     return description
 
 
 def _read_index(index_path: Path, real_root: Path) -> dict[str, set[str]]:
-    try:
-        index = json.loads(_inside(index_path, real_root).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInputError(f"{index_path}: not valid JSON ({e})") from e
+    index = _read_json(index_path, real_root)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadInputError(f"{index_path}: no weight_map")
@@ -185,21 +205,31 @@ def _inside(path: Path, real_root: Path) -> Path:
 
 
 def _extra_files(root: Path, real_root: Path, skip: set[str], index_exists: bool) -> list[Path]:
+    """The other files to copy, in every subdirectory; one that cannot be read or copied is refused."""
+
+    def unreadable(error: OSError) -> None:
+        raise BadInputError(f"{error.filename}: cannot read: {error.strerror}; its files would be missing") from None
+
+    paths: list[Path] = []
+    for directory, subdirectories, files in os.walk(root, onerror=unreadable):
+        subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+        paths.extend(Path(directory) / name for name in files if not name.startswith("."))
     extra: list[Path] = []
-    for path in sorted(root.rglob("*")):
+    for path in sorted(paths):
         rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or (len(rel.parts) == 1 and rel.name in skip):
+        if len(rel.parts) == 1 and rel.name in skip:
             continue
-        if path.is_file():
-            _inside(path, real_root)
-            if index_exists and len(rel.parts) == 1 and rel.name.endswith(".safetensors"):
-                raise BadInputError(
-                    f"{path}: a safetensors file the index does not name; its tensors would be copied beside the "
-                    "converted ones: remove it, or add it to the index"
-                )
-            try:
-                str(rel).encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadInputError(f"{root / rel!s}: the file name is not UTF-8; rename it") from None
-            extra.append(rel)
+        if os.path.isdir(path):
+            continue  # a link to a directory: not followed, as before
+        _regular_file(_inside(path, real_root))
+        if index_exists and len(rel.parts) == 1 and rel.name.endswith(".safetensors"):
+            raise BadInputError(
+                f"{path}: a safetensors file the index does not name; its tensors would be copied beside the "
+                "converted ones: remove it, or add it to the index"
+            )
+        try:
+            str(rel).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInputError(f"{root / rel!s}: the file name is not UTF-8; rename it") from None
+        extra.append(rel)
     return extra
