@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -174,3 +175,28 @@ def test_every_writer_takes_the_directory_lock(source_checkpoints, tmp_path):
         assert cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")[0] == 0
     assert cli("finalize", out)[0] == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("json_output", [False, True])
+def test_an_interrupted_conversion_says_so_in_one_line_and_resumes(medium, tmp_path, sent, code, json_output):
+    src, reference = medium
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(src), "--out", str(out), "--workers", "2"]
+    cmd += ["--target", LEGACY_TARGET, *(["--json"] if json_output else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(out.glob("*.partial")), proc)
+    proc.send_signal(sent)
+    stdout, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the conversion finished before the signal arrived")
+    assert proc.returncode == code, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert errors[0].startswith(f"error: --out {out}: interrupted by {sent.name} with ")
+    assert errors[0].endswith(" shards written; rerun with --resume to finish")
+    if json_output:
+        assert json.loads(stdout) == {"ok": False, "error": errors[0].removeprefix("error: ")}
+    assert not (out / DESCRIPTION).exists()
+    assert cli("convert", "--in", src, "--out", out, "--resume")[0] == 0
+    assert tree_bytes(out) == tree_bytes(reference)

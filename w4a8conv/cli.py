@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import functools
 import inspect as _inspect  # the `inspect` command below takes the plain name
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, W4A8ConvError, describe_os_error
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, Terminated, W4A8ConvError, describe_os_error, interruption
 from .output import Output, human_bytes
 from .sources import SOURCE_NAMES, SOURCES
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
@@ -68,6 +69,10 @@ def handle_errors(command):
         except W4A8ConvError as e:
             output.error(e.message)
             raise typer.Exit(e.exit_code) from None
+        except (KeyboardInterrupt, Terminated) as stop:
+            name, code = interruption(stop)
+            output.error(f"interrupted by {name}")
+            raise typer.Exit(code) from None
         except OSError as e:
             output.error(describe_os_error(e))
             raise typer.Exit(EXIT_FAILURE) from None
@@ -312,7 +317,12 @@ def synthetic(
         output.info(f"wrote a synthetic {layout} checkpoint to {path}")
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)  # a clean stop, as for Ctrl-C: one line, the work so far kept
     try:
         app()
     except SystemExit as stop:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
-from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
+from .errors import EXIT_FAILURE, BadInputError, Terminated, W4A8ConvError, interruption
 from .filesystems import direct_io_by_default
 from .jobs import JobShare, copy_file_atomic, finalize, start_share
 from .names import TOOL_SECTION
@@ -163,6 +163,15 @@ def convert_checkpoint(
         share.mark_done()
         if num_workers == 1:
             finalize(dst, plan)
+    except (KeyboardInterrupt, Terminated) as stop:
+        signal_name, code = interruption(stop)
+        done = sum(share.is_complete(shard) for shard in share.shard_names)
+        again = "rerun with --resume" if num_workers == 1 else "rerun this job"
+        raise W4A8ConvError(
+            f"--out {dst}: interrupted by {signal_name} with {done} of {len(share.shard_names)} shards written; "
+            f"{again} to finish",
+            code,
+        ) from None
     finally:
         report.finish()
         share.close()

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import errno
+import signal
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+# Killed by a signal: 128 + its number, as shells report it.
+EXIT_INTERRUPTED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (as Python raises KeyboardInterrupt for SIGINT)."""
+
+
+def interruption(error: BaseException) -> tuple[str, int]:
+    """The signal's name and the exit code for KeyboardInterrupt or :class:`Terminated`."""
+    number = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+    return number.name, EXIT_INTERRUPTED[number]
 
 
 class W4A8ConvError(Exception):

@@ -13,6 +13,8 @@ from rich.progress import Progress as RichBar
 from rich.table import Table
 from rich.text import Text
 
+from .names import PROCESSED_FORMAT
+
 
 def human_bytes(n: int | None) -> str:
     if n is None:
@@ -59,7 +61,7 @@ class Output:
             *[(f"contract: {key}", str(value)) for key, value in report.contract.items() if key != "target"],
             *(
                 [("targets that serve it", ", ".join(report.serving_targets) or "none")]
-                if report.format != "processed"
+                if report.format != PROCESSED_FORMAT
                 else []
             ),
             ("version", report.version or "-"),
