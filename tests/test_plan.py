@@ -167,3 +167,18 @@ def test_a_source_shard_changed_between_jobs_is_named_not_mixed(source_checkpoin
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
     assert code == 2 and stderr.startswith(f"error: {shard}: changed since the conversion into --out {out} started")
     assert not (out / "quant_model_description.json").exists()
+
+
+@pytest.mark.parametrize("saved", ["garbage\n", "", "0" * 63 + "\n"])
+def test_a_damaged_saved_checksum_is_recomputed_not_trusted(source_checkpoints, tmp_path, saved):
+    src = source_checkpoints["mindie"]
+    out = tmp_path / "out"
+    for index in (0, 1):
+        convert_checkpoint(src, out, num_workers=2, worker_index=index, target=LEGACY_TARGET)
+    sums = sorted((out / STATE_DIR / "sums").iterdir())
+    assert sums
+    sums[0].write_text(saved)
+    assert cli("finalize", out)[0] == 0
+    for line in (out / "w4a8conv.sha256").read_text().splitlines():
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name

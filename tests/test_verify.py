@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -326,3 +327,25 @@ def test_verify_still_checks_a_manifest_left_beside_a_no_checksums_output(source
     (tmp_path / "o" / MANIFEST_FILE).write_text(f"{'0' * 64}  {DESCRIPTION}\n")
     report = verify_conversion(src, tmp_path / "o")
     assert not report.ok and any("sha256 differs" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "no index", "index not JSON"])
+def test_a_damaged_output_is_a_failed_verification_not_bad_input(
+    source_checkpoints, converted_checkpoints, tmp_path, damage
+):
+    out = tmp_path / "out"
+    shutil.copytree(converted_checkpoints["mindie"], out)
+    shard = sorted(out.glob("*.safetensors"))[1]
+    index = next(out.glob("*.index.json"))
+    if damage == "truncated shard":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif damage == "missing shard":
+        shard.unlink()
+    elif damage == "no index":
+        index.unlink()
+    else:
+        index.write_text("{not json")
+    code, stdout, stderr = cli("verify", source_checkpoints["mindie"], out)
+    assert code == 1 and "verification failed" in stdout and "Traceback" not in stdout + stderr, stderr
+    named = {"truncated shard": shard, "missing shard": shard, "no index": out, "index not JSON": index}[damage]
+    assert f"  - {named}" in stdout

@@ -306,8 +306,14 @@ def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
 
 
 def _read_checksum(state: Path, dst: Path, shard: str) -> str:
+    """A shard's saved sha256, or the shard hashed again where none was saved or the saved one is damaged."""
     path = state / SUMS_DIR / f"{shard}.sha256"
-    return path.read_text().strip() if path.is_file() else sha256_file(dst / shard)
+    try:
+        saved = path.read_text().strip() if path.is_file() and not path.is_symlink() else ""
+    except (OSError, UnicodeDecodeError):
+        saved = ""
+    is_digest = len(saved) == 64 and all(c in "0123456789abcdef" for c in saved)
+    return saved if is_digest else sha256_file(dst / shard)
 
 
 def json_bytes(data: dict) -> bytes:
