@@ -406,3 +406,14 @@ def test_a_description_larger_than_the_cap_is_refused(tmp_path, mindie, monkeypa
     monkeypatch.setattr("w4a8conv.checkpoint.MAX_JSON_BYTES", 1000)
     code, _, stderr = run("inspect", mindie)
     assert code == 2 and "quant_model_description.json: larger than 1000 bytes" in stderr
+
+
+@pytest.mark.parametrize(("role", "value"), [("weight_scale_second", 1e9), ("weight_scale", 3e38)])
+def test_finite_scales_that_overflow_the_processed_tensors_are_refused(tmp_path, role, value):
+    """The per-group product is rounded through fp16 (largest 65504): finite sources, an Inf scale."""
+    src = write_checkpoint(tmp_path / "src", "mindie", SyntheticSpec(w4a8_linear=False))
+    prefix = "model.layers.1.mlp.experts.0.down_proj"
+    name = f"{prefix}.{role}"
+    edit_tensor(src, name, lambda t: t[name].__setitem__((0, 0), value))
+    error = assert_refused(tmp_path, src, f"tensor {prefix}.weight_scale: its scales make")
+    assert f"{prefix}.weight_scale overflow to Inf or NaN" in error

@@ -15,6 +15,7 @@ Serves every source layout, but not a W4A8 Linear with per-channel scales (0.23 
 
 from __future__ import annotations
 
+from ..errors import BadInputError
 from ..names import PREPACKED_TYPE
 from ..safetensors_io import OutputEntry
 from .base import ServingTarget
@@ -70,6 +71,7 @@ class VllmAscend023(ServingTarget):
         out[f"{prefix}.scale_bias"] = layout.scale_bias(
             weight, scale, second, tensors.get("scale_bias"), projection.bias_chunks
         )
+        _refuse_overflow(projection, out)
         return out
 
     def section(self):
@@ -77,3 +79,21 @@ class VllmAscend023(ServingTarget):
             **super().section(),
             "scale_bias": "float32 [out, chunks]; a tensor-parallel rank sums the chunks of its input slice",
         }
+
+
+def _refuse_overflow(projection, out: dict) -> None:
+    """Finite source scales can still overflow: fp16 rounding of a per-group product above 65504, or a
+    bias of huge terms. An operator given Inf or NaN computes garbage; refuse, naming the source."""
+    import torch
+
+    from ..scales import decode_int64_to_fp32
+
+    for name, tensor in out.items():
+        if tensor.dtype == torch.int32:
+            continue  # int4 words
+        values = decode_int64_to_fp32(tensor) if tensor.dtype == torch.int64 else tensor
+        if not bool(torch.isfinite(values).all()):
+            raise BadInputError(
+                f"{projection.where('weight_scale')}: its scales make {name} overflow to Inf or NaN; "
+                "no W4A8 kernel can use them"
+            )
