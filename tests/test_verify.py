@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -349,3 +350,51 @@ def test_a_damaged_output_is_a_failed_verification_not_bad_input(
     assert code == 1 and "verification failed" in stdout and "Traceback" not in stdout + stderr, stderr
     named = {"truncated shard": shard, "missing shard": shard, "no index": out, "index not JSON": index}[damage]
     assert f"  - {named}" in stdout
+
+
+def _rewrite_shard_header(shard: Path, change) -> None:
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    text = change(raw[8 : 8 + length].decode().rstrip(" "))
+    padded = text.encode() + b" " * (-len(text.encode()) % 8)
+    shard.write_bytes(struct.pack("<Q", len(padded)) + padded + raw[8 + length :])
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ("header whitespace", "its safetensors header is not the one the conversion writes"),
+        ("shard metadata", "its safetensors header is not the one the conversion writes"),
+        ("index formatting", "not the bytes the conversion writes"),
+        ("description formatting", "not the bytes the conversion writes"),
+        ("hidden file", "not part of the conversion"),
+        ("fifo", "not part of the conversion"),
+    ],
+)
+def test_without_a_manifest_every_byte_the_conversion_writes_is_checked(source_checkpoints, tmp_path, change, expected):
+    src = source_checkpoints["v1.0.0-per-group"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=False, target=LEGACY_TARGET).out_dir
+    shard = sorted(out.glob("*.safetensors"))[0]
+    index = next(out.glob("*.index.json"))
+    description = out / "quant_model_description.json"
+    if change == "header whitespace":
+        _rewrite_shard_header(shard, lambda text: text.replace('","', '", "', 1))
+        named = shard
+    elif change == "shard metadata":
+        _rewrite_shard_header(shard, lambda text: text.replace("w4a8conv 0.1.0", "w4a8conv 9.9.9"))
+        named = shard
+    elif change == "index formatting":
+        index.write_text(json.dumps(json.loads(index.read_text())))
+        named = index
+    elif change == "description formatting":
+        description.write_text(json.dumps(json.loads(description.read_text()), indent=1) + "\n")
+        named = description
+    elif change == "hidden file":
+        named = out / ".notes"
+        named.write_text("x")
+    else:
+        named = out / "pipe"
+        os.mkfifo(named)
+    report = verify_conversion(src, out)
+    assert not report.ok and report.manifest is False
+    assert f"{named}: {expected}" in report.problems, report.problems

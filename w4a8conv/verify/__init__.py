@@ -50,6 +50,7 @@ from .files import (
     output_files,
     tensor_types,
 )
+from .layout import check_written_bytes
 from .numeric import numeric_checks
 from .report import VerifyReport, in_order
 
@@ -149,6 +150,7 @@ def verify_conversion(
                 report.problem(f"{dst / name}: not part of the conversion")
         else:
             check_manifest(dst, sample, rng, report, progress, pool)
+        check_written_bytes(source, dst, description, report)
         for rel in source.extra_files:
             report.other_files_checked += 1
             check_copied_file(src / rel, dst / rel, report)

@@ -7,11 +7,20 @@ import json
 import math
 import os
 import random
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BadInputError
-from ..names import FORMAT_VERSION, INDEX_SUFFIX, MANIFEST_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION
+from ..names import (
+    FORMAT_VERSION,
+    INDEX_SUFFIX,
+    MANIFEST_FILE,
+    PREPACKED_TYPE,
+    SCALE_BIAS_CHUNKS,
+    STATE_DIR,
+    TOOL_SECTION,
+)
 from ..output import Progress
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, sha256_file
 from ..sources import SourceLayout
@@ -107,6 +116,8 @@ def check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
     headers = {}
     for name in sorted(set(weight_map.values())):
         try:
+            if os.path.lexists(dst / name) and not regular_file(dst / name):
+                raise BadInputError(f"{dst / name}: not a regular file (a link, FIFO or device)")
             headers[name] = read_header(dst / name)
         except BadInputError as e:  # truncated, missing or not safetensors at all
             report.problem(e.message)
@@ -137,7 +148,10 @@ def check_manifest(
     present = output_files(dst)
     for name in sorted(present - set(listed)):
         report.problem(f"{dst / name}: not in {MANIFEST_FILE}")
-    names = sorted(set(listed) & present)
+    for name in sorted(set(listed) & present):
+        if not regular_file(dst / name):
+            report.problem(f"{dst / name}: not a regular file (a link, FIFO or device); the conversion writes files")
+    names = sorted(name for name in set(listed) & present if regular_file(dst / name))
     if sample < 1:
         names = rng.sample(names, max(1, math.ceil(sample * len(names)))) if names else []
     for name in sorted(set(listed) - present):
@@ -150,14 +164,22 @@ def check_manifest(
 
 
 def output_files(dst: Path) -> set[str]:
-    """Paths of the files in an output, relative to it, but for the manifest and hidden files."""
-    return {
-        str(p.relative_to(dst))
-        for p in dst.rglob("*")
-        if p.is_file()
-        and p.name != MANIFEST_FILE
-        and not any(part.startswith(".") for part in p.relative_to(dst).parts)
-    }
+    """Every entry of an output that is not a directory, relative to it: files, hidden ones too, links,
+    FIFOs...; but the manifest, and the state directory (reported on its own)."""
+    entries = set()
+    for directory, subdirectories, files in os.walk(dst):  # links to directories are entries, not followed
+        here = Path(directory)
+        if here == dst and STATE_DIR in subdirectories:
+            subdirectories.remove(STATE_DIR)
+        entries.update(str((here / name).relative_to(dst)) for name in files)
+        entries.update(str((here / name).relative_to(dst)) for name in subdirectories if (here / name).is_symlink())
+    entries.discard(MANIFEST_FILE)
+    return entries
+
+
+def regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file itself (not a link, FIFO or device), so that reading it ends."""
+    return stat.S_ISREG(os.lstat(path).st_mode)
 
 
 def check_copied_file(src: Path, out: Path, report: VerifyReport) -> None:
@@ -165,6 +187,9 @@ def check_copied_file(src: Path, out: Path, report: VerifyReport) -> None:
     it has not changed since the conversion, and without one nothing else would look at it."""
     if not out.is_file():
         report.problem(f"{out}: missing (the input has {src})")
+        return
+    if not regular_file(out):
+        report.problem(f"{out}: a link, not the copy of {src}")
         return
     try:
         same = filecmp.cmp(src, out, shallow=False)
