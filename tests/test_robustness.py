@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import STATE_DIR
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+from w4a8conv.verify import verify_conversion
 
 from .conftest import LEGACY_TARGET, cli
 from .test_parallel import tree_bytes
@@ -200,3 +201,21 @@ def test_an_interrupted_conversion_says_so_in_one_line_and_resumes(medium, tmp_p
     assert not (out / DESCRIPTION).exists()
     assert cli("convert", "--in", src, "--out", out, "--resume")[0] == 0
     assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
+    """Hundreds of shards under a limit of 128 open files: a writer holds no descriptor between writes."""
+    src = write_checkpoint(tmp_path / "src", "mindie", SyntheticSpec(moe_layers=6, experts=8, shards=300))
+    shards = len(list(src.glob("*.safetensors")))
+    assert shards > 150  # two descriptors a shard would exceed the limit
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "from w4a8conv.cli import main\n"
+        "sys.argv = ['w4a8conv', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    args = ["convert", "--in", str(src), "--out", str(tmp_path / "out"), "--target", LEGACY_TARGET, "--workers", "4"]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert verify_conversion(src, tmp_path / "out").ok

@@ -96,7 +96,7 @@ def test_finish_refuses_a_file_with_a_missing_tensor(tmp_path):
         writer.write_tensor(name, TENSORS[name])
     with pytest.raises(AssertionError, match=r"never written: \['a\.weight'\]"):
         writer.finish()
-    writer.abort()
+
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -126,13 +126,13 @@ def _large_entries() -> list[OutputEntry]:
     return [OutputEntry(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in LARGE.items()]
 
 
-def _record_pwrites(monkeypatch) -> list[tuple[int, int, int]]:
-    """Spy on os.pwrite: (fd, offset, length) of every call."""
-    calls: list[tuple[int, int, int]] = []
+def _record_pwrites(monkeypatch) -> list[tuple[bool, int, int]]:
+    """Spy on os.pwrite: (through an O_DIRECT descriptor, offset, length) of every call."""
+    calls: list[tuple[bool, int, int]] = []
     real = os.pwrite
 
     def spy(fd, data, offset):
-        calls.append((fd, offset, memoryview(data).nbytes))
+        calls.append((_is_direct(fd), offset, memoryview(data).nbytes))
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", spy)
@@ -162,7 +162,7 @@ def test_large_tensors_go_direct_in_whole_blocks_and_the_file_is_exact(tmp_path,
     random.Random(seed).shuffle(names)
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda name: writer.write_tensor(name, LARGE[name]), names))
-    direct = [(offset, length) for fd, offset, length in calls if _is_direct(fd)]
+    direct = [(offset, length) for is_direct, offset, length in calls if is_direct]
     _check_file(path, writer.finish(), LARGE)
     assert len(direct) == 3  # one per large tensor, all of it but the partial blocks at its ends
     assert all(offset % 4096 == 0 and length % 4096 == 0 and length > 1_000_000 for offset, length in direct)
@@ -181,7 +181,7 @@ def test_direct_writes_past_the_retention_limit_fall_back_to_the_page_cache(tmp_
     # comes nothing is held.
     for name in ["big.third", "big.second", "small.between", "big.first"]:
         writer.write_tensor(name, LARGE[name])
-    direct = [offset for fd, offset, _ in calls if _is_direct(fd)]
+    direct = [offset for is_direct, offset, _ in calls if is_direct]
     inside = [name for offset in direct for name, (b, e) in writer.ranges.items() if b <= offset < e]
     assert inside == ["big.third", "big.first"]
     _check_file(path, writer.finish(), LARGE)
@@ -241,7 +241,6 @@ def test_a_source_that_shrinks_during_a_copy_is_named(tmp_path):
     writer = ShardWriter(tmp_path / "out.safetensors", _large_entries())
     with pytest.raises(BadInputError, match=r"in\.safetensors: tensor big\.second: file ended"):
         writer.copy_tensor("big.second", infos["big.second"])
-    writer.abort()
 
 
 def test_copies_fall_back_to_read_and_write_where_the_kernel_cannot_copy(tmp_path, monkeypatch):

@@ -311,9 +311,7 @@ def _convert_shards(
                 if remaining[shard_name] == 0:
                     finish(shard_name)
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for writer in writers.values():
-            writer.abort()
+        pool.shutdown(wait=True, cancel_futures=True)  # the writers hold no descriptor between writes
         raise
     finally:
         pool.shutdown(wait=True)

@@ -39,13 +39,11 @@ class PrefixHasher:
     page cache (or ``pread`` where the filesystem cannot map).
 
     Args:
-        fd: the file, open for reading.
-        path: its name, for messages.
+        path: the file; opened to read a range back, never held open in between.
         release: takes back a staged buffer once it is hashed.
     """
 
-    def __init__(self, fd: int, path: Path, release: Callable[[Staged], None]):
-        self._fd = fd
+    def __init__(self, path: Path, release: Callable[[Staged], None]):
         self._path = path
         self._release = release
         self._digest = hashlib.sha256()
@@ -106,22 +104,29 @@ class PrefixHasher:
 
     def _hash_file_range(self, offset: int, stop: int) -> None:
         # The digest reads the page cache in place, where a read() would copy every byte once more.
-        while offset < stop:
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            length = min(stop, start + _MAP_CHUNK) - start
-            try:
-                mapped = mmap.mmap(self._fd, length, prot=mmap.PROT_READ, flags=_MAP_FLAGS, offset=start)
-            except OSError:
-                self._hash_by_reading(offset, start + length)
-            else:
-                with mapped, memoryview(mapped) as view, view[offset - start :] as piece:
-                    self._digest.update(piece)
-            offset = start + length
-
-    def _hash_by_reading(self, offset: int, stop: int) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise name_file(e, self._path) from None
         try:
             while offset < stop:
-                data = os.pread(self._fd, stop - offset, offset)
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                length = min(stop, start + _MAP_CHUNK) - start
+                try:
+                    mapped = mmap.mmap(fd, length, prot=mmap.PROT_READ, flags=_MAP_FLAGS, offset=start)
+                except OSError:
+                    self._hash_by_reading(fd, offset, start + length)
+                else:
+                    with mapped, memoryview(mapped) as view, view[offset - start :] as piece:
+                        self._digest.update(piece)
+                offset = start + length
+        finally:
+            os.close(fd)
+
+    def _hash_by_reading(self, fd: int, offset: int, stop: int) -> None:
+        try:
+            while offset < stop:
+                data = os.pread(fd, stop - offset, offset)
                 if not data:
                     raise W4A8ConvError(f"{self._path}: ended at byte {offset} while reading it back")
                 self._digest.update(data)

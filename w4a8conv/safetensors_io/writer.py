@@ -11,7 +11,7 @@ import errno
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from .syscalls import COPY_CHUNK, allocate, copy_range, name_file, pwrite_all, r
 if TYPE_CHECKING:
     import torch
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
 RETAINED_BYTES = 128 << 20  # direct-written bytes a shard may hold in memory until its hash reaches them
 
@@ -70,31 +71,28 @@ class ShardWriter:
         self._retained = 0  # bytes of staged tensors not hashed yet
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._direct_fd = -1
         self._direct = False  # large tensors go direct
         try:
             # Never through a link: an old partial file (or a link planted there) goes first.
             with contextlib.suppress(FileNotFoundError):
                 self.partial_path.unlink()
-            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            self._fd = os.open(self.partial_path, flags, 0o644)
+            fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            try:
+                # Reserve every block now: a full disk fails here, before any work, and the writes into
+                # allocated space are cheaper than filling holes of a sparse file.
+                allocate(fd, self.size)
+                pwrite_all(fd, memoryview(header), 0)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise name_file(e, self.partial_path) from None
-        self._hasher = PrefixHasher(self._fd, self.partial_path, self._release) if checksum else None
-        try:
-            if direct_io:
-                self._direct_fd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
+        if direct_io:
+            try:
+                os.close(os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT | _NOFOLLOW))
                 self._direct = True
-        except (OSError, AttributeError):
-            pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
-        try:
-            # Reserve every block now: a full disk fails here, before any work, and the writes into
-            # allocated space are cheaper than filling holes of a sparse file.
-            allocate(self._fd, self.size)
-            self._pwrite_all(header, 0)
-        except OSError as e:
-            self.abort()
-            raise name_file(e, self.partial_path) from None
+            except (OSError, AttributeError):
+                pass  # no direct I/O on this filesystem (EINVAL) or platform: every write is buffered
+        self._hasher = PrefixHasher(self.partial_path, self._release) if checksum else None
         self._written_range(0, len(header))
 
     @property
@@ -126,7 +124,7 @@ class ShardWriter:
         begin, end = self.ranges[name]
         assert end - begin == source.nbytes, f"{name} planned with {end - begin} bytes, source has {source.nbytes}"
         piece = STAGED_COPY_BYTES if self._direct else COPY_CHUNK
-        with open(source.path, "rb", buffering=0) as src:
+        with open(source.path, "rb", buffering=0) as src, self._opened(os.O_WRONLY) as fd:
             for done in range(0, source.nbytes, piece):
                 size = min(piece, source.nbytes - done)
                 where = source.begin + done
@@ -134,7 +132,7 @@ class ShardWriter:
                 if self._write_staged(begin + done, size, read):
                     continue
                 try:
-                    copied = copy_range(src.fileno(), where, self._fd, begin + done, size)
+                    copied = copy_range(src.fileno(), where, fd, begin + done, size)
                 except OSError as e:
                     raise name_file(e, self.partial_path) from None
                 if copied != size:
@@ -149,19 +147,29 @@ class ShardWriter:
         """
         assert not self._pending, f"{self.path.name}: tensors never written: {sorted(self._pending)[:3]}"
         assert self._hasher is None or self._hasher.hashed == self.size, f"{self.path.name}: not all hashed"
+        with self._opened(os.O_RDWR) as fd:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise name_file(e, self.partial_path) from None
         try:
-            os.fsync(self._fd)
-            self.abort()
             os.replace(self.partial_path, self.path)
         except OSError as e:
             raise name_file(e, self.path) from None
         return None if self._hasher is None else self._hasher.hexdigest()
 
-    def abort(self) -> None:
-        for fd in (self._fd, self._direct_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._fd = self._direct_fd = -1
+    @contextlib.contextmanager
+    def _opened(self, flags: int) -> Iterator[int]:
+        """The partial file, open for one operation: a writer holds no descriptor between them, so a
+        conversion's open files do not grow with its shard count."""
+        try:
+            fd = os.open(self.partial_path, flags | _NOFOLLOW)
+        except OSError as e:
+            raise name_file(e, self.partial_path) from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _retain(self, nbytes: int) -> bool:
         """Reserve room to keep a staged tensor until it is hashed; one is always allowed."""
@@ -199,7 +207,8 @@ class ShardWriter:
         view = memoryview(buffer)[: pad + nbytes]
         base = begin - pad  # file offset of view[0]
         try:
-            pwrite_all(self._direct_fd, view[first - base : last - base], first)
+            with self._opened(os.O_WRONLY | os.O_DIRECT) as fd:
+                pwrite_all(fd, view[first - base : last - base], first)
             self._pwrite_all(view[pad : first - base], begin)
             self._pwrite_all(view[last - base :], last)
         except OSError as e:
@@ -207,8 +216,7 @@ class ShardWriter:
                 self._release(staged)
                 raise name_file(e, self.partial_path) from None
             # The device wants more alignment than we give (or the filesystem no direct I/O after all):
-            # from now on this file is written through the page cache. The descriptor stays open until
-            # the end, as another thread may be writing through it.
+            # from now on this file is written through the page cache.
             self._direct = False
             try:
                 self._pwrite_all(view[pad:], begin)
@@ -223,11 +231,14 @@ class ShardWriter:
         # A buffered write holds the file's inode lock while it copies, and the kernel lets the other
         # writers of the file spin on it, burning a core: this file's writers queue on a lock of ours
         # instead, where they sleep.
-        try:
-            with self._write_lock:
-                pwrite_all(self._fd, memoryview(data).cast("B"), offset)
-        except OSError as e:
-            raise name_file(e, self.partial_path) from None
+        view = memoryview(data).cast("B")
+        if not view:
+            return
+        with self._write_lock, self._opened(os.O_WRONLY) as fd:
+            try:
+                pwrite_all(fd, view, offset)
+            except OSError as e:
+                raise name_file(e, self.partial_path) from None
 
     def _written_range(self, begin: int, end: int, staged: Staged | None = None) -> None:
         if begin == end:
