@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, Terminated, W4A8ConvError, describe_os_error, interruption
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, Terminated, exit_status
 from .output import Output, human_bytes
 from .sources import SOURCE_NAMES, SOURCES
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
@@ -66,21 +66,16 @@ def handle_errors(command):
             return command(*args, output=output, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except W4A8ConvError as e:
-            output.error(e.message)
-            raise typer.Exit(e.exit_code) from None
-        except (KeyboardInterrupt, Terminated) as stop:
-            name, code = interruption(stop)
-            output.error(f"interrupted by {name}")
-            raise typer.Exit(code) from None
-        except OSError as e:
-            output.error(describe_os_error(e))
-            raise typer.Exit(EXIT_FAILURE) from None
-        except Exception as e:
-            if os.environ.get("W4A8CONV_DEBUG"):
+        except (Exception, KeyboardInterrupt, Terminated) as e:
+            status = exit_status(e)
+            if status is None and os.environ.get("W4A8CONV_DEBUG"):
                 raise
-            output.error(f"internal error: {type(e).__name__}: {e} (set W4A8CONV_DEBUG=1 for a traceback)")
-            raise typer.Exit(EXIT_FAILURE) from None
+            message, code = status or (
+                f"internal error: {type(e).__name__}: {e} (set W4A8CONV_DEBUG=1 for a traceback)",
+                EXIT_FAILURE,
+            )
+            output.error(message)
+            raise typer.Exit(code) from None
 
     # Typer reads the signature: hide the injected ``output`` parameter from it.
     sig = _inspect.signature(command)

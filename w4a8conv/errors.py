@@ -52,6 +52,22 @@ _OS_ERROR_HINTS = {
 }
 
 
+def exit_status(error: BaseException) -> tuple[str, int] | None:
+    """The one line and the exit code for an error a command ends with; None for one nobody expected.
+
+    The table every command follows: bad input 2 (found before anything is written), a failure while
+    working 1 (I/O, a failed verification), a signal 128 + its number.
+    """
+    if isinstance(error, W4A8ConvError):
+        return error.message, error.exit_code
+    if isinstance(error, (KeyboardInterrupt, Terminated)):
+        name, code = interruption(error)
+        return f"interrupted by {name}", code
+    if isinstance(error, OSError):
+        return describe_os_error(error), EXIT_FAILURE
+    return None
+
+
 def describe_os_error(error: OSError) -> str:
     """One line for an I/O failure: the file, what happened and what to do."""
     what = _OS_ERROR_HINTS.get(error.errno or 0, error.strerror or str(error))
