@@ -2,10 +2,13 @@
 
 A mutated output must also never pass `verify`: converted without a manifest, so that `verify`'s own
 checks of every tensor, type and copied file are what catches the change.
+
+`make test` runs a few hundred cases in seconds; `W4A8CONV_FUZZ=20` runs twenty times as many.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import signal
@@ -21,8 +24,9 @@ from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from .conftest import LEGACY_TARGET
 
 runner = CliRunner()
-CASES = 150
-OUTPUT_CASES = 60
+SCALE = int(os.environ.get("W4A8CONV_FUZZ", "1"))  # the longer run: a multiple of the cases below
+CASES = 150 * SCALE
+OUTPUT_CASES = 60 * SCALE
 
 
 @pytest.fixture(scope="module")
