@@ -417,3 +417,16 @@ def test_finite_scales_that_overflow_the_processed_tensors_are_refused(tmp_path,
     edit_tensor(src, name, lambda t: t[name].__setitem__((0, 0), value))
     error = assert_refused(tmp_path, src, f"tensor {prefix}.weight_scale: its scales make")
     assert f"{prefix}.weight_scale overflow to Inf or NaN" in error
+
+
+@pytest.mark.parametrize("role", ["weight_scale", "weight_scale_second", "scale_bias"])
+def test_a_nan_scale_anywhere_is_refused_before_any_shard_is_written(tmp_path, v1, role):
+    """The last shard's module: processing would have written the other shards first."""
+    index = json.loads((v1 / f"{SHARD_PREFIX}.safetensors.index.json").read_text())["weight_map"]
+    last = max(index.values())
+    name = max(n for n, f in index.items() if f == last and ".mlp.experts." in n and n.endswith(f".down_proj.{role}"))
+    edit_tensor(v1, name, lambda t: t[name].__setitem__((0, 0), float("inf")))
+    code, _, stderr = run("convert", "--in", v1, "--out", tmp_path / "dry", "--dry-run")
+    assert code == 2 and f"tensor {name}: holds NaN or Inf" in stderr
+    assert_refused(tmp_path, v1, name, "NaN or Inf")
+    assert not list((tmp_path / "out").glob("*.safetensors*"))

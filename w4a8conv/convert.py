@@ -31,6 +31,7 @@ from .names import TOOL_SECTION
 from .output import Progress
 from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
 from .planner import SHARD_METADATA, build_plan
+from .preflight import check_scales_are_finite
 from .read_ahead import ReadAhead
 from .safetensors_io import ShardWriter, read_tensor, reads_direct
 from .targets import DEFAULT_TARGET
@@ -140,6 +141,7 @@ def convert_checkpoint(
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
     ckpt, plan = prepare(src, target, num_workers, checksums)
+    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
     torch_device = resolve_device(device)
     share = start_share(dst, plan, worker_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
@@ -224,11 +226,19 @@ def plan_conversion(
     worker_index: int = 0,
     checksums: bool = True,
 ) -> ConversionPlan:
-    """What :func:`convert_checkpoint` would do, from headers alone, with every check; writes nothing."""
+    """What :func:`convert_checkpoint` would do, with every check it makes before writing (from the headers,
+    and the scales' values); writes nothing."""
     src, dst = Path(src), Path(dst)
     _check_share(num_workers, worker_index)
     check_paths(src, dst)
-    return prepare(src, target, num_workers, checksums)[1]
+    plan = prepare(src, target, num_workers, checksums)[1]
+    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
+    return plan
+
+
+def _my_shards(plan: ConversionPlan, worker_index: int) -> list[OutputShard]:
+    mine = set(plan.shares[worker_index])
+    return [shard for shard in plan.shards if shard.name in mine]
 
 
 def _check_free_space(dst: Path, needed: int) -> None:
