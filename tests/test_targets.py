@@ -61,6 +61,8 @@ def test_the_current_line_refuses_what_main_cannot_serve_before_writing(tmp_path
     report = json.loads(stdout)
     assert code == 2 and report["serving_targets"] == ["vllm-ascend-0.23"]
     assert any(reason in problem for problem in report["problems"])
+    assert len(report["problems"]) <= 2  # one line per reason, naming the first tensor and counting the rest
+    assert any("more W4A8 modules)" in problem for problem in report["problems"])
     assert cli("convert", "--in", src, "--out", tmp_path / "old", "--target", "vllm-ascend-0.23")[0] == 0
 
 

@@ -64,12 +64,16 @@ def build_plan(
         (n[: -len(".weight")] for n, t in types.items() if t == W4A8_TYPE and n.endswith(".weight")), key=natural_key
     )
     modules = [p for p in (_plan_projection(ckpt, prefix, problems) for prefix in prefixes) if p is not None]
+    refused: dict[str, list[Projection]] = {}  # one problem per reason, not one per expert
     for module in modules:
         refusal = serving.refusal(module)
         if refusal is not None:
             others = [name for name, each in TARGETS.items() if each.refusal(module) is None]
             hint = f"; --target {others[-1]} serves it" if others else ""
-            problems.append(f"{module.where('weight')}: {serving.name}: {refusal}{hint}")
+            refused.setdefault(f"{serving.name}: {refusal}{hint}", []).append(module)
+    for reason, alike in refused.items():
+        more = f" (and {len(alike) - 1} more W4A8 modules)" if len(alike) > 1 else ""
+        problems.append(f"{alike[0].where('weight')}{more}: {reason}")
     serving_targets = tuple(
         name for name, each in TARGETS.items() if modules and all(each.refusal(m) is None for m in modules)
     )
