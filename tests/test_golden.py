@@ -76,3 +76,15 @@ def test_synthetic_input_and_its_conversion_are_byte_identical_to_the_golden_run
     for line in (dst / MANIFEST_FILE).read_text().splitlines():  # what `sha256sum -c` checks
         digest, name = line.split("  ", 1)
         assert hashlib.sha256((dst / name).read_bytes()).hexdigest() == digest, name
+
+
+@pytest.mark.parametrize("case", ["default/mindie", "default/v1.0.0-per-group", "odd/v1.0.0-per-channel"])
+def test_weights_processed_in_row_blocks_give_the_same_bytes(case, tmp_path, monkeypatch):
+    """A weight above BLOCK_BYTES goes in blocks of output rows (so memory stays flat in its size): here
+    every W4A8 weight of the synthetic checkpoints, in blocks of 8 to 16 rows."""
+    spec_name, layout = case.split("/")
+    src = write_checkpoint(tmp_path / "src", layout, SPECS[spec_name])
+    whole = convert_checkpoint(src, tmp_path / "whole", workers=3, target=LEGACY_TARGET).out_dir
+    monkeypatch.setattr("w4a8conv.convert.BLOCK_BYTES", 2048)
+    dst = convert_checkpoint(src, tmp_path / "out", workers=3, target=LEGACY_TARGET).out_dir
+    assert _digests(dst) == _digests(whole)

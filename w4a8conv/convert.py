@@ -38,6 +38,8 @@ from .targets import DEFAULT_TARGET
 
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
 
+BLOCK_BYTES = 32 << 20  # a W4A8 weight larger than this is processed in blocks of output rows
+
 
 @dataclass
 class ConvertResult:
@@ -351,8 +353,17 @@ def _convert_projection(
     else:
         from .packing import pack_int4_to_int32 as pack_int4
 
-    tensors = {role: read_tensor(info, direct_reads).to(device) for role, info in projection.sources.items()}
     params_dtype = getattr(torch, plan.params_dtype)
-    processed = process_projection(projection, tensors, params_dtype, pack_int4, plan.serving_target)
-    for name, tensor in processed.items():
-        writer.write_tensor(name, tensor)
+    # A weight larger than BLOCK_BYTES goes in blocks of output rows, so that memory does not grow with
+    # it: every output row depends on its own source rows only, so the bytes are the same.
+    rows = projection.rows_per_block(BLOCK_BYTES)
+    for start in range(0, projection.out_features, rows):
+        block = projection.row_block(start, rows)
+        tensors = {role: read_tensor(info, direct_reads).to(device) for role, info in block.sources.items()}
+        processed = process_projection(block, tensors, params_dtype, pack_int4, plan.serving_target)
+        del tensors
+        for name, tensor in processed.items():
+            if rows >= projection.out_features:
+                writer.write_tensor(name, tensor)
+            else:
+                writer.write_rows_of(name, tensor, start, projection.out_features)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import staging
 from .hashing import PrefixHasher
-from .header import OutputEntry, TensorInfo, dtype_name, layout_header
+from .header import ITEMSIZE, OutputEntry, TensorInfo, dtype_name, layout_header
 from .staging import BLOCK, Staged
 from .syscalls import COPY_CHUNK, allocate, copy_range, name_file, pwrite_all, read_exactly, truncated
 
@@ -69,6 +70,7 @@ class ShardWriter:
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)
         self._retained = 0  # bytes of staged tensors not hashed yet
+        self._parts: dict[str, int] = {}  # bytes written so far of tensors written in parts
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._direct = False  # large tensors go direct
@@ -114,6 +116,44 @@ class ShardWriter:
             self._pwrite_all(memoryview(data), begin)
             self._written_range(begin, end)
         self._pending.discard(name)
+
+    def write_rows_of(self, name: str, tensor: torch.Tensor, start: int, total: int) -> None:
+        """Write ``tensor``, the part of the planned tensor ``name`` for rows ``[start, ...)`` of ``total``
+        along the one axis where their shapes differ (words and scales: the last; scale_bias: the first).
+
+        The tensor is written once all its parts are. Each part is a run of equal slices, written with
+        one open descriptor.
+        """
+        entry = self._entries[name]
+        shape = tuple(tensor.shape)
+        assert dtype_name(tensor.dtype) == entry.dtype and len(shape) == len(entry.shape), (name, shape)
+        axes = [i for i, (part, whole) in enumerate(zip(shape, entry.shape, strict=True)) if part != whole]
+        if not axes:
+            self.write_tensor(name, tensor)
+            return
+        assert len(axes) == 1, f"{name}: {shape} differs from {entry.shape} on more than one axis"
+        axis = axes[0]
+        import torch
+
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        itemsize = ITEMSIZE[entry.dtype]
+        inner = math.prod(entry.shape[axis + 1 :]) * itemsize  # bytes of one step along the axis
+        piece = shape[axis] * inner  # bytes of one slice of the part
+        stride = entry.shape[axis] * inner  # bytes between two slices in the file
+        offset = start * entry.shape[axis] // total * inner
+        begin = self.ranges[name][0] + offset
+        with self._write_lock, self._opened(os.O_WRONLY) as fd:
+            try:
+                for i in range(math.prod(shape[:axis])):
+                    pwrite_all(fd, memoryview(data[i * piece : (i + 1) * piece]), begin + i * stride)
+            except OSError as e:
+                raise name_file(e, self.partial_path) from None
+        for i in range(math.prod(shape[:axis])):
+            self._written_range(begin + i * stride, begin + i * stride + piece)
+        with self._lock:
+            self._parts[name] = self._parts.get(name, 0) + data.size
+            if self._parts[name] == entry.nbytes:
+                self._pending.discard(name)
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes verbatim from a source file, in pieces.
