@@ -104,8 +104,7 @@ def start_share(
     lock_name = f"lock-{worker_index}-of-{plan.num_workers}"
     if overwrite and is_array:
         raise BadInputError("--overwrite: not with --num-workers > 1; give the array a fresh directory")
-    if state.is_symlink():
-        raise BadInputError(f"{state}: is a link; w4a8conv follows no link inside --out: remove it")
+    _refuse_link(state)
     finished = _finished_description(dst)
     if not state.is_dir():
         if finished is not None:
@@ -257,8 +256,7 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
     dst = Path(dst)
     state = dst / STATE_DIR
     job_file = state / JOB_FILE
-    if state.is_symlink():
-        raise BadInputError(f"{state}: is a link; w4a8conv follows no link inside --out: remove it")
+    _refuse_link(state)
     if not job_file.is_file():
         if _finished_description(dst) is not None:
             raise BadInputError(f"{dst}: already finalized")
@@ -329,12 +327,16 @@ def real_directory(path: Path, top: Path) -> None:
     current = top
     for part in path.relative_to(top).parts:
         current = current / part
-        if current.is_symlink():
-            raise BadInputError(f"{current}: is a link; w4a8conv follows no link inside --out: remove it")
+        _refuse_link(current)
         if not current.exists():
             current.mkdir(exist_ok=True)
         elif not current.is_dir():
             raise BadInputError(f"{current}: is not a directory, but the conversion needs one there")
+
+
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise BadInputError(f"{path}: is a link; w4a8conv follows no link inside --out: remove it")
 
 
 def _create_new(path: Path):
