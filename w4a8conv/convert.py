@@ -74,9 +74,10 @@ def _check_share(num_workers: int, worker_index: int) -> None:
 
 
 def prepare(
-    src: Path, target: str = DEFAULT_TARGET, num_workers: int = 1, checksums: bool = True
+    src: Path, target: str = DEFAULT_TARGET, num_workers: int = 1, worker_index: int = 0, checksums: bool = True
 ) -> tuple[Checkpoint, ConversionPlan]:
-    """Read and plan ``src``; raise on the first problem (``inspect`` lists them all)."""
+    """Read and plan ``src``, and read the scales of this share's modules; raise on the first problem
+    (``inspect`` lists them all)."""
     ckpt = open_checkpoint(src)
     if TOOL_SECTION in ckpt.description:
         raise BadInputError(f"{src}: already processed by w4a8conv; nothing to convert")
@@ -85,6 +86,7 @@ def prepare(
         more = len(plan.problems) - 1
         suffix = f" (and {more} more; run `w4a8conv inspect {src}` for all)" if more else ""
         raise BadInputError(plan.problems[0] + suffix)
+    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
     return ckpt, plan
 
 
@@ -142,16 +144,14 @@ def convert_checkpoint(
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
-    ckpt, plan = prepare(src, target, num_workers, checksums)
-    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
+    ckpt, plan = prepare(src, target, num_workers, worker_index, checksums)
     torch_device = resolve_device(device)
     share = start_share(dst, plan, worker_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
         return _result(dst, started, torch_device, direct_io, direct_reads, plan)
     report = progress or Progress()
     try:
-        mine = set(share.shard_names)
-        todo = [s for s in plan.shards if s.name in mine and not share.is_complete(s.name)]
+        todo = [s for s in _my_shards(plan, worker_index) if not share.is_complete(s.name)]
         _check_free_space(dst, sum(s.file_size for s in todo))
         report.start(
             sum(i.nbytes for s in todo for i in s.passthrough) + sum(p.source_bytes for s in todo for p in s.modules),
@@ -233,9 +233,7 @@ def plan_conversion(
     src, dst = Path(src), Path(dst)
     _check_share(num_workers, worker_index)
     check_paths(src, dst)
-    plan = prepare(src, target, num_workers, checksums)[1]
-    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
-    return plan
+    return prepare(src, target, num_workers, worker_index, checksums)[1]
 
 
 def _my_shards(plan: ConversionPlan, worker_index: int) -> list[OutputShard]:
