@@ -108,7 +108,7 @@ def build_plan(
     consumed = {info.name for p in modules for info in p.sources.values()}
     passthrough = sorted((t for n, t in ckpt.tensors.items() if n not in consumed), key=lambda t: natural_key(t.name))
     shards = _output_shards(passthrough, modules, serving)
-    description = _processed_description(ckpt, modules, serving, layout_name, group_size, checksums)
+    description = _processed_description(ckpt, consumed, shards, serving, layout_name, group_size, checksums)
     return ConversionPlan(
         source=ckpt.root.resolve(),
         source_layout=layout_name,
@@ -308,22 +308,26 @@ def assign_shares(shards: tuple[OutputShard, ...], num_workers: int) -> tuple[tu
 
 def _processed_description(
     ckpt: Checkpoint,
-    modules: list[Projection],
+    consumed: set[str],
+    shards: tuple[OutputShard, ...],
     target: ServingTarget,
     layout_name: str,
     group_size: int | None,
     checksums: bool,
 ) -> dict:
-    """The source description with processed tensors re-typed and a section recording what was done."""
-    consumed = {info.name for p in modules for info in p.sources.values()}
+    """The source description with processed tensors re-typed and a section recording what was done.
+
+    ``consumed``: the source tensors the modules read; ``shards``: the output, whose entries after the
+    pass-through ones are the modules' outputs (:func:`~.plan.shard_entries`).
+    """
     entries = tensor_entries(ckpt.description)
     description = {k: v for k, v in ckpt.description.items() if k not in entries}
     description["group_size"] = group_size
     for name, quant_type in entries.items():
         if name not in consumed:
             description[name] = quant_type
-    for module in modules:
-        for entry in target.outputs(module):
+    for shard in shards:
+        for entry in shard.entries[len(shard.passthrough) :]:
             description[entry.name] = target.quant_type
     description[TOOL_SECTION] = {
         "tool": "w4a8conv",
