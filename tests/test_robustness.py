@@ -219,3 +219,53 @@ def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert verify_conversion(src, tmp_path / "out").ok
+
+
+_CONVERT_WITH_BLOCK = (
+    "import sys\n"
+    "import w4a8conv.convert\n"
+    "if sys.argv[1] != 'default':\n"
+    "    w4a8conv.convert.BLOCK_BYTES = int(sys.argv[1])\n"
+    "from w4a8conv.cli import main\n"
+    "sys.argv = ['w4a8conv', *sys.argv[2:]]\n"
+    "main()\n"
+)
+# The conversion ends with os._exit, so its peak is read by a fresh parent of its own.
+_PEAK_RSS_OF_CHILD = (
+    "import resource, subprocess, sys\n"
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+)
+
+
+def _peak_rss(src: Path, out: Path, block: str) -> int:
+    """Peak RSS in bytes of a 4-worker conversion in a fresh process, with BLOCK_BYTES set to ``block``."""
+    args = ["convert", "--in", str(src), "--out", str(out), "--target", LEGACY_TARGET, "--workers", "4"]
+    child = [sys.executable, "-c", _CONVERT_WITH_BLOCK, block, *args]
+    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_CHILD, *child], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout)
+
+
+def test_memory_does_not_grow_with_the_size_of_one_tensor(tmp_path):
+    """Weights of 8 and 64 MiB, processed in blocks of 4 MiB: the peak RSS is the same to within 48 MB,
+    where whole tensors would add about 56 MB per worker. And a default conversion stays under 1 GB."""
+    peaks = {}
+    for inter in (4096, 32768):  # mindie expert weights of [inter, 2048] int8: 8 and 64 MiB
+        spec = SyntheticSpec(
+            hidden=2048,
+            intermediate=inter,
+            experts=1,
+            dense_layers=0,
+            moe_layers=1,
+            group_size=256,
+            vocab=64,
+            shards=2,
+            w4a8_linear=False,
+        )
+        src = write_checkpoint(tmp_path / f"src-{inter}", "mindie", spec)
+        peaks[inter] = _peak_rss(src, tmp_path / f"out-{inter}", str(4 << 20))
+        if inter == 32768:
+            assert verify_conversion(src, tmp_path / f"out-{inter}").ok
+            assert _peak_rss(src, tmp_path / "out-default", "default") < 1e9
+    assert peaks[32768] - peaks[4096] < 48e6, peaks

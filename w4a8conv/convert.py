@@ -38,7 +38,7 @@ from .targets import DEFAULT_TARGET
 
 __all__ = ["ConvertResult", "convert_checkpoint", "finalize"]
 
-BLOCK_BYTES = 32 << 20  # a W4A8 weight larger than this is processed in blocks of output rows
+BLOCK_BYTES = 16 << 20  # a W4A8 weight larger than this is processed in blocks of output rows (docs/performance.md)
 
 
 @dataclass
@@ -322,6 +322,8 @@ def _convert_shards(
                     finish(shard_name)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # the writers hold no descriptor between writes
+        for writer in writers.values():
+            writer.abandon()
         raise
     finally:
         pool.shutdown(wait=True)

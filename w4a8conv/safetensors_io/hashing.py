@@ -87,6 +87,14 @@ class PrefixHasher:
             with self._lock:
                 self._hashed = stop
 
+    def abandon(self) -> None:
+        """Give back every staged buffer still waiting to be hashed; the digest is not finished."""
+        with self._lock:
+            waiting, self._written = self._written, {}
+        for _, staged in waiting.values():
+            if staged is not None:
+                self._release(staged)
+
     def _hash_ranges(self, ready: list[tuple[int, int, Staged | None]]) -> None:
         """Hash consecutive written ranges: staged ones from memory, runs of the others from the file."""
         from_file: list[int] = []  # [begin, end] of a run of unstaged ranges

@@ -29,7 +29,32 @@ if TYPE_CHECKING:
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
-RETAINED_BYTES = 128 << 20  # direct-written bytes a shard may hold in memory until its hash reaches them
+# Direct-written bytes the process may hold in memory until each shard's hash reaches them, all shards
+# together, so that memory does not grow with the number of shards being written at once.
+RETAINED_BYTES = 32 << 20
+
+
+class _Retention:
+    """The process's count of retained bytes against :data:`RETAINED_BYTES` (read at call time)."""
+
+    def __init__(self) -> None:
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Room for ``nbytes`` more; with nothing held, any one tensor fits."""
+        with self._lock:
+            if self._held and self._held + nbytes > RETAINED_BYTES:
+                return False
+            self._held += nbytes
+            return True
+
+    def free(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+
+_RETENTION = _Retention()
 
 
 class ShardWriter:
@@ -69,7 +94,6 @@ class ShardWriter:
         self._pending = set(self.ranges)
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)
-        self._retained = 0  # bytes of staged tensors not hashed yet
         self._parts: dict[str, int] = {}  # bytes written so far of tensors written in parts
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
@@ -121,8 +145,9 @@ class ShardWriter:
         """Write ``tensor``, the part of the planned tensor ``name`` for rows ``[start, ...)`` of ``total``
         along the one axis where their shapes differ (words and scales: the last; scale_bias: the first).
 
-        The tensor is written once all its parts are. Each part is a run of equal slices, written with
-        one open descriptor.
+        Each part is a run of equal slices, written with one open descriptor. The tensor counts as
+        written, for the hash too, once all its parts are: recorded slice by slice, a tensor split
+        into many parts left hundreds of thousands of ranges waiting in the hasher.
         """
         entry = self._entries[name]
         shape = tuple(tensor.shape)
@@ -148,12 +173,12 @@ class ShardWriter:
                     pwrite_all(fd, memoryview(data[i * piece : (i + 1) * piece]), begin + i * stride)
             except OSError as e:
                 raise name_file(e, self.partial_path) from None
-        for i in range(math.prod(shape[:axis])):
-            self._written_range(begin + i * stride, begin + i * stride + piece)
         with self._lock:
             self._parts[name] = self._parts.get(name, 0) + data.size
-            if self._parts[name] == entry.nbytes:
-                self._pending.discard(name)
+            complete = self._parts[name] == entry.nbytes
+        if complete:
+            self._written_range(*self.ranges[name])
+            self._pending.discard(name)
 
     def copy_tensor(self, name: str, source: TensorInfo) -> None:
         """Copy a tensor's bytes verbatim from a source file, in pieces.
@@ -179,6 +204,11 @@ class ShardWriter:
                     raise truncated(source)
                 self._written_range(begin + done, begin + done + size)
         self._pending.discard(name)
+
+    def abandon(self) -> None:
+        """Stop without finishing: the partial file stays (a resume rewrites it), held memory is given back."""
+        if self._hasher is not None:
+            self._hasher.abandon()
 
     def finish(self) -> str | None:
         """Fsync and rename the complete file; returns its sha256 (hex), or None without ``checksum``.
@@ -211,17 +241,8 @@ class ShardWriter:
         finally:
             os.close(fd)
 
-    def _retain(self, nbytes: int) -> bool:
-        """Reserve room to keep a staged tensor until it is hashed; one is always allowed."""
-        with self._lock:
-            if self._retained and self._retained + nbytes > RETAINED_BYTES:
-                return False
-            self._retained += nbytes
-            return True
-
     def _release(self, staged: Staged) -> None:
-        with self._lock:
-            self._retained -= len(staged.data)
+        _RETENTION.free(len(staged.data))
         staging.STAGING.give(staged.buffer)
 
     def _write_staged(self, begin: int, nbytes: int, fill: Callable[[np.ndarray], None]) -> bool:
@@ -232,7 +253,7 @@ class ShardWriter:
         go through the page cache. Returns False, having done nothing, for ranges too small to be
         worth it, when this file takes no direct writes, or when too much is held for the hash.
         """
-        if nbytes < staging.DIRECT_MIN_BYTES or not self._direct or not self._retain(nbytes):
+        if nbytes < staging.DIRECT_MIN_BYTES or not self._direct or not _RETENTION.reserve(nbytes):
             return False
         pad = begin % BLOCK
         buffer = staging.STAGING.take(pad + nbytes)
