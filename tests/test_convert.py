@@ -16,6 +16,7 @@ from w4a8conv.names import PREPACKED_TYPE
 from w4a8conv.output import LineProgress
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header
+from w4a8conv.sources import get_source
 from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
@@ -77,7 +78,7 @@ def test_passthrough_tensors_are_byte_identical(source_checkpoints, converted_ch
 
 def test_index_and_description_are_consistent(converted_checkpoints, layout):
     out = converted_checkpoints[layout]
-    index = json.loads((out / INDEX).read_text())
+    index = json.loads(next(out.glob("*.safetensors.index.json")).read_text())
     headers = {p.name: read_header(p) for p in out.glob("*.safetensors")}
     in_files = {name: shard for shard, h in headers.items() for name in h.tensors}
     assert index["weight_map"] == in_files
@@ -90,14 +91,24 @@ def test_index_and_description_are_consistent(converted_checkpoints, layout):
     assert "W4A8_DYNAMIC" not in tensor_types.values()  # stock vllm-ascend must not re-process
     section = description["w4a8conv"]
     assert section["source_layout"] == layout
-    assert section["group_size"] == description["group_size"] == (0 if layout.endswith("per-channel") else 32)
+    assert section["group_size"] == description["group_size"] == (0 if not get_source(layout).per_group else 32)
     assert section["tool"] == "w4a8conv" and section["tool_version"]
 
 
 def test_non_tensor_files_are_copied(source_checkpoints, converted_checkpoints, layout):
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-        assert (converted_checkpoints[layout] / name).read_bytes() == (source_checkpoints[layout] / name).read_bytes()
-    assert not list(converted_checkpoints[layout].glob("*.partial"))
+    src, out = source_checkpoints[layout], converted_checkpoints[layout]
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    config, served = json.loads((src / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    if get_source(layout).described_by_config:
+        # served with --quantization ascend: vLLM would pick compressed-tensors from the config and refuse
+        quantization = config.pop("quantization_config")
+        assert served == config
+        description = json.loads((out / "quant_model_description.json").read_text())
+        assert description["w4a8conv"]["source_quantization_config"] == quantization
+    else:
+        assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert not list(out.glob("*.partial"))
 
 
 def test_source_is_untouched(tmp_path):

@@ -50,8 +50,13 @@ def _digests(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): _digest(p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+# Layouts added after 8b638f6, which has no output for them; each has its own exact tests.
+NEWER_LAYOUTS = {"compressed-tensors"}
+
+
 def test_every_golden_case_is_a_registered_layout():
-    assert {key.split("/")[1] for key in DIGESTS} == set(SOURCE_NAMES) == {key.split("/")[1] for key in SECTIONS}
+    golden = {key.split("/")[1] for key in DIGESTS}
+    assert golden == set(SOURCE_NAMES) - NEWER_LAYOUTS == {key.split("/")[1] for key in SECTIONS}
 
 
 @pytest.mark.parametrize("case", sorted(DIGESTS))
@@ -78,7 +83,9 @@ def test_synthetic_input_and_its_conversion_are_byte_identical_to_the_golden_run
         assert hashlib.sha256((dst / name).read_bytes()).hexdigest() == digest, name
 
 
-@pytest.mark.parametrize("case", ["default/mindie", "default/v1.0.0-per-group", "odd/v1.0.0-per-channel"])
+@pytest.mark.parametrize(
+    "case", ["default/mindie", "default/v1.0.0-per-group", "odd/v1.0.0-per-channel", "odd/compressed-tensors"]
+)
 def test_weights_processed_in_row_blocks_give_the_same_bytes(case, tmp_path, monkeypatch):
     """A weight above BLOCK_BYTES goes in blocks of output rows (so memory stays flat in its size): here
     every W4A8 weight of the synthetic checkpoints, in blocks of 8 to 16 rows."""

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
+from w4a8conv.sources import get_source
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from .conftest import LEGACY_TARGET, SPEC
@@ -73,7 +74,7 @@ def test_lists_every_problem(tmp_path):
 def test_processed_output_is_recognised(converted_checkpoints, layout):
     code, report = inspect_json(converted_checkpoints[layout])
     assert code == 0 and report["format"] == "processed"
-    assert report["w4a8_modules"] == (24 if layout.endswith("per-channel") else 30)
+    assert report["w4a8_modules"] == (30 if get_source(layout).synthetic_linear else 24)
     assert report["moe_layers"] == SPEC.moe_layers
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from w4a8conv.runtime import ProcessedCheckpoint, load_linear, load_moe
+from w4a8conv.sources import get_source
 from w4a8conv.synthetic import w4a8_truth
 
 from .conftest import SPEC
@@ -40,7 +41,7 @@ def test_moe_matches_upstream(source_checkpoints, converted_checkpoints, layout,
 def test_moe_shapes_are_upstream_0_23(converted_checkpoints, layout):
     e, h, i, g = SPEC.experts, SPEC.hidden, SPEC.intermediate, SPEC.group_size
     t = load_moe(converted_checkpoints[layout], MOE_LAYERS[0])
-    per_channel = layout == "v1.0.0-per-channel"
+    per_channel = not get_source(layout).per_group
     assert t["w13_weight"].shape == (e, h, 2 * i // 8) and t["w13_weight"].dtype == torch.int32
     assert t["w2_weight"].shape == (e, i, h // 8) and t["w2_weight"].dtype == torch.int32
     assert t["w13_weight_scale"].shape == ((e, 2 * i) if per_channel else (e, h // g, 2 * i))
@@ -107,6 +108,8 @@ def test_truth_is_recovered_from_processed_tensors(converted_checkpoints, layout
     scale = decode_int64_to_fp32(t[f"{prefix}.weight_scale"])
     if layout == "v1.0.0-per-channel":
         assert torch.equal(scale, truth[prefix].weight_scale.T)
+    elif layout == "compressed-tensors":  # LLM-Compressor stores scales in the model dtype
+        assert torch.equal(scale, truth[prefix].weight_scale.to(torch.bfloat16).float().T)
     else:
         expected = (truth[prefix].weight_scale * truth[prefix].weight_scale_second).half().float().T
         assert torch.equal(scale, expected)

@@ -147,13 +147,15 @@ def test_entry_point_is_declared():
     assert "vllm-ascend" in project["optional-dependencies"]
 
 
+@pytest.mark.parametrize("layout_name", ["v1.0.0-per-channel", "compressed-tensors"])
 @pytest.mark.parametrize("tp_size", [4, 8, 16])
-def test_moe_tensor_parallel_up_to_16(release, tmp_path, tp_size):
-    """Up to the largest MoE tensor parallelism upstream allows: each rank sums its share of the 16 chunks."""
+def test_moe_tensor_parallel_up_to_16(release, tmp_path, tp_size, layout_name):
+    """Up to the largest MoE tensor parallelism upstream allows: each rank sums its share of the 16 chunks.
+    For compressed-tensors, main computes each rank's bias from the rank's input slice; the same bits."""
     if release == "quantizer":
         pytest.skip("per-channel W4A8 MoE appeared after the mid-2025 release")
     spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
-    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
+    src = write_checkpoint(tmp_path / "src", layout_name, spec)
     out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir  # served by 0.23
     _, moe_method = registered(release)
     ckpt = configure(out, tp_size=tp_size)
@@ -355,10 +357,11 @@ def test_a_format_the_plugin_does_not_know_is_refused(release, converted_checkpo
         stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, False, 1, 0)
 
 
+@pytest.mark.parametrize("layout_name", ["v1.0.0-per-channel", "compressed-tensors"])
 @pytest.mark.parametrize("tp_size", [4, 8, 16])
-def test_on_main_moe_tensor_parallel_up_to_16(main_release, tmp_path, tp_size):
+def test_on_main_moe_tensor_parallel_up_to_16(main_release, tmp_path, tp_size, layout_name):
     spec = SyntheticSpec(intermediate=128, experts=2, moe_layers=1, w4a8_linear=False)
-    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
+    src = write_checkpoint(tmp_path / "src", layout_name, spec)
     out = convert_checkpoint(src, tmp_path / "out").out_dir  # the default target: main's
     vllm_plugin.register()
     from vllm_ascend.quantization.methods.registry import get_scheme_class

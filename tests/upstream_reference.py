@@ -45,6 +45,8 @@ class UpstreamReference:
         self.path = path
         ckpt = open_checkpoint(path)
         self.description = ckpt.description
+        # main's LLM-Compressor path (ascend_quant_method == compressed-tensors), else msModelSlim's
+        self.compressed_tensors = ckpt.served_config is not None
         self.tensors = _load_all(path)
         self.new_quant_version = self.description.get("version", "0") == "1.0.0"
         self.group_size = self.description.get("group_size", 256)
@@ -82,6 +84,12 @@ class UpstreamReference:
                 ]
             ).to(f32)
             w2_second = torch.stack([rows(expert(e, "down_proj", "weight_scale_second"), 1) for e in experts]).to(f32)
+        if self.compressed_tensors:  # bf16 scales, loaded into bf16 parameters as they are
+            w13_scale = torch.stack(
+                [torch.cat([rows(expert(e, p, "weight_scale"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+            )
+            w2_scale = torch.stack([expert(e, "down_proj", "weight_scale") for e in experts])
+            return self._moe_compressed_tensors(w13, w2, w13_scale, w2_scale)
         if self.new_quant_version:
             w13_bias = torch.stack(
                 [torch.cat([rows(expert(e, p, "scale_bias"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
@@ -105,6 +113,37 @@ class UpstreamReference:
             "w2_weight_scale": w2_scale,
             "w13_scale_bias": w13_b,
             "w2_scale_bias": w2_b,
+        }
+
+    def _moe_compressed_tensors(self, w13, w2, w13_scale, w2_scale) -> dict[str, torch.Tensor]:
+        """process_weights_after_loading_compressed_tensors on main (182b75ea84), step by step."""
+        w13 = w13.transpose(1, 2).contiguous()
+        w2 = w2.transpose(1, 2).contiguous()
+
+        def bias(weight, scale):
+            group_num, _, n = weight.shape
+            scale = scale.transpose(1, 2).contiguous().reshape(group_num, -1, n)
+            return 8 * (weight.to(torch.float32) * scale).sum(axis=1)
+
+        def encode(scale):
+            scale_np = scale.to(torch.float32).transpose(1, 2).contiguous().numpy().copy()
+            scale_np.dtype = np.uint32
+            return torch.from_numpy(scale_np.astype(np.int64))
+
+        def pack_pairs(weight):  # _pack_int4_to_int8, then _pack_to_int32's view
+            shape = weight.shape
+            pairs = weight.reshape(-1, 2)
+            packed = torch.bitwise_or(torch.bitwise_left_shift(pairs[:, 1:], 4), pairs[:, :1] & 0b00001111)
+            return packed.reshape((*shape[:-1], shape[-1] // 2)).clone().view(torch.int32).contiguous()
+
+        w13_scale_encoded = encode(w13_scale)
+        return {
+            "w13_weight": pack_pairs(w13),
+            "w2_weight": pack_pairs(w2),
+            "w13_weight_scale": w13_scale_encoded.squeeze(1),
+            "w2_weight_scale": encode(w2_scale),
+            "w13_scale_bias": bias(w13, w13_scale),
+            "w2_scale_bias": bias(w2, w2_scale),
         }
 
     def _process_scale(self, weight, scale, per_group_scale):

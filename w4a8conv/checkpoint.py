@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .compressed_tensors import description_from_config, is_compressed_tensors, served_config
 from .errors import BadInputError
 from .gc_hold import holding_gc
 from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX
@@ -36,6 +37,9 @@ class Checkpoint:
         shards: headers of every shard, by file name.
         tensors: every tensor by name.
         extra_files: paths (relative to root) of the other files, e.g. config and tokenizer.
+        config: ``config.json``, if any.
+        served_config: for a compressed-tensors source (described by its ``config.json``), the
+            ``config.json`` the output is served with; None where ``config.json`` is copied as it is.
     """
 
     root: Path
@@ -45,6 +49,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     extra_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] | None = None
+    served_config: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -54,7 +59,7 @@ class Checkpoint:
         """Every file a conversion reads or copies, relative to the root, with what identifies its version
         (:func:`~.safetensors_io.file_identity`): a resumed conversion must find each one unchanged."""
         identities = {name: shard.identity for name, shard in self.shards.items()}
-        others = [DESCRIPTION_FILE, f"{self.prefix}{INDEX_SUFFIX}", *map(str, self.extra_files)]
+        others = [DESCRIPTION_FILE, CONFIG_FILE, f"{self.prefix}{INDEX_SUFFIX}", *map(str, self.extra_files)]
         for rel in others:
             try:
                 identities[rel] = file_identity(os.stat(self.root / rel))
@@ -88,7 +93,13 @@ def open_checkpoint(root: Path) -> Checkpoint:
     if not root.is_dir():
         raise BadInputError(f"{root}: not a directory")
     real_root = root.resolve()
-    description = _read_description(root, real_root)
+    config = None
+    config_path = root / CONFIG_FILE
+    if os.path.lexists(config_path):
+        config = _read_json(config_path, real_root)
+    config = config if isinstance(config, dict) else None
+    from_config = is_compressed_tensors(config) and not os.path.lexists(root / DESCRIPTION_FILE)
+    description = None if from_config else _read_description(root, real_root)
     index_files = sorted(p for p in root.iterdir() if p.name.endswith(INDEX_SUFFIX))
     if len(index_files) > 1:
         names = ", ".join(p.name for p in index_files)
@@ -128,11 +139,13 @@ def open_checkpoint(root: Path) -> Checkpoint:
         if unlisted:
             raise BadInputError(f"{index_path}: tensor {unlisted[0]} is in a shard but not in the weight_map")
 
-    config = None
-    config_path = root / CONFIG_FILE
-    if os.path.lexists(config_path):
-        config = _read_json(config_path, real_root)
+    served = None
+    if description is None:  # compressed-tensors: described by its config, which the output rewrites
+        description = description_from_config(config, tensors, str(config_path))
+        served = served_config(config)
     skip = {DESCRIPTION_FILE, *(shard_names), *([index_path.name] if index_path else [])}
+    if served is not None:
+        skip.add(CONFIG_FILE)
     extra = _extra_files(root, real_root, skip, index_path is not None)
     return Checkpoint(
         root=root,
@@ -141,7 +154,8 @@ def open_checkpoint(root: Path) -> Checkpoint:
         shards=shards,
         tensors=tensors,
         extra_files=extra,
-        config=config if isinstance(config, dict) else None,
+        config=config,
+        served_config=served,
     )
 
 

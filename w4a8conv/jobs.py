@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
-from .names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
+from .names import CONFIG_FILE, DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
 from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
 
@@ -74,7 +74,7 @@ class JobShare:
         if self.worker_index == 0:
             # Not the job file's: every job of an array writes it, and one starting beside this one may
             # be writing it right now. Leftovers of a killed run go when finalize removes the state.
-            owned += [*self.plan.extra_files, self.plan.index_name, DESCRIPTION_FILE, MANIFEST_FILE]
+            owned += [*self.plan.extra_files, self.plan.index_name, DESCRIPTION_FILE, MANIFEST_FILE, CONFIG_FILE]
         for name in owned:
             for base in (self.dst, self.state):
                 target = base / name
@@ -287,15 +287,19 @@ def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
             raise W4A8ConvError(f"{dst / rel}: missing although share 0 is marked done")
     index_bytes = json_bytes(plan.index)
     description_bytes = json_bytes(dict(plan.description))
+    written = {} if plan.served_config is None else {CONFIG_FILE: json_bytes(dict(plan.served_config))}
     if plan.checksums:
         sums = {shard.name: _read_checksum(state, dst, shard.name) for shard in plan.shards}
         sums.update({rel: sha256_file(dst / rel) for rel in plan.extra_files})
+        sums.update({name: hashlib.sha256(data).hexdigest() for name, data in written.items()})
         sums[plan.index_name] = hashlib.sha256(index_bytes).hexdigest()
         sums[DESCRIPTION_FILE] = hashlib.sha256(description_bytes).hexdigest()
         manifest = "".join(
             f"{digest}  {name}\n" for name, digest in sorted(sums.items(), key=lambda kv: natural_key(kv[0]))
         )
         write_atomic(dst / MANIFEST_FILE, manifest.encode())
+    for name, data in written.items():
+        write_atomic(dst / name, data)
     write_atomic(dst / plan.index_name, index_bytes)
     write_atomic(dst / DESCRIPTION_FILE, description_bytes)  # last: its presence means complete
     shutil.rmtree(state)

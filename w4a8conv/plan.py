@@ -24,7 +24,7 @@ from .safetensors_io import ITEMSIZE, OutputEntry, TensorInfo
 from .sources import SourceLayout, get_source
 from .targets import ServingTarget, get_target
 
-PLAN_FORMAT = "w4a8conv-plan/1"
+PLAN_FORMAT = "w4a8conv-plan/2"  # 2: served_config
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,8 @@ class ConversionPlan:
         shares: the shard names of each job of an array (one share without an array).
         extra_files: files copied beside the shards (config, tokenizer...), relative to the source.
         description: the processed ``quant_model_description.json``, written last.
+        served_config: the ``config.json`` written for a compressed-tensors source; None where the
+            source's is copied with the extra files.
         problems: every inconsistency found; a conversion refuses to start while any is listed.
         serving_targets: the registered targets that can serve every module (whichever ``target`` is).
         inputs: each input file (relative to ``source``) with what identifies its version, so that a
@@ -159,6 +161,7 @@ class ConversionPlan:
     problems: tuple[str, ...] = ()
     serving_targets: tuple[str, ...] = ()
     inputs: Mapping[str, str] = field(default_factory=dict)
+    served_config: Mapping[str, Any] | None = None
 
     @property
     def serving_target(self) -> ServingTarget:
@@ -272,6 +275,7 @@ class ConversionPlan:
             "problems": list(self.problems),
             "serving_targets": list(self.serving_targets),
             "inputs": dict(self.inputs),
+            "served_config": None if self.served_config is None else dict(self.served_config),
         }
 
     @classmethod
@@ -332,6 +336,7 @@ class ConversionPlan:
                 problems=tuple(data["problems"]),
                 serving_targets=tuple(str(name) for name in data["serving_targets"]),
                 inputs={_relative_path(name): str(identity) for name, identity in data["inputs"].items()},
+                served_config=None if data["served_config"] is None else dict(data["served_config"]),
             )
         except (AttributeError, KeyError, IndexError, TypeError, ValueError, BadInputError) as e:
             raise BadInputError(f"{where}: not a w4a8conv conversion plan ({type(e).__name__}: {e})") from None

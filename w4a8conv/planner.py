@@ -86,6 +86,9 @@ def build_plan(
         problems.append(f"{ckpt.root}: W4A8 modules mix layouts ({counts})")
     elif layouts:
         layout_name = layouts.pop()
+        if modules[0].layout.described_by_config != (ckpt.served_config is not None):
+            where = "config.json's quantization_config" if ckpt.served_config is not None else DESCRIPTION_FILE
+            problems.append(f"{modules[0].where('weight')}: {layout_name} weights in a checkpoint described by {where}")
         modules[0].layout.check_description(ckpt.description, str(description_path), problems)
         if ckpt.description.get("version") == "1.0.0" and ckpt.description.get("group_size") is None:
             problems.append(f"{description_path}: version 1.0.0 without group_size; vllm-ascend would assume 256")
@@ -130,6 +133,7 @@ def build_plan(
         problems=tuple(problems),
         serving_targets=serving_targets,
         inputs=ckpt.input_identities(),
+        served_config=ckpt.served_config,
     )
 
 
@@ -342,4 +346,6 @@ def _processed_description(
         "scale_bias_chunks": SCALE_BIAS_CHUNKS,
         "checksum_manifest": MANIFEST_FILE if checksums else None,
     }
+    if ckpt.served_config is not None:  # the config.json served beside it has none: kept here, as read
+        description[TOOL_SECTION]["source_quantization_config"] = ckpt.config["quantization_config"]
     return dict(sorted(description.items(), key=lambda kv: natural_key(kv[0])))

@@ -17,7 +17,7 @@ from .targets import DEFAULT_TARGET, ServingTarget, get_target
 
 
 def check_source_values(projection: Projection, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse what cannot be processed: non-zero offsets and non-finite scales."""
+    """Refuse what cannot be processed: non-zero offsets, non-finite scales, what the layout cannot convert exactly."""
     for role in ("weight_offset", "weight_offset_second"):
         offset = tensors.get(role)
         if offset is not None and bool((offset != 0).any()):
@@ -29,6 +29,9 @@ def check_source_values(projection: Projection, tensors: dict[str, torch.Tensor]
         value = tensors.get(role)
         if value is not None and not bool(torch.isfinite(value).all()):
             raise BadInputError(f"{projection.where(role)}: holds NaN or Inf")
+    problem = projection.layout.value_problem(tensors)
+    if problem is not None:
+        raise BadInputError(f"{projection.where('weight')}: {problem}")
 
 
 def process_projection(

@@ -90,14 +90,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _w8a8(prefix: str, n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {
-        f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
-        f"{prefix}.weight_scale": torch.rand(n, 1, generator=gen) * 0.01,
-        f"{prefix}.weight_offset": torch.zeros(n, 1),
-    }
-
-
 def build_tensors(
     spec: SyntheticSpec, layout: str, layer: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -128,10 +120,10 @@ def build_tensors(
     add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if f"{base}.self_attn.{proj}" not in truth:
-            add(_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
+            add(source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
     if layer < spec.dense_layers:
         for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
-            add(_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
+            add(source.synthetic_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
     else:
         add(
             {
@@ -141,7 +133,7 @@ def build_tensors(
             "FLOAT",
         )
         for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-            add(_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
+            add(source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
     return tensors, types
 
 
@@ -184,8 +176,9 @@ def write_checkpoint(
     if pending:
         flush()
     weight_map = {}
+    prefix = "model" if source.described_by_config else SHARD_PREFIX  # as save_pretrained names shards
     for n, (temp, names) in enumerate(files, start=1):
-        file_name = f"{SHARD_PREFIX}-{n:05d}-of-{len(files):05d}.safetensors"
+        file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
         temp.rename(path / file_name)
         weight_map.update(dict.fromkeys(names, file_name))
     total = sum(read_header(path / f).tensors[name].nbytes for name, f in weight_map.items())
@@ -193,7 +186,7 @@ def write_checkpoint(
         "metadata": {"total_size": total},
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
     }
-    (path / f"{SHARD_PREFIX}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
+    (path / f"{prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
 
     config = {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -207,10 +200,14 @@ def write_checkpoint(
         "vocab_size": spec.vocab,
         "torch_dtype": "bfloat16",
     }
+
+    if source.described_by_config:  # no description: config.json says what is quantized
+        config["quantization_config"] = source.synthetic_description(spec.group_size)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
-
+    if source.described_by_config:
+        return path
     description: dict[str, object] = {
         "model_quant_type": "W8A8_DYNAMIC",
         **source.synthetic_description(spec.group_size),

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from ..errors import BadInputError
 from .base import ModuleHeaders, SourceLayout
+from .compressed_tensors import CompressedTensorsLayout
 from .mindie import MindieLayout
 from .v1_per_channel import V1PerChannelLayout
 from .v1_per_group import V1PerGroupLayout
 
 SOURCES: dict[str, SourceLayout] = {
-    layout.name: layout for layout in (MindieLayout(), V1PerGroupLayout(), V1PerChannelLayout())
+    layout.name: layout
+    for layout in (MindieLayout(), V1PerGroupLayout(), V1PerChannelLayout(), CompressedTensorsLayout())
 }
 SOURCE_NAMES: tuple[str, ...] = tuple(SOURCES)
 
@@ -28,7 +30,7 @@ def get_source(name: str) -> SourceLayout:
 
 
 def detect_source(module: ModuleHeaders) -> SourceLayout | None:
-    """The layout whose tensors look like this projection's, or None (e.g. unpacked per-channel)."""
+    """The layout whose tensors look like this projection's, or None."""
     return next((layout for layout in SOURCES.values() if layout.matches(module)), None)
 
 

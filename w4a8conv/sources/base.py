@@ -57,6 +57,7 @@ class SourceLayout:
     per_group: ClassVar[bool]  # has weight_scale_second [out, in/g]
     stores_scale_bias: ClassVar[bool]  # the checkpoint carries scale_bias (else it is computed from the weight)
     synthetic_linear: ClassVar[bool] = True  # `synthetic` writes W4A8 Linear layers in this layout
+    described_by_config: ClassVar[bool] = False  # config.json describes it, not quant_model_description.json
     oracle: ClassVar[SourceOracle]  # verify's independent numpy re-derivation
 
     def matches(self, module: ModuleHeaders) -> bool:
@@ -71,6 +72,10 @@ class SourceLayout:
         """Report description keys that contradict this layout (``path`` names the file)."""
 
     # --- the math: torch tensors in, torch tensors out, on any device ---
+
+    def value_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """What in a projection's source values (by role) this layout cannot convert exactly, if anything."""
+        return None
 
     def operator_words(self, weight: torch.Tensor, where: str, pack_int4: Int4Packer) -> torch.Tensor:
         """The weight as the operator's int32 words ``[in, out/8]``; ``pack_int4`` packs unpacked int4."""
@@ -94,6 +99,18 @@ class SourceLayout:
         (``weight_scale [out, 1]``, ``weight_scale_second [out, in/g]``)."""
         raise NotImplementedError
 
+    def synthetic_w8a8(self, prefix: str, n: int, k: int, gen: torch.Generator) -> dict:
+        """A W8A8_DYNAMIC projection as this layout's tool writes it: msModelSlim's int8 weight, fp32
+        ``weight_scale`` and zero ``weight_offset`` ``[out, 1]``."""
+        import torch
+
+        return {
+            f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
+            f"{prefix}.weight_scale": torch.rand(n, 1, generator=gen) * 0.01,
+            f"{prefix}.weight_offset": torch.zeros(n, 1),
+        }
+
     def synthetic_description(self, group_size: int) -> dict:
-        """The top-level description keys this layout's writer puts beside the tensor types."""
+        """The top-level description keys this layout's writer puts beside the tensor types (with
+        ``described_by_config``: ``config.json``'s ``quantization_config``)."""
         raise NotImplementedError

@@ -32,7 +32,7 @@ class VllmAscend023(ServingTarget):
         "vllm-project/vllm-ascend v0.23.0 (5cb98caaadeff42b5b62b996e34bb2aaa29d20fd) "
         "vllm_ascend/quantization/methods/w4a8.py"
     )
-    source_layouts = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel")
+    source_layouts = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel", "compressed-tensors")
 
     def refusal(self, projection):
         if not projection.is_moe and projection.group_size == 0:

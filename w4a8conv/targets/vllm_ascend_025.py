@@ -21,7 +21,7 @@ class VllmAscend025(VllmAscend023):
         "vllm-project/vllm-ascend main (182b75ea84ff13ece27b57391331ef8935410aea) "
         "vllm_ascend/quantization/methods/w4a8.py"
     )
-    source_layouts = ("v1.0.0-per-channel",)
+    source_layouts = ("v1.0.0-per-channel", "compressed-tensors")
 
     def refusal(self, projection):
         if not projection.is_moe:

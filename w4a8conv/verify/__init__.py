@@ -27,6 +27,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import BadInputError
 from ..jobs import has_manifest
 from ..names import (
+    CONFIG_FILE,
     DESCRIPTION_FILE,
     INDEX_SUFFIX,
     MANIFEST_FILE,
@@ -146,11 +147,14 @@ def verify_conversion(
             report.manifest = False
             # what the manifest check would flag as unlisted, so that the verdict does not depend on it
             written = {*headers, DESCRIPTION_FILE, *(p.name for p in dst.glob(f"*{INDEX_SUFFIX}"))}
+            written |= {CONFIG_FILE} if source.served_config is not None else set()
             for name in sorted(output_files(dst) - written - {str(rel) for rel in source.extra_files}):
                 report.problem(f"{dst / name}: not part of the conversion")
         else:
             check_manifest(dst, sample, rng, report, progress, pool)
         check_written_bytes(source, dst, description, report)
+        if source.served_config is not None:
+            report.other_files_checked += 1  # config.json, written for serving: its bytes checked above
         for rel in source.extra_files:
             report.other_files_checked += 1
             check_copied_file(src / rel, dst / rel, report)

@@ -13,7 +13,7 @@ from .. import __version__
 from ..checkpoint import Checkpoint
 from ..errors import BadInputError
 from ..jobs import has_manifest, json_bytes
-from ..names import DESCRIPTION_FILE, FORMAT_VERSION, TOOL_SECTION
+from ..names import CONFIG_FILE, DESCRIPTION_FILE, FORMAT_VERSION, TOOL_SECTION
 from ..planner import SHARD_METADATA, build_plan
 from ..safetensors_io import layout_header
 from .files import regular_file
@@ -31,6 +31,10 @@ def check_written_bytes(source: Checkpoint, dst: Path, description: dict, report
     if plan.problems:
         return  # the source is reported on its own
     expected = {plan.index_name: json_bytes(plan.index), DESCRIPTION_FILE: json_bytes(dict(plan.description))}
+    if plan.served_config is not None:
+        expected[CONFIG_FILE] = json_bytes(dict(plan.served_config))
+        if not (dst / CONFIG_FILE).exists():
+            report.problem(f"{dst / CONFIG_FILE}: missing; the output is served with it")
     for name, data in expected.items():
         path = dst / name
         if path.exists() and regular_file(path) and path.read_bytes() != data:
