@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
-	@# vllm-ascend's current line (the default target) serves per-channel MoE only; 0.23 serves every layout.
-	@for layout in mindie v1.0.0-per-group v1.0.0-per-channel; do \
-		target=vllm-ascend-0.25; [ $$layout = v1.0.0-per-channel ] || target=vllm-ascend-0.23; \
+	@# vllm-ascend's current line (the default target) serves per-channel and compressed-tensors MoE; 0.23 every layout.
+	@for layout in mindie v1.0.0-per-group v1.0.0-per-channel compressed-tensors; do \
+		target=vllm-ascend-0.23; case $$layout in *per-channel|compressed-tensors) target=vllm-ascend-0.25;; esac; \
 		echo "== $$layout: a tiny synthetic DeepSeek-like checkpoint, converted for $$target"; \
 		$(BIN)/w4a8conv synthetic $(DEMO)/ds-tiny-$$layout --layout $$layout || exit 1; \
 		$(BIN)/w4a8conv inspect $(DEMO)/ds-tiny-$$layout --target $$target || exit 1; \

@@ -70,20 +70,28 @@ def test_a_scheme_it_cannot_convert_is_refused_in_one_line_naming_the_config(
     assert not (tmp_path / "out").exists()
 
 
-def test_a_w4a8_zero_point_is_refused(tmp_path, source_checkpoints):
+@pytest.mark.parametrize("value", [0, 1])
+def test_a_w4a8_zero_point_of_zeros_is_consumed_and_any_other_refused(tmp_path, source_checkpoints, value):
+    """Older compressed-tensors saved symmetric zero points (zeros); main creates no parameter for them."""
     from safetensors.torch import load_file, save_file
 
     src = _with_config(tmp_path, source_checkpoints, lambda q: None)
     shard = sorted(src.glob("model-*.safetensors"))[0]
     tensors = load_file(shard)
-    name = next(n for n in tensors if ".experts." in n and n.endswith(".weight_scale"))
-    tensors[name.replace("weight_scale", "weight_zero_point")] = torch.zeros(tensors[name].shape, dtype=torch.int8)
+    scale = next(n for n in tensors if ".experts." in n and n.endswith(".weight_scale"))
+    zero_point = scale.replace("weight_scale", "weight_zero_point")
+    tensors[zero_point] = torch.full(tensors[scale].shape, value, dtype=torch.int8)
     save_file(tensors, shard)
     index = json.loads((src / "model.safetensors.index.json").read_text())
-    index["weight_map"][name.replace("weight_scale", "weight_zero_point")] = shard.name
+    index["weight_map"][zero_point] = shard.name
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    code, _, stderr = cli("inspect", src)
-    assert code == 2 and "weight_zero_point: W4A8 weights are symmetric, with no zero point" in stderr
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "out")
+    if value:
+        assert code == 2 and f"tensor {zero_point}: non-zero offsets (asymmetric quantization)" in stderr
+        return
+    assert code == 0, stderr
+    described = json.loads((tmp_path / "out" / DESCRIPTION_FILE).read_text())
+    assert zero_point not in described and verify_conversion(src, tmp_path / "out").ok
 
 
 def test_compressed_tensors_weights_with_an_msmodelslim_description_are_refused(tmp_path, source_checkpoints):

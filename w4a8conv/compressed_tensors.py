@@ -114,8 +114,6 @@ def description_from_config(config: dict, tensor_names: Iterable[str], where: st
             continue
         if not quantized:
             raise BadInputError(f"{where}: {module} is quantized by config_groups but has no {module}.weight_scale")
-        if quant_type == W4A8_TYPE and f"{module}.weight_zero_point" in present:
-            raise BadInputError(f"{where}: {module}.weight_zero_point: W4A8 weights are symmetric, with no zero point")
         for role in ("weight", "weight_scale", "weight_zero_point"):
             if f"{module}.{role}" in present:
                 types[f"{module}.{role}"] = quant_type

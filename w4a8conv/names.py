@@ -33,7 +33,17 @@ ROW_PARALLEL = frozenset({"down_proj", "o_proj", "out_proj", "dense_4h_to_h", "w
 MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MOE_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 # The tensors of one W4A8 projection in a source checkpoint, by role (``<prefix>.<role>``).
-SOURCE_ROLES = ("weight", "weight_scale", "weight_offset", "weight_scale_second", "weight_offset_second", "scale_bias")
+SOURCE_ROLES = (
+    "weight",
+    "weight_scale",
+    "weight_offset",
+    "weight_scale_second",
+    "weight_offset_second",
+    "scale_bias",
+    "weight_zero_point",  # compressed-tensors' name for an offset; symmetric checkpoints have none
+)
+# Roles that must hold zeros: W4A8_DYNAMIC kernels take symmetric int4 only.
+ZERO_ROLES = ("weight_offset", "weight_offset_second", "weight_zero_point")
 
 
 @functools.lru_cache(maxsize=1 << 20)  # the same names are sorted several times per plan

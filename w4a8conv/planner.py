@@ -230,7 +230,7 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
     if chunks is None:
         return None
     scale, second = module.sources["weight_scale"], module.sources.get("weight_scale_second")
-    for role, twin in (("weight_offset", scale), ("weight_offset_second", second)):
+    for role, twin in (("weight_offset", scale), ("weight_offset_second", second), ("weight_zero_point", scale)):
         info = module.sources.get(role)
         if info is not None and (twin is None or math.prod(info.shape) != math.prod(twin.shape)):
             problems.append(f"{info.path}: tensor {info.name}: shape {list(info.shape)} does not match its scale")

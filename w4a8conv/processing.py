@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import BadInputError
+from .names import ZERO_ROLES
 from .packing import pack_int4_to_int32
 from .plan import Projection
 from .targets import DEFAULT_TARGET, ServingTarget, get_target
@@ -18,7 +19,7 @@ from .targets import DEFAULT_TARGET, ServingTarget, get_target
 
 def check_source_values(projection: Projection, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse what cannot be processed: non-zero offsets, non-finite scales, what the layout cannot convert exactly."""
-    for role in ("weight_offset", "weight_offset_second"):
+    for role in ZERO_ROLES:
         offset = tensors.get(role)
         if offset is not None and bool((offset != 0).any()):
             raise BadInputError(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..names import MOE_EXPERT
+from ..names import MOE_EXPERT, ZERO_ROLES
 from ..safetensors_io import TensorInfo
 from ..sources.oracle import SourceArrays
 from .arrays import array, round_to, source_layout, source_scales
@@ -31,7 +31,7 @@ def kernel_scale(prefix: str, scale: np.ndarray, second: np.ndarray | None, para
 
 def check_offsets(prefix: str, src: dict[str, TensorInfo], report: VerifyReport) -> None:
     """Non-zero offsets (asymmetric quantization): no output can be a correct conversion of such a source."""
-    for role in ("weight_offset", "weight_offset_second"):
+    for role in ZERO_ROLES:
         info = src.get(f"{prefix}.{role}")
         if info is not None and np.any(array(info)):
             report.problem(f"{info.path}: tensor {info.name}: non-zero offsets, which W4A8_DYNAMIC cannot hold")
