@@ -57,6 +57,9 @@ def _group(name: str, part: str, **values):
         (lambda q: q.update(format="pack-quantized"), "format 'pack-quantized'; w4a8conv reads int-quantized only"),
         (lambda q: q.pop("config_groups"), "quantization_config has no config_groups"),
         (lambda q: q.update(ignore="lm_head"), "quantization_config.ignore is not a list of names"),
+        (lambda q: q.update(sparsity_config={"format": "sparse-24-bitmask"}), "sparsity_config format"),
+        (lambda q: q.update(ignore=["re:(unclosed"]), "'re:(unclosed' is not a regular expression"),
+        (lambda q: q["config_groups"]["group_0"].update(targets="Linear"), "group_0: targets is not a list of names"),
     ],
 )
 def test_a_scheme_it_cannot_convert_is_refused_in_one_line_naming_the_config(

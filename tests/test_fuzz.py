@@ -29,10 +29,11 @@ CASES = 150 * SCALE
 OUTPUT_CASES = 60 * SCALE
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["v1.0.0-per-group", "compressed-tensors"])
+def pristine(request, tmp_path_factory) -> Path:
+    """A description-described and a config-described (compressed-tensors) checkpoint."""
     spec = SyntheticSpec(hidden=64, intermediate=32, experts=2, moe_layers=1, dense_layers=1, group_size=16)
-    return write_checkpoint(tmp_path_factory.mktemp("fuzz") / "src", "v1.0.0-per-group", spec)
+    return write_checkpoint(tmp_path_factory.mktemp("fuzz") / "src", request.param, spec)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,8 @@ def _scheme(name: str, group: dict, default_format: str | None, where: str) -> s
     """The quant type a config group stands for, or refuse it naming the group."""
     weights = group.get("weights") or {}
     inputs = group.get("input_activations") or {}
+    if not isinstance(weights, dict) or not isinstance(inputs, dict):
+        raise BadInputError(f"{where}: config_groups.{name}: weights and input_activations must be objects")
     fmt = group.get("format") or default_format
     if fmt not in SUPPORTED_FORMATS:
         raise BadInputError(f"{where}: config_groups.{name}: format {fmt!r}; w4a8conv reads int-quantized only")
@@ -87,6 +89,9 @@ def description_from_config(config: dict, tensor_names: Iterable[str], where: st
         BadInputError: a scheme, format or tensor this conversion cannot represent, naming it.
     """
     quantization = config["quantization_config"]
+    sparsity = quantization.get("sparsity_config")
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
+        raise BadInputError(f"{where}: sparsity_config format {sparsity.get('format')!r}; w4a8conv reads dense weights")
     groups = quantization.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise BadInputError(f"{where}: quantization_config has no config_groups")
@@ -99,6 +104,12 @@ def description_from_config(config: dict, tensor_names: Iterable[str], where: st
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise BadInputError(f"{where}: config_groups.{name}: targets is not a list of names")
         schemes.append((targets, _scheme(name, group, quantization.get("format"), where)))
+    for target in [t for targets, _ in schemes for t in targets] + ignore:
+        if target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except re.error as e:
+                raise BadInputError(f"{where}: {target!r} is not a regular expression ({e})") from None
 
     names = sorted(tensor_names)
     present = set(names)
