@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -65,10 +66,26 @@ def v1(tmp_path) -> Path:
 
 
 def test_missing_description(tmp_path, mindie):
-    (mindie / "quant_model_description.json").rename(mindie / "quant_model_description_w8a8_dynamic.json")
-    line = assert_refused(tmp_path, mindie, "no quant_model_description.json", "rename it")
+    (mindie / "quant_model_description.json").unlink()
+    line = assert_refused(tmp_path, mindie, "no quant_model_description.json", "not an msModelSlim checkpoint")
     assert str(mindie) in line
     assert not (tmp_path / "out").exists()
+
+
+def test_two_descriptions_named_by_quant_type_are_refused(tmp_path, mindie):
+    (mindie / "quant_model_description.json").rename(mindie / "quant_model_description_w4a8_dynamic.json")
+    shutil.copy(mindie / "quant_model_description_w4a8_dynamic.json", mindie / "quant_model_description_w8a8.json")
+    assert_refused(tmp_path, mindie, "several descriptions", "quant_model_description_w8a8.json")
+
+
+def test_an_unfinished_output_is_named_as_one(tmp_path, source_checkpoints, converted_checkpoints):
+    out = tmp_path / "out"
+    shutil.copytree(converted_checkpoints["mindie"], out)
+    (out / "quant_model_description.json").unlink()
+    (out / ".w4a8conv").mkdir()
+    for command in (("inspect", out), ("verify", source_checkpoints["mindie"], out)):
+        code, _, stderr = run(*command)
+        assert code == 2 and "an unfinished w4a8conv output" in stderr and "--resume" in stderr, stderr
 
 
 def test_tensor_listed_but_absent(tmp_path, mindie):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -175,3 +176,26 @@ def test_ci_progress_lines(source_checkpoints, tmp_path):
     verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))
     text = console.export_text()
     assert "working" in text and "30/30 modules" in text.splitlines()[-1]
+
+
+def test_the_old_api_mindie_save_is_read_as_written(tmp_path, source_checkpoints):
+    """msModelSlim's old llm_ptq API: one weight file, no index, no config.json, and the description named
+    after the quant type. Converted as it is; the output's description has the name the engine reads."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "old-api"
+    src.mkdir()
+    save_file(_all_tensors(source_checkpoints["mindie"]), src / "quant_model_weight_w4a8_dynamic.safetensors")
+    description = source_checkpoints["mindie"] / "quant_model_description.json"
+    shutil.copy(description, src / "quant_model_description_w4a8_dynamic.json")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "quant_model_description.json",
+        "quant_model_weight_w4a8_dynamic.safetensors",
+        "quant_model_weight_w4a8_dynamic.safetensors.index.json",
+        "w4a8conv.sha256",
+    ]
+    assert verify_conversion(src, out).ok

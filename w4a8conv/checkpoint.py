@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .compressed_tensors import description_from_config, is_compressed_tensors, served_config
 from .errors import BadInputError
 from .gc_hold import holding_gc
-from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX
+from .names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX, STATE_DIR
 from .safetensors_io import ShardHeader, TensorInfo, file_identity, read_header
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class Checkpoint:
         tensors: every tensor by name.
         extra_files: paths (relative to root) of the other files, e.g. config and tokenizer.
         config: ``config.json``, if any.
+        description_path: the description file read (msModelSlim's old API names it after the quant
+            type, ``quant_model_description_w4a8_dynamic.json``); None where config.json describes it.
         served_config: for a compressed-tensors source (described by its ``config.json``), the
             ``config.json`` the output is served with; None where ``config.json`` is copied as it is.
     """
@@ -50,6 +52,7 @@ class Checkpoint:
     extra_files: list[Path] = field(default_factory=list)
     config: dict[str, Any] | None = None
     served_config: dict[str, Any] | None = None
+    description_path: Path | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -59,7 +62,8 @@ class Checkpoint:
         """Every file a conversion reads or copies, relative to the root, with what identifies its version
         (:func:`~.safetensors_io.file_identity`): a resumed conversion must find each one unchanged."""
         identities = {name: shard.identity for name, shard in self.shards.items()}
-        others = [DESCRIPTION_FILE, CONFIG_FILE, f"{self.prefix}{INDEX_SUFFIX}", *map(str, self.extra_files)]
+        description = self.description_path.name if self.description_path is not None else DESCRIPTION_FILE
+        others = [description, CONFIG_FILE, f"{self.prefix}{INDEX_SUFFIX}", *map(str, self.extra_files)]
         for rel in others:
             try:
                 identities[rel] = file_identity(os.stat(self.root / rel))
@@ -98,8 +102,11 @@ def open_checkpoint(root: Path) -> Checkpoint:
     if os.path.lexists(config_path):
         config = _read_json(config_path, real_root)
     config = config if isinstance(config, dict) else None
-    from_config = is_compressed_tensors(config) and not os.path.lexists(root / DESCRIPTION_FILE)
-    description = None if from_config else _read_description(root, real_root)
+    # compressed-tensors: described by its config, unless a description is there too (then the planner
+    # refuses the mix: which one the engine reads decides the processing)
+    described = os.path.lexists(root / DESCRIPTION_FILE) or any(root.glob("quant_model_description_*.json"))
+    description_path = None if is_compressed_tensors(config) and not described else _description_path(root)
+    description = None if description_path is None else _read_description(description_path, real_root)
     index_files = sorted(p for p in root.iterdir() if p.name.endswith(INDEX_SUFFIX))
     if len(index_files) > 1:
         names = ", ".join(p.name for p in index_files)
@@ -144,6 +151,8 @@ def open_checkpoint(root: Path) -> Checkpoint:
         description = description_from_config(config, tensors, str(config_path))
         served = served_config(config)
     skip = {DESCRIPTION_FILE, *(shard_names), *([index_path.name] if index_path else [])}
+    if description_path is not None:
+        skip.add(description_path.name)
     if served is not None:
         skip.add(CONFIG_FILE)
     extra = _extra_files(root, real_root, skip, index_path is not None)
@@ -156,6 +165,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
         extra_files=extra,
         config=config,
         served_config=served,
+        description_path=description_path,
     )
 
 
@@ -185,12 +195,32 @@ def _read_json(path: Path, real_root: Path) -> Any:
         raise BadInputError(f"{path}: not valid JSON ({e})") from e
 
 
-def _read_description(root: Path, real_root: Path) -> dict[str, Any]:
+def unfinished_output(root: Path) -> str:
+    """What to say of an output directory whose conversion has not finished."""
+    return (
+        f"{root}: an unfinished w4a8conv output (interrupted, or an array's shares not finalized); finish it "
+        f"with `w4a8conv convert --resume --in SRC --out {root}`, or `w4a8conv finalize {root}` for an array"
+    )
+
+
+def _description_path(root: Path) -> Path:
+    """The description: ``quant_model_description.json``, or the one msModelSlim's old API names after
+    the quant type (``quant_model_description_w4a8_dynamic.json``) when it is the only one."""
     path = root / DESCRIPTION_FILE
-    if not os.path.lexists(path):
-        similar = sorted(p.name for p in root.glob("quant_model_description*.json"))
-        hint = f" (found {similar[0]}: rename it to {DESCRIPTION_FILE})" if similar else ""
-        raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint{hint}")
+    if os.path.lexists(path):
+        return path
+    named = sorted(root.glob("quant_model_description_*.json"))
+    if len(named) == 1:
+        return named[0]
+    if named:
+        names = ", ".join(p.name for p in named)
+        raise BadInputError(f"{root}: several descriptions ({names}), no {DESCRIPTION_FILE}; keep the one that belongs")
+    if (root / STATE_DIR).is_dir():
+        raise BadInputError(unfinished_output(root))
+    raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint")
+
+
+def _read_description(path: Path, real_root: Path) -> dict[str, Any]:
     description = _read_json(path, real_root)
     if not isinstance(description, dict):
         raise BadInputError(f"{path}: expected a JSON object mapping tensor names to quant types")

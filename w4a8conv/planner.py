@@ -14,6 +14,7 @@ from . import __version__
 from .checkpoint import Checkpoint
 from .gc_hold import holding_gc
 from .names import (
+    CONFIG_FILE,
     DESCRIPTION_FILE,
     FORMAT_VERSION,
     INDEX_SUFFIX,
@@ -50,7 +51,7 @@ def build_plan(
     """
     serving = get_target(target)
     types = tensor_entries(ckpt.description)
-    description_path = ckpt.root / DESCRIPTION_FILE
+    description_path = ckpt.description_path or ckpt.root / CONFIG_FILE
     other_types: dict[str, int] = {}
     for name, quant_type in types.items():
         if name.endswith(".weight") and quant_type not in (W4A8_TYPE, PREPACKED_TYPE):

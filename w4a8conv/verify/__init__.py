@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import open_checkpoint
+from ..checkpoint import open_checkpoint, unfinished_output
 from ..errors import BadInputError
 from ..jobs import has_manifest
 from ..names import (
@@ -98,6 +98,8 @@ def verify_conversion(
     src, dst = Path(src), Path(dst)
     report = VerifyReport()
     source = open_checkpoint(src)
+    if not (dst / DESCRIPTION_FILE).exists() and (dst / STATE_DIR).is_dir():
+        raise BadInputError(unfinished_output(dst))
     description = load_json(dst / DESCRIPTION_FILE)
     if not isinstance(description, dict) or not isinstance(description.get(TOOL_SECTION), dict):
         raise BadInputError(f"{dst / DESCRIPTION_FILE}: not a finished w4a8conv output")
@@ -119,7 +121,7 @@ def verify_conversion(
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
     for name in sorted(set(src_types) - set(source.tensors)):
-        report.problem(f"{src / DESCRIPTION_FILE}: lists tensor {name}, which no shard holds")
+        report.problem(f"{source.description_path}: lists tensor {name}, which no shard holds")
     modules = set(prefixes)
     for name, quant_type in sorted(out_types.items()):
         # a serving engine picks the processed loading by this type (headers only: checked in full)
