@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from rich.console import Console
 from safetensors import safe_open
@@ -159,8 +162,51 @@ def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
     code, stdout, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", out, "--dry-run", "--json")
     assert code == 0, stderr
     plan = json.loads(stdout)
-    assert plan["dry_run"] and plan["modules"] == 30 and plan["total_shards"] == 3 and len(plan["shards"]) == 3
+    assert plan["ok"] and plan["dry_run"] and plan["modules"] == 30 and plan["shards"] == 3
+    assert len(plan["share_shards"]) == 3
     assert plan["output_bytes"] == 551200 and not out.exists()
+
+
+def _foreign_file(out):
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+
+
+def _finished(out, src):
+    convert_checkpoint(src, out, target=LEGACY_TARGET)
+
+
+def _read_only(out, src):
+    out.mkdir()
+    out.chmod(0o500)
+
+
+@pytest.mark.parametrize("make", [_foreign_file, _finished, _read_only])
+def test_dry_run_refuses_an_output_as_the_real_run_does(source_checkpoints, tmp_path, make):
+    """--out holding someone's files, a finished conversion, or unwritable: the same line and exit code."""
+    src, out = source_checkpoints["mindie"], tmp_path / "out"
+    make(out, src) if make is not _foreign_file else make(out)
+    if make is _read_only and os.access(out, os.W_OK):
+        pytest.skip("running as a user whom permissions do not stop (root)")
+    before = sorted(p.name for p in out.iterdir())
+    dry = cli("convert", "--in", src, "--out", out, "--dry-run")
+    real = cli("convert", "--in", src, "--out", out)
+    assert dry[0] == real[0] != 0 and dry[2] == real[2] and dry[2].count("\n") == 1, (dry, real)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_dry_run_refuses_an_output_too_small_as_the_real_run_does(source_checkpoints, tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    src, out = source_checkpoints["mindie"], tmp_path / "out"
+    dry = cli("convert", "--in", src, "--out", out, "--dry-run")
+    assert dry[0] == 1 and "needs 0.00 GB more but the filesystem has 0.00 GB free" in dry[2]
+    assert not out.exists()
+    real = cli("convert", "--in", src, "--out", out)
+    assert real[0] == 1 and real[2] == dry[2]
 
 
 def test_ci_progress_lines(source_checkpoints, tmp_path):
@@ -175,7 +221,7 @@ def test_ci_progress_lines(source_checkpoints, tmp_path):
     console = Console(record=True, width=200)
     verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))
     text = console.export_text()
-    assert "working" in text and "30/30 modules" in text.splitlines()[-1]
+    assert "converting" in text and "30/30 modules" in text.splitlines()[-1]
 
 
 def test_the_old_api_mindie_save_is_read_as_written(tmp_path, source_checkpoints):
@@ -199,3 +245,13 @@ def test_the_old_api_mindie_save_is_read_as_written(tmp_path, source_checkpoints
         "w4a8conv.sha256",
     ]
     assert verify_conversion(src, out).ok
+
+
+def test_dry_run_names_an_output_it_cannot_create(source_checkpoints, tmp_path, monkeypatch):
+    """Where permissions stop the user (not root, which this VM's tests run as), mkdir would fail on --out."""
+    real_access = os.access
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and real_access(path, mode))
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", parent / "a" / "out", "--dry-run")
+    assert code == 1 and stderr == f"error: {parent / 'a'}: permission denied\n"

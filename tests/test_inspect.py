@@ -15,7 +15,7 @@ from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from .conftest import LEGACY_TARGET, SPEC
 
 runner = CliRunner()
-KEYS = {"format", "group_size", "w4a8_modules", "moe_layers", "shards", "total_bytes", "problems"}
+KEYS = {"format", "group_size", "modules", "moe_layers", "shards", "input_bytes", "problems"}
 
 
 def inspect_json(path) -> tuple[int, dict]:
@@ -33,11 +33,11 @@ def test_detects_each_layout(source_checkpoints, layout_name, group_size, module
     assert report.keys() >= KEYS
     assert report["format"] == layout_name
     assert report["group_size"] == group_size
-    assert report["w4a8_modules"] == modules  # 2 MoE layers x 4 experts x 3, plus 6 Linear when per-group
+    assert report["modules"] == modules  # 2 MoE layers x 4 experts x 3, plus 6 Linear when per-group
     assert report["moe_layers"] == SPEC.moe_layers and report["experts"] == SPEC.moe_layers * SPEC.experts
     assert (report["hidden_size"], report["moe_intermediate_size"]) == (SPEC.hidden, SPEC.intermediate)
     assert report["shards"] == 3
-    assert report["total_bytes"] == sum(p.stat().st_size for p in source_checkpoints[layout_name].glob("*.safetensors"))
+    assert report["input_bytes"] == sum(p.stat().st_size for p in source_checkpoints[layout_name].glob("*.safetensors"))
     assert report["other_quant_types"]["W8A8_DYNAMIC"] > 0 and report["other_quant_types"]["FLOAT"] > 0
     assert report["problems"] == []
 
@@ -74,7 +74,7 @@ def test_lists_every_problem(tmp_path):
 def test_processed_output_is_recognised(converted_checkpoints, layout):
     code, report = inspect_json(converted_checkpoints[layout])
     assert code == 0 and report["format"] == "processed"
-    assert report["w4a8_modules"] == (30 if get_source(layout).synthetic_linear else 24)
+    assert report["modules"] == (30 if get_source(layout).synthetic_linear else 24)
     assert report["moe_layers"] == SPEC.moe_layers
 
 

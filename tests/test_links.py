@@ -39,13 +39,13 @@ def test_a_state_directory_that_is_a_link_is_refused_and_its_target_untouched(so
 def test_a_link_planted_where_a_shard_is_written_is_replaced_not_followed(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
     out = tmp_path / "out"
-    convert_checkpoint(src, out, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    convert_checkpoint(src, out, array_size=2, array_index=0, target=LEGACY_TARGET)
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"mine")
     missing = sorted(p.name for p in src.glob("*-0000?-of-*.safetensors") if not (out / p.name).exists())
     for name in missing:
         (out / f"{name}.partial").symlink_to(victim)
-    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "1")
     assert code == 0, stderr
     assert victim.read_bytes() == b"mine" and missing and all((out / name).is_file() for name in missing)
 
@@ -56,10 +56,10 @@ def test_a_subdirectory_link_for_copied_files_is_refused(source_checkpoints, tmp
     (src / "optional").mkdir()
     (src / "optional" / "quarot.txt").write_text("rotation")
     out = tmp_path / "out"
-    convert_checkpoint(src, out, num_workers=2, worker_index=1, target=LEGACY_TARGET)  # no side files in share 1
+    convert_checkpoint(src, out, array_size=2, array_index=1, target=LEGACY_TARGET)  # no side files in share 1
     victim = tmp_path / "victim"
     victim.mkdir()
     (out / "optional").symlink_to(victim)
-    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "0")
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "0")
     assert code == 2 and f"{out / 'optional'}: is a link; w4a8conv follows no link inside --out" in stderr
     assert os.listdir(victim) == []

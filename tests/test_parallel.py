@@ -85,7 +85,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(
     monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: "nfs4")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-default"), "--json"])
     assert result.exit_code == 0 and not direct_io_calls
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["direct_io"] is False and summary["direct_reads"] is False
     # ... and --direct-io asks for it anyway.
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-direct"), "--direct-io"]).exit_code == 0
@@ -156,7 +156,7 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
     for index in (2, 0, 1):
         cmd = [sys.executable, "-m", "w4a8conv.cli", "convert", "--in", str(many_shards), "--out", str(out)]
         cmd += ["--target", LEGACY_TARGET]
-        cmd += ["--num-workers", "3", "--worker-index", str(index)]
+        cmd += ["--array-size", "3", "--array-index", str(index)]
         subprocess.run(cmd, check=True, capture_output=True)
         assert not (out / "quant_model_description.json").exists()  # not complete before finalize
     result = runner.invoke(app, ["finalize", str(out), "--json"])
@@ -166,8 +166,8 @@ def test_job_array_then_finalize_equals_single_run(many_shards, single_run, tmp_
     assert not (out / STATE_DIR).exists()
 
 
-def convert_share(src: Path, out: Path, num_workers: int, index: int, *more: str):
-    args = ["--num-workers", str(num_workers), "--worker-index", str(index), *more]
+def convert_share(src: Path, out: Path, array_size: int, index: int, *more: str):
+    args = ["--array-size", str(array_size), "--array-index", str(index), *more]
     return runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--target", LEGACY_TARGET, *args])
 
 
@@ -184,9 +184,9 @@ def test_array_jobs_starting_together_do_not_refuse_each_other(many_shards, sing
         return listing(path)
 
     monkeypatch.setattr(Path, "iterdir", sibling_starts_first)
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1, target=LEGACY_TARGET)
+    convert_checkpoint(many_shards, out, workers=2, array_size=2, array_index=1, target=LEGACY_TARGET)
     monkeypatch.undo()
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    convert_checkpoint(many_shards, out, workers=2, array_size=2, array_index=0, target=LEGACY_TARGET)
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
     assert tree_bytes(out) == tree_bytes(single_run)
 
@@ -198,10 +198,10 @@ def test_job_zero_leaves_a_siblings_job_file_being_written_alone(many_shards, si
     (out / STATE_DIR).mkdir(parents=True)
     sibling = out / STATE_DIR / "job.json.4242.1.partial"
     sibling.write_text("{}")
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    convert_checkpoint(many_shards, out, workers=2, array_size=2, array_index=0, target=LEGACY_TARGET)
     assert sibling.read_text() == "{}"
     sibling.unlink()  # job 1 renames it
-    convert_checkpoint(many_shards, out, workers=2, num_workers=2, worker_index=1, target=LEGACY_TARGET)
+    convert_checkpoint(many_shards, out, workers=2, array_size=2, array_index=1, target=LEGACY_TARGET)
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
     assert tree_bytes(out) == tree_bytes(single_run)
 
@@ -213,7 +213,7 @@ def test_finalize_names_missing_shares(many_shards, tmp_path):
         assert result.exit_code == 0, result.stderr
     result = runner.invoke(app, ["finalize", str(out)])
     assert result.exit_code == 1
-    assert "shares 1, 3 of 4 (--worker-index) are not finished" in result.stderr
+    assert "shares 1, 3 of 4 (--array-index) are not finished" in result.stderr
     assert not (out / "quant_model_description.json").exists()
 
 
@@ -230,9 +230,9 @@ def test_array_jobs_refuse_a_different_conversion(many_shards, tmp_path):
     assert result.exit_code == 2 and "different conversion" in result.stderr
 
 
-def test_bad_worker_index(many_shards, tmp_path):
+def test_bad_array_index(many_shards, tmp_path):
     result = convert_share(many_shards, tmp_path / "o", 2, 2)
-    assert result.exit_code == 2 and "--worker-index 2" in result.stderr
+    assert result.exit_code == 2 and "--array-index 2" in result.stderr
 
 
 def _units(sizes: list[int]) -> list[list[TensorInfo]]:

@@ -30,7 +30,7 @@ def _plan(source_checkpoints, layout="v1.0.0-per-group", **kwargs) -> Conversion
 
 
 def test_plan_round_trips_through_json(source_checkpoints, layout):
-    plan = _plan(source_checkpoints, layout, num_workers=3)
+    plan = _plan(source_checkpoints, layout, array_size=3)
     again = ConversionPlan.from_json(json.loads(json.dumps(plan.to_json())), "job.json")
     assert again.fingerprint == plan.fingerprint and again.shards == plan.shards
     assert again.summary == plan.summary and again.index == plan.index and again.shares == plan.shares
@@ -47,7 +47,7 @@ def test_fingerprint_tells_conversions_apart(source_checkpoints):
     assert plan.fingerprint == _plan(source_checkpoints).fingerprint  # deterministic
     others = [
         _plan(source_checkpoints, checksums=False),
-        _plan(source_checkpoints, num_workers=2),
+        _plan(source_checkpoints, array_size=2),
         _plan(source_checkpoints, "mindie"),
         plan.with_checksums(False),
     ]
@@ -95,10 +95,10 @@ def json_canonical(plan: ConversionPlan) -> bytes:
 
 def test_job_file_is_the_plan_of_the_conversion(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    convert_checkpoint(src, tmp_path / "out", num_workers=2, worker_index=1, target=LEGACY_TARGET)
+    convert_checkpoint(src, tmp_path / "out", array_size=2, array_index=1, target=LEGACY_TARGET)
     saved = read_plan(tmp_path / "out" / STATE_DIR / JOB_FILE)
-    assert saved.fingerprint == build_plan(open_checkpoint(src), LEGACY_TARGET, num_workers=2).fingerprint
-    assert cli("convert", "--in", src, "--out", tmp_path / "out", "--num-workers", "2")[0] == 0
+    assert saved.fingerprint == build_plan(open_checkpoint(src), LEGACY_TARGET, array_size=2).fingerprint
+    assert cli("convert", "--in", src, "--out", tmp_path / "out", "--array-size", "2", "--array-index", "0")[0] == 0
     assert cli("finalize", tmp_path / "out")[0] == 0
 
 
@@ -106,19 +106,19 @@ def test_resume_refuses_when_the_source_planned_differently(source_checkpoints, 
     src = tmp_path / "src"
     shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
     out = tmp_path / "out"
-    convert_checkpoint(src, out, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    convert_checkpoint(src, out, array_size=2, array_index=0, target=LEGACY_TARGET)
     config = json.loads((src / "config.json").read_text())
     config["torch_dtype"] = "float16"  # the Linear scales would be rounded differently
     (src / "config.json").write_text(json.dumps(config))
-    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "1")
     assert code == 2 and f"{src / 'config.json'}: changed since the conversion into --out {out} started" in stderr
 
 
 def test_relative_paths_convert_resume_and_verify(source_checkpoints, tmp_path, monkeypatch):
     shutil.copytree(source_checkpoints["mindie"], tmp_path / "src")
     monkeypatch.chdir(tmp_path)
-    assert cli("convert", "--in", "src", "--out", "out", "--num-workers", "2")[0] == 0
-    code, _, stderr = cli("convert", "--in", "src", "--out", "out", "--num-workers", "2", "--worker-index", "1")
+    assert cli("convert", "--in", "src", "--out", "out", "--array-size", "2", "--array-index", "0")[0] == 0
+    code, _, stderr = cli("convert", "--in", "src", "--out", "out", "--array-size", "2", "--array-index", "1")
     assert code == 0, stderr
     assert runner.invoke(app, ["finalize", "out"]).exit_code == 0
     # finished: the same output whatever the array's size, so a single run resumes it as done
@@ -128,10 +128,12 @@ def test_relative_paths_convert_resume_and_verify(source_checkpoints, tmp_path, 
 
 def test_dry_run_reports_the_plan(source_checkpoints, tmp_path):
     src = source_checkpoints["mindie"]
-    _, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "out", "--dry-run", "--json", "--num-workers", "2")
+    args = ("--dry-run", "--json", "--array-size", "2", "--array-index", "0")
+    _, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "out", *args)
     report = json.loads(stdout)
-    plan = build_plan(open_checkpoint(src), LEGACY_TARGET, num_workers=2)
-    assert report["shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
+    plan = build_plan(open_checkpoint(src), LEGACY_TARGET, array_size=2)
+    assert report["share_shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
+    assert report["shards"] == len(plan.shards)
     assert report["target"] == plan.target and report["modules"] == len(plan.modules)
     assert not (tmp_path / "out").exists()
 
@@ -140,7 +142,7 @@ def test_an_unfinished_output_of_an_earlier_version_is_refused_by_name(source_ch
     src = source_checkpoints["mindie"]
     out = tmp_path / "out"
     (out / STATE_DIR).mkdir(parents=True)
-    (out / STATE_DIR / JOB_FILE).write_text(json.dumps({"tool_version": "0.1.0", "num_workers": 1}))
+    (out / STATE_DIR / JOB_FILE).write_text(json.dumps({"tool_version": "0.1.0", "array_size": 1}))
     result = runner.invoke(app, ["convert", "--in", str(src), "--out", str(out), "--resume", "--target", LEGACY_TARGET])
     assert result.exit_code == 2
     assert f"{out / STATE_DIR / JOB_FILE}: not a conversion plan of this w4a8conv" in result.output
@@ -153,7 +155,7 @@ def test_a_source_shard_changed_between_jobs_is_named_not_mixed(source_checkpoin
     src = tmp_path / "src"
     shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
     out = tmp_path / "out"
-    convert_checkpoint(src, out, num_workers=2, worker_index=0, target=LEGACY_TARGET)
+    convert_checkpoint(src, out, array_size=2, array_index=0, target=LEGACY_TARGET)
     shard = sorted(src.glob("*-00002-of-*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     if edit == "data":
@@ -164,7 +166,7 @@ def test_a_source_shard_changed_between_jobs_is_named_not_mixed(source_checkpoin
     else:
         shard.unlink()  # a re-download: a new file under the same name
         shard.write_bytes(bytes(data))
-    code, _, stderr = cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "1")
     assert code == 2 and stderr.startswith(f"error: {shard}: changed since the conversion into --out {out} started")
     assert not (out / "quant_model_description.json").exists()
 
@@ -174,7 +176,7 @@ def test_a_damaged_saved_checksum_is_recomputed_not_trusted(source_checkpoints, 
     src = source_checkpoints["mindie"]
     out = tmp_path / "out"
     for index in (0, 1):
-        convert_checkpoint(src, out, num_workers=2, worker_index=index, target=LEGACY_TARGET)
+        convert_checkpoint(src, out, array_size=2, array_index=index, target=LEGACY_TARGET)
     sums = sorted((out / STATE_DIR / "sums").iterdir())
     assert sums
     sums[0].write_text(saved)

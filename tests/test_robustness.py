@@ -165,7 +165,7 @@ def test_every_writer_takes_the_directory_lock(source_checkpoints, tmp_path):
     neither --overwrite, nor a single conversion, nor finalize."""
     src = source_checkpoints["mindie"]
     out = tmp_path / "out"
-    assert cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "0")[0] == 0
+    assert cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "0")[0] == 0
     with open(out / STATE_DIR / "lock", "r+") as running_share:
         fcntl.flock(running_share.fileno(), fcntl.LOCK_SH)
         for args in (["--overwrite"], ["--resume"]):
@@ -173,7 +173,7 @@ def test_every_writer_takes_the_directory_lock(source_checkpoints, tmp_path):
             assert code == 2 and "the jobs of an array are converting into it" in stderr, stderr
         code, _, stderr = cli("finalize", out)
         assert code == 2 and "the jobs of an array are converting into it" in stderr
-        assert cli("convert", "--in", src, "--out", out, "--num-workers", "2", "--worker-index", "1")[0] == 0
+        assert cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "1")[0] == 0
     assert cli("finalize", out)[0] == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 

@@ -212,7 +212,11 @@ def test_verify_reports_the_same_problems_in_the_same_order_on_any_number_of_thr
     reports = [verify_conversion(source_checkpoints["mindie"], out, workers=n).as_dict() for n in (1, 3)]
     assert reports[0] == reports[1]
     code, stdout, _ = cli("verify", source_checkpoints["mindie"], out, "--workers", "2", "--json")
-    assert code == 1 and json.loads(stdout) == reports[0]
+    assert code == 1 and json.loads(stdout) == {
+        "in_dir": str(source_checkpoints["mindie"]),
+        "out_dir": str(out),
+        **reports[0],
+    }
     code, _, stderr = cli("verify", source_checkpoints["mindie"], out, "--workers", "0")
     assert code == 2 and "--workers 0: need at least 1" in stderr
     problems = reports[0]["problems"]

@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
+from .devices import DEVICE_CHOICES
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, Terminated, exit_status
 from .output import Output, human_bytes
 from .sources import SOURCE_NAMES, SOURCES
@@ -30,17 +31,31 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def choices(values: tuple[str, ...]) -> str:
+    """An option's choices as its help shows them. The value is checked by the registry it names
+    (one line, exit 2), so that a target or layout registered by a plug-in is accepted too."""
+    return "[" + "|".join(values) + "]"
+
 
 # I/O waits overlap better with more threads than cores (docs/performance.md, "Threads or processes").
 DEFAULT_WORKERS = max(4, min(8, os.cpu_count() or 1))
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help='Print one JSON object on stdout (always with an "ok" key) instead of text.')
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress and no result text: only errors, the exit code and --json.")
+]
 TargetOpt = Annotated[
     str,
     typer.Option(
+        metavar=choices(TARGET_NAMES),
         help="The serving engine release the output is for: "
         + "; ".join(f"{name}: {TARGETS[name].summary}" for name in TARGET_NAMES)
-        + f". Default: {DEFAULT_TARGET}, the newest."
+        + f". Default: {DEFAULT_TARGET}, the newest.",
     ),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
@@ -61,7 +76,7 @@ def handle_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        output = Output(json_mode=bool(kwargs.get("json_output")))
+        output = Output(json_mode=bool(kwargs.get("json_output")), quiet=bool(kwargs.get("quiet")))
         try:
             return command(*args, output=output, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -101,7 +116,12 @@ def main_callback(
 @app.command()
 @handle_errors
 def inspect(
-    path: CheckpointArg, target: TargetOpt = DEFAULT_TARGET, json_output: JsonOpt = False, *, output: Output
+    path: CheckpointArg,
+    target: TargetOpt = DEFAULT_TARGET,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    output: Output,
 ) -> None:
     """Report a checkpoint's layout, group size, modules, shards and every inconsistency (headers only).
 
@@ -112,10 +132,49 @@ def inspect(
     report = inspect_checkpoint(path, target)
     if output.json_mode:
         output.emit_json(report.as_dict())
-    else:
+    elif not output.quiet:
         output.inspect_table(report)
     if report.problems:
         raise typer.Exit(EXIT_BAD_INPUT)
+
+
+# The job-array index a scheduler gives each job: Slurm's (from --array's first index), Kubernetes'.
+_ARRAY_INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
+
+
+def array_share(array_size: int | None, array_index: int | None) -> tuple[int, int]:
+    """``(size, index)`` of this job's share: 1, 0 without an array. The index comes from the option,
+    else from the scheduler's environment; a size without an index, or an index without a size, is refused."""
+    from .errors import BadInputError
+
+    if array_size is None:
+        if array_index is not None:
+            raise BadInputError(f"--array-index {array_index} without --array-size: give the array's size too")
+        return 1, 0
+    if array_index is None:
+        variable = next((v for v in _ARRAY_INDEX_VARIABLES if os.environ.get(v, "").strip()), None)
+        if variable is None:
+            raise BadInputError(
+                f"--array-size {array_size} without --array-index, and neither SLURM_ARRAY_TASK_ID nor "
+                "JOB_COMPLETION_INDEX is set: which share is this job's?"
+            )
+        try:
+            array_index = int(os.environ[variable]) - int(
+                os.environ.get("SLURM_ARRAY_TASK_MIN", "0") if variable == "SLURM_ARRAY_TASK_ID" else 0
+            )
+        except ValueError:
+            raise BadInputError(f"{variable}={os.environ[variable]!r}: not a job-array index") from None
+    return array_size, array_index
+
+
+def _refuse_renamed(old: str, new: str, value: object) -> None:
+    from .errors import BadInputError
+
+    if value is not None:
+        raise BadInputError(
+            f"{old} is now {new}: it splits the conversion into the jobs of an array, each writing "
+            "only its share (then `w4a8conv finalize`); threads inside one job are --workers"
+        )
 
 
 @app.command()
@@ -125,20 +184,39 @@ def convert(
     dst: Annotated[
         Path, typer.Option("--out", help="Output directory (must not exist or be empty).", show_default=False)
     ],
-    device: Annotated[str, typer.Option(help="Where to run the processing: auto, cpu, cuda or npu.")] = "cpu",
+    device: Annotated[str, typer.Option(metavar=choices(DEVICE_CHOICES), help="Where to run the processing.")] = "cpu",
     target: TargetOpt = DEFAULT_TARGET,
     workers: Annotated[
         int, typer.Option(help="Threads converting modules in parallel; the output is identical for any number.")
     ] = DEFAULT_WORKERS,
-    num_workers: Annotated[
-        int, typer.Option(help="Jobs sharing this conversion (a job array's size); then run `finalize`.")
-    ] = 1,
-    worker_index: Annotated[int, typer.Option(help="This job's index in the array, 0-based.")] = 0,
+    array_size: Annotated[
+        int | None,
+        typer.Option(
+            help="This job is one of a job array of this many, each converting a disjoint share of the shards; "
+            "run `w4a8conv finalize` once all are done.",
+            show_default=False,
+        ),
+    ] = None,
+    array_index: Annotated[
+        int | None,
+        typer.Option(
+            help="This job's index in the array, 0-based. Default: from SLURM_ARRAY_TASK_ID (minus "
+            "SLURM_ARRAY_TASK_MIN) or JOB_COMPLETION_INDEX.",
+            show_default=False,
+        ),
+    ] = None,
+    num_workers: Annotated[int | None, typer.Option(hidden=True)] = None,  # renamed: refused with a hint
+    worker_index: Annotated[int | None, typer.Option(hidden=True)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a previous w4a8conv output in --out.")] = False,
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted conversion into --out, redoing only unfinished shards.")
     ] = False,
-    verify: Annotated[bool, typer.Option(help="Run `w4a8conv verify` on the result (exit 1 if it fails).")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Run `w4a8conv verify` on the result (exit 1 if it fails). In a job array: `finalize --verify`."
+        ),
+    ] = False,
     direct_io: Annotated[
         bool | None,
         typer.Option(
@@ -157,25 +235,39 @@ def convert(
             "(about 0.5 CPU-seconds per GB). Every job of an array must pass the same.",
         ),
     ] = True,
-    dry_run: Annotated[bool, typer.Option(help="Read headers and plan only: report, check, write nothing.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(help="Read headers, plan and check both sides (input and --out): report, write nothing."),
+    ] = False,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
     """Convert a W4A8_DYNAMIC checkpoint into processed shards a serving engine loads directly."""
     from .convert import convert_checkpoint, plan_conversion
+    from .errors import BadInputError
 
+    _refuse_renamed("--num-workers", "--array-size", num_workers)
+    _refuse_renamed("--worker-index", "--array-index", worker_index)
+    size, index = array_share(array_size, array_index)
+    if verify and array_size is not None:
+        raise BadInputError(
+            f"--verify in a job array: each job writes only its share; run `w4a8conv finalize {dst} --verify "
+            f"{src}` once every share is done"
+        )
     if dry_run:
-        plan = plan_conversion(src, dst, target, num_workers, worker_index, checksums)
+        plan = plan_conversion(src, dst, target, size, index, checksums, overwrite=overwrite, resume=resume)
         summary = plan.summary
-        mine = {name: plan.shard(name).file_size for name in plan.shares[worker_index]}
+        mine = {name: plan.shard(name).file_size for name in plan.shares[index]}
         if output.json_mode:
-            report = {**summary.as_dict(), "target": plan.target, "total_shards": summary.shards, "shards": mine}
-            output.emit_json({"ok": True, "dry_run": True, **report})
+            report = {**summary.as_dict(), "target": plan.target, "in_dir": str(src), "out_dir": str(dst)}
+            output.emit_json({"ok": True, "dry_run": True, **report, "share_shards": mine})
         else:
+            share = f"{len(mine)} of {summary.shards} shards" if size > 1 else f"{summary.shards} shards"
             output.info(
                 f"would convert a {summary.format} checkpoint (group size {summary.group_size}) for {plan.target}: "
-                f"{summary.modules} W4A8 modules into {len(mine)} of {summary.shards} shards, "
+                f"{summary.modules} W4A8 modules into {share}, "
                 f"{human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)}; nothing written"
             )
         return
@@ -185,33 +277,19 @@ def convert(
         device=device,
         target=target,
         workers=workers,
-        num_workers=num_workers,
-        worker_index=worker_index,
+        array_size=size,
+        array_index=index,
         overwrite=overwrite,
         resume=resume,
         direct_io=direct_io,
         checksums=checksums,
         progress=output.progress(),
     )
-    verification = None
-    if verify and num_workers == 1:
-        from .verify import verify_conversion
-
-        share_one_malloc_arena()
-        verification = verify_conversion(src, dst)
-    if output.json_mode:
-        ok = verification is None or verification.ok
-        output.emit_json({"ok": ok, **result.as_dict(), **({"verify": verification.as_dict()} if verification else {})})
-        if not ok:
-            raise typer.Exit(EXIT_FAILURE)
-        return
-    if verification is not None:
-        output.verify_report(verification)
-        if not verification.ok:
-            raise typer.Exit(EXIT_FAILURE)
-    if num_workers > 1:
+    verification = _verified(output, src, dst) if verify else None
+    _report(output, {**result.as_dict(), "in_dir": str(src)}, verification)
+    if size > 1:
         output.info(
-            f"share {worker_index} of {num_workers} done in {result.seconds:.1f}s; "
+            f"share {index} of {size} done in {result.seconds:.1f}s; "
             f"run `w4a8conv finalize {dst}` once every share is done"
         )
         return
@@ -222,6 +300,29 @@ def convert(
         f"{summary.shards} shards, {human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)} "
         f"in {result.seconds:.1f}s on {result.device}\n-> {result.out_dir}"
     )
+
+
+def _verified(output: Output, src: Path, dst: Path, **options):
+    """``verify_conversion`` with progress on stderr, labelled as such."""
+    from .verify import verify_conversion
+
+    share_one_malloc_arena()
+    progress = output.progress("verifying")
+    try:
+        return verify_conversion(src, dst, progress=progress, **options)
+    finally:
+        progress.finish()
+
+
+def _report(output: Output, result: dict, verification) -> None:
+    """The JSON result, or the verification's text; exit 1 when the verification failed."""
+    ok = verification is None or verification.ok
+    if output.json_mode:
+        output.emit_json({"ok": ok, **result, **({"verify": verification.as_dict()} if verification else {})})
+    elif verification is not None and not output.quiet:
+        output.verify_report(verification)
+    if not ok:
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command()
@@ -245,23 +346,15 @@ def verify(
         ),
     ] = None,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
     """Prove DST is a correct conversion of SRC, independently of the code that wrote it (exit 1 if not)."""
-    from .verify import verify_conversion
-
-    share_one_malloc_arena()
-    progress = output.progress()
-    try:
-        report = verify_conversion(
-            src, dst, sample=sample, seed=seed, numeric=numeric, progress=progress, workers=workers
-        )
-    finally:
-        progress.finish()
+    report = _verified(output, src, dst, sample=sample, seed=seed, numeric=numeric, workers=workers)
     if output.json_mode:
-        output.emit_json(report.as_dict())
-    else:
+        output.emit_json({"ok": report.ok, "in_dir": str(src), "out_dir": str(dst), **report.as_dict()})
+    elif not output.quiet:
         output.verify_report(report)
     if not report.ok:
         raise typer.Exit(EXIT_FAILURE)
@@ -271,18 +364,37 @@ def verify(
 @handle_errors
 def finalize(
     dst: Annotated[Path, typer.Argument(help="The output directory the jobs of an array wrote.", show_default=False)],
+    verify: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="SRC",
+            help="Then verify the output against SRC, the input checkpoint (exit 1 if it fails).",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
-    """Write the index and description once every share of a job array is done (exit 1, naming the missing)."""
+    """Write the index and description once every share of a job array is done (exit 1, naming the missing).
+
+    On a directory already finalized it does nothing and exits 0, so a retried CI step passes.
+    """
     from .convert import finalize as finalize_job
 
-    summary = finalize_job(dst).summary
-    if output.json_mode:
-        output.emit_json({"ok": True, "out_dir": str(dst), **summary.as_dict()})
+    plan = finalize_job(dst)
+    verification = _verified(output, verify, dst) if verify is not None else None
+    result = {
+        "out_dir": str(dst),
+        "already_finalized": plan is None,
+        **({} if plan is None else plan.summary.as_dict()),
+    }
+    _report(output, result, verification)
+    if plan is None:
+        output.info(f"{dst} is already finalized; nothing to do")
     else:
-        output.info(f"finalized {dst}: {summary.shards} shards, {summary.modules} W4A8 modules")
+        output.info(f"finalized {dst}: {plan.summary.shards} shards, {plan.summary.modules} W4A8 modules")
 
 
 @app.command()
@@ -290,10 +402,15 @@ def finalize(
 def synthetic(
     path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
     layout: Annotated[
-        str, typer.Option(help="The source layout: " + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES))
+        str,
+        typer.Option(
+            metavar=choices(SOURCE_NAMES),
+            help="The source layout: " + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES),
+        ),
     ] = SOURCE_NAMES[0],
     seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
     json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
@@ -307,7 +424,7 @@ def synthetic(
         raise BadInputError(f"{path}: exists and is not an empty directory")
     write_checkpoint(path, layout, SyntheticSpec(seed=seed))
     if output.json_mode:
-        output.emit_json({"ok": True, "path": str(path), "layout": layout})
+        output.emit_json({"ok": True, "out_dir": str(path), "layout": layout})
     else:
         output.info(f"wrote a synthetic {layout} checkpoint to {path}")
 
@@ -319,7 +436,7 @@ def _terminate(signum, frame) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)  # a clean stop, as for Ctrl-C: one line, the work so far kept
     try:
-        app()
+        app(prog_name="w4a8conv")  # also under `python -m w4a8conv`
     except SystemExit as stop:
         code = stop.code
     else:

@@ -5,7 +5,7 @@ projections' tensors: pass-through tensors are copied file to file, processed te
 their planned offsets, and no shard is assembled in memory.
 
 A conversion is a *job*: the plan is written to ``DST/.w4a8conv/job.json`` first, the output shards
-are split into ``num_workers`` disjoint shares that independent processes (a Slurm array, a
+are split into ``array_size`` disjoint shares that independent processes (a Slurm array, a
 Kubernetes Indexed Job) may convert, and :func:`finalize` writes the index and description once all
 shares are done. A single-process conversion is the same job with one share, so the bytes are the same.
 """
@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
 from .errors import EXIT_FAILURE, BadInputError, Terminated, W4A8ConvError, interruption
 from .filesystems import direct_io_by_default
-from .jobs import JobShare, copy_file_atomic, finalize, start_share
+from .jobs import JobShare, check_output, copy_file_atomic, finalize, start_share
 from .names import TOOL_SECTION
 from .output import Progress
 from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
@@ -68,25 +68,25 @@ def check_paths(src: Path, dst: Path) -> None:
         raise BadInputError(f"--out {dst}: exists and is not a directory")
 
 
-def _check_share(num_workers: int, worker_index: int) -> None:
-    if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise BadInputError(f"--worker-index {worker_index}: need 0 <= index < --num-workers {num_workers}")
+def _check_share(array_size: int, array_index: int) -> None:
+    if array_size < 1 or not 0 <= array_index < array_size:
+        raise BadInputError(f"--array-index {array_index}: need 0 <= index < --array-size {array_size}")
 
 
 def prepare(
-    src: Path, target: str = DEFAULT_TARGET, num_workers: int = 1, worker_index: int = 0, checksums: bool = True
+    src: Path, target: str = DEFAULT_TARGET, array_size: int = 1, array_index: int = 0, checksums: bool = True
 ) -> tuple[Checkpoint, ConversionPlan]:
     """Read and plan ``src``, and read the scales of this share's modules; raise on the first problem
     (``inspect`` lists them all)."""
     ckpt = open_checkpoint(src)
     if TOOL_SECTION in ckpt.description:
         raise BadInputError(f"{src}: already processed by w4a8conv; nothing to convert")
-    plan = build_plan(ckpt, target, num_workers, checksums)
+    plan = build_plan(ckpt, target, array_size, checksums)
     if plan.problems:
         more = len(plan.problems) - 1
         suffix = f" (and {more} more; run `w4a8conv inspect {src}` for all)" if more else ""
         raise BadInputError(plan.problems[0] + suffix)
-    check_scales_are_finite(m for shard in _my_shards(plan, worker_index) for m in shard.modules)
+    check_scales_are_finite(m for shard in _my_shards(plan, array_index) for m in shard.modules)
     return ckpt, plan
 
 
@@ -96,8 +96,8 @@ def convert_checkpoint(
     device: str = "cpu",
     target: str = DEFAULT_TARGET,
     workers: int = 1,
-    num_workers: int = 1,
-    worker_index: int = 0,
+    array_size: int = 1,
+    array_index: int = 0,
     overwrite: bool = False,
     resume: bool = False,
     direct_io: bool | None = None,
@@ -113,8 +113,8 @@ def convert_checkpoint(
         device: ``cpu`` (default), ``cuda``, ``npu`` or ``auto``.
         target: the serving target (``w4a8conv.targets``); the newest by default.
         workers: threads converting modules in parallel inside this process; output is identical.
-        num_workers: number of independent jobs sharing the conversion (a job array's size).
-        worker_index: this job's index, ``0 <= worker_index < num_workers``.
+        array_size: number of independent jobs sharing the conversion (a job array's size).
+        array_index: this job's index, ``0 <= array_index < array_size``.
         overwrite: replace a previous w4a8conv output in ``dst``.
         resume: finish an interrupted conversion of the same input, redoing only unfinished shards.
         direct_io: read and write large tensors with O_DIRECT (the bytes are the same either way);
@@ -125,7 +125,7 @@ def convert_checkpoint(
         progress: receives progress reports.
 
     Returns:
-        A summary of what was converted. With ``num_workers > 1`` the output is complete only
+        A summary of what was converted. With ``array_size > 1`` the output is complete only
         after :func:`finalize`.
 
     Raises:
@@ -135,7 +135,7 @@ def convert_checkpoint(
     """
     started = time.monotonic()
     src, dst = Path(src), Path(dst)
-    _check_share(num_workers, worker_index)
+    _check_share(array_size, array_index)
     if workers < 1:
         raise BadInputError(f"--workers {workers}: need at least 1")
     if overwrite and resume:
@@ -144,20 +144,20 @@ def convert_checkpoint(
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
-    ckpt, plan = prepare(src, target, num_workers, worker_index, checksums)
+    ckpt, plan = prepare(src, target, array_size, array_index, checksums)
     torch_device = resolve_device(device)
-    share = start_share(dst, plan, worker_index, overwrite=overwrite, resume=resume)
+    share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
         return _result(dst, started, torch_device, direct_io, direct_reads, plan)
     report = progress or Progress()
     try:
-        todo = [s for s in _my_shards(plan, worker_index) if not share.is_complete(s.name)]
+        todo = [s for s in _my_shards(plan, array_index) if not share.is_complete(s.name)]
         _check_free_space(dst, sum(s.file_size for s in todo))
         report.start(
             sum(i.nbytes for s in todo for i in s.passthrough) + sum(p.source_bytes for s in todo for p in s.modules),
             sum(len(s.modules) for s in todo),
         )
-        if worker_index == 0:
+        if array_index == 0:
             for rel in ckpt.extra_files:
                 copy_file_atomic(ckpt.root / rel, dst, rel)
         converting = {s.name for s in todo}
@@ -165,12 +165,12 @@ def convert_checkpoint(
         _import_math_in_background()
         _convert_shards(todo, unhashed, share, torch_device, workers, direct_io, direct_reads, report)
         share.mark_done()
-        if num_workers == 1:
+        if array_size == 1:
             finalize(dst, plan)
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name, code = interruption(stop)
         done = sum(share.is_complete(shard) for shard in share.shard_names)
-        again = "rerun with --resume" if num_workers == 1 else "rerun this job"
+        again = "rerun with --resume" if array_size == 1 else "rerun this job"
         raise W4A8ConvError(
             f"--out {dst}: interrupted by {signal_name} with {done} of {len(share.shard_names)} shards written; "
             f"{again} to finish",
@@ -224,25 +224,47 @@ def plan_conversion(
     src: Path | str,
     dst: Path | str,
     target: str = DEFAULT_TARGET,
-    num_workers: int = 1,
-    worker_index: int = 0,
+    array_size: int = 1,
+    array_index: int = 0,
     checksums: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> ConversionPlan:
-    """What :func:`convert_checkpoint` would do, with every check it makes before writing (from the headers,
-    and the scales' values); writes nothing."""
+    """What :func:`convert_checkpoint` would do, with every check it makes before writing, on both sides:
+    the input (headers, and the scales' values) and ``dst`` (what it holds, whether it can be written,
+    free space), with the same messages and exit codes; writes nothing."""
     src, dst = Path(src), Path(dst)
-    _check_share(num_workers, worker_index)
+    _check_share(array_size, array_index)
+    if overwrite and resume:
+        raise BadInputError("--overwrite and --resume: choose one")
     check_paths(src, dst)
-    return prepare(src, target, num_workers, worker_index, checksums)[1]
+    plan = prepare(src, target, array_size, array_index, checksums)[1]
+    if not check_output(dst, plan, overwrite=overwrite, resume=resume):
+        mine = _my_shards(plan, array_index)
+        needed = sum(s.file_size for s in mine if not _is_written(dst / s.name, s.file_size))
+        _check_free_space(_existing(dst), needed, dst)
+    return plan
 
 
-def _my_shards(plan: ConversionPlan, worker_index: int) -> list[OutputShard]:
-    mine = set(plan.shares[worker_index])
+def _is_written(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _my_shards(plan: ConversionPlan, array_index: int) -> list[OutputShard]:
+    mine = set(plan.shares[array_index])
     return [shard for shard in plan.shards if shard.name in mine]
 
 
-def _check_free_space(dst: Path, needed: int) -> None:
-    free = shutil.disk_usage(dst).free
+def _check_free_space(where: Path, needed: int, dst: Path | None = None) -> None:
+    """Refuse when the filesystem holding ``where`` (``dst`` or, before it exists, its parent) lacks ``needed``."""
+    dst = dst or where
+    free = shutil.disk_usage(where).free
     if needed > free:
         raise W4A8ConvError(
             f"--out {dst}: needs {needed / 1e9:.2f} GB more but the filesystem has {free / 1e9:.2f} GB free; "

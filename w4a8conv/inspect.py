@@ -34,7 +34,7 @@ class InspectReport:
     contract: dict  # a w4a8conv output's artifact contract, as its description records it (empty for a source)
     version: str | None
     group_size: int | None
-    w4a8_modules: int
+    modules: int
     w4a8_linear: int
     moe_layers: int
     experts: int
@@ -45,12 +45,12 @@ class InspectReport:
     params_dtype: str
     shards: int
     tensors: int
-    total_bytes: int
-    converted_bytes: int | None
+    input_bytes: int  # the inspected checkpoint's shard bytes
+    output_bytes: int | None  # after convert (a source); None for a w4a8conv output
     problems: list[str]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"ok": not self.problems, **asdict(self)}
 
 
 def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> InspectReport:
@@ -81,7 +81,7 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         serving_targets=list(plan.serving_targets),
         contract={},
         group_size=plan.group_size,
-        w4a8_modules=summary.modules,
+        modules=summary.modules,
         w4a8_linear=sum(not p.is_moe for p in plan.modules),
         moe_layers=summary.moe_layers,
         experts=summary.experts,
@@ -89,7 +89,7 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         hidden_size=hidden or None,
         moe_intermediate_size=intermediate or None,
         other_quant_types=dict(plan.other_quant_types),
-        converted_bytes=summary.output_bytes if plan.modules else None,
+        output_bytes=summary.output_bytes if plan.modules else None,
         problems=list(plan.problems),
     )
 
@@ -113,7 +113,7 @@ def _common(path: Path | str, ckpt: Checkpoint) -> dict:
         "params_dtype": ckpt.params_dtype_name,
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
-        "total_bytes": ckpt.total_bytes,
+        "input_bytes": ckpt.total_bytes,
     }
 
 
@@ -149,7 +149,7 @@ def _processed(ckpt: Checkpoint) -> dict:
         "serving_targets": [],
         "contract": {key: section[key] for key in CONTRACT_KEYS if key in section},
         "group_size": section.get("group_size"),
-        "w4a8_modules": modules,
+        "modules": modules,
         "w4a8_linear": linear,
         "moe_layers": len(layers),
         "experts": sum(len(experts) for experts in layers.values()),
@@ -157,6 +157,6 @@ def _processed(ckpt: Checkpoint) -> dict:
         "hidden_size": None,
         "moe_intermediate_size": None,
         "other_quant_types": dict(sorted(other.items())),
-        "converted_bytes": None,
+        "output_bytes": None,
         "problems": problems,
     }

@@ -12,6 +12,7 @@ a directory without the description is visibly unfinished. Nothing here knows ab
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -36,16 +37,16 @@ SUMS_DIR = "sums"
 class JobShare:
     """This process's share of a job in an output directory, held under a lock until closed."""
 
-    def __init__(self, dst: Path, plan: ConversionPlan, worker_index: int, lock_fds: tuple[int, ...]):
+    def __init__(self, dst: Path, plan: ConversionPlan, array_index: int, lock_fds: tuple[int, ...]):
         self.dst = dst
         self.plan = plan
-        self.worker_index = worker_index
+        self.array_index = array_index
         self._lock_fds = lock_fds
         self.state = dst / STATE_DIR
 
     @property
     def shard_names(self) -> tuple[str, ...]:
-        return self.plan.shares[self.worker_index]
+        return self.plan.shares[self.array_index]
 
     @property
     def checksums(self) -> bool:
@@ -70,8 +71,8 @@ class JobShare:
     def remove_stale_partials(self) -> None:
         """Delete temporary files a killed run of this share left (never another share's)."""
         owned = [*self.shard_names, *(f"{SUMS_DIR}/{name}.sha256" for name in self.shard_names)]
-        owned.append(_share_file(self.worker_index, self.plan.num_workers))
-        if self.worker_index == 0:
+        owned.append(_share_file(self.array_index, self.plan.array_size))
+        if self.array_index == 0:
             # Not the job file's: every job of an array writes it, and one starting beside this one may
             # be writing it right now. Leftovers of a killed run go when finalize removes the state.
             owned += [*self.plan.extra_files, self.plan.index_name, DESCRIPTION_FILE, MANIFEST_FILE, CONFIG_FILE]
@@ -82,7 +83,7 @@ class JobShare:
                     stale.unlink()
 
     def mark_done(self) -> None:
-        write_json(self.state / _share_file(self.worker_index, self.plan.num_workers), {"shards": self.shard_names})
+        write_json(self.state / _share_file(self.array_index, self.plan.array_size), {"shards": self.shard_names})
 
     def close(self) -> None:
         for fd in self._lock_fds:
@@ -91,7 +92,7 @@ class JobShare:
 
 
 def start_share(
-    dst: Path, plan: ConversionPlan, worker_index: int, overwrite: bool = False, resume: bool = False
+    dst: Path, plan: ConversionPlan, array_index: int, overwrite: bool = False, resume: bool = False
 ) -> JobShare | None:
     """Take this process's share of ``plan`` in ``dst``; None when ``resume`` finds the job already finished.
 
@@ -100,16 +101,51 @@ def start_share(
     """
     state = dst / STATE_DIR
     job_file = state / JOB_FILE
-    is_array = plan.num_workers > 1
-    lock_name = f"lock-{worker_index}-of-{plan.num_workers}"
-    if overwrite and is_array:
-        raise BadInputError("--overwrite: not with --num-workers > 1; give the array a fresh directory")
+    is_array = plan.array_size > 1
+    lock_name = f"lock-{array_index}-of-{plan.array_size}"
+    if _check_directory(dst, plan, overwrite, resume):
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    real_directory(state, dst)
+    locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
+    try:
+        locks.append(_lock(state / lock_name, dst))
+        existing = _check_job_file(dst, plan, resume) if job_file.is_file() and not overwrite else None
+        if overwrite:
+            _clear(dst, keep={state / lock_name, state / DIRECTORY_LOCK})
+        if existing is None:
+            write_atomic(job_file, plan.to_bytes())
+        share = JobShare(dst, plan, array_index, tuple(locks))
+        share.remove_stale_partials()
+    except BaseException:
+        for fd in locks:
+            os.close(fd)
+        raise
+    return share
+
+
+def check_output(dst: Path, plan: ConversionPlan, overwrite: bool = False, resume: bool = False) -> bool:
+    """What :func:`start_share` refuses, checked without writing or locking (``--dry-run``), and whether
+    the output can be written at all; True when ``resume`` would find the job finished."""
+    if _check_directory(dst, plan, overwrite, resume):
+        return True
+    if (dst / STATE_DIR / JOB_FILE).is_file() and not overwrite:
+        _check_job_file(dst, plan, resume)
+    _check_writable(dst / STATE_DIR if dst.exists() else dst)
+    return False
+
+
+def _check_directory(dst: Path, plan: ConversionPlan, overwrite: bool, resume: bool) -> bool:
+    """Refuse an ``--out`` that is not this conversion's to write; True when ``resume`` finds it finished."""
+    state = dst / STATE_DIR
+    if overwrite and plan.array_size > 1:
+        raise BadInputError("--overwrite: not with --array-size > 1; give the array a fresh directory")
     _refuse_link(state)
     finished = _finished_description(dst)
     if not state.is_dir():
         if finished is not None:
             if resume and finished == _as_json(plan.description):
-                return None
+                return True
             if resume and finished == _as_json(plan.with_checksums(not plan.checksums).description):
                 flag = _checksums_flag(not plan.checksums)
                 raise BadInputError(f"--out {dst}: this conversion was finished with {flag}; pass it here too")
@@ -120,37 +156,43 @@ def start_share(
         elif dst.exists() and any(dst.iterdir()) and not state.is_dir():
             what = "--overwrite only replaces w4a8conv output" if overwrite else "choose a new one"
             raise BadInputError(f"--out {dst}: exists and is not an empty directory; {what}")
-    dst.mkdir(parents=True, exist_ok=True)
-    real_directory(state, dst)
-    locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
-    try:
-        locks.append(_lock(state / lock_name, dst))
-        existing = _saved_fingerprint(job_file) if job_file.is_file() and not overwrite else None
-        if overwrite:
-            _clear(dst, keep={state / lock_name, state / DIRECTORY_LOCK})
-        elif existing is not None and existing != plan.fingerprint:
-            if existing == plan.with_checksums(not plan.checksums).fingerprint:
-                flag = _checksums_flag(not plan.checksums)
-                raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
-            changed = _changed_input(read_plan(job_file), plan)
-            if changed is not None:
-                raise BadInputError(
-                    f"{plan.source / changed}: changed since the conversion into --out {dst} started "
-                    "(size, time, inode or header); its shards so far hold the old data: convert again into "
-                    "a new directory"
-                )
-            raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
-        elif existing is not None and not (resume or is_array):
-            raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
-        if existing is None:
-            write_atomic(job_file, plan.to_bytes())
-        share = JobShare(dst, plan, worker_index, tuple(locks))
-        share.remove_stale_partials()
-    except BaseException:
-        for fd in locks:
-            os.close(fd)
-        raise
-    return share
+    return False
+
+
+def _check_job_file(dst: Path, plan: ConversionPlan, resume: bool) -> str:
+    """Refuse a conversion in progress in ``dst`` that is not this one; returns its fingerprint."""
+    job_file = dst / STATE_DIR / JOB_FILE
+    existing = _saved_fingerprint(job_file)
+    if existing != plan.fingerprint:
+        if existing == plan.with_checksums(not plan.checksums).fingerprint:
+            flag = _checksums_flag(not plan.checksums)
+            raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
+        changed = _changed_input(read_plan(job_file), plan)
+        if changed is not None:
+            raise BadInputError(
+                f"{plan.source / changed}: changed since the conversion into --out {dst} started "
+                "(size, time, inode or header); its shards so far hold the old data: convert again into "
+                "a new directory"
+            )
+        raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
+    if not (resume or plan.array_size > 1):
+        raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
+    return existing
+
+
+def _check_writable(path: Path) -> None:
+    """Raise the error creating ``path`` would raise where its nearest existing directory is read-only."""
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if os.access(parent, os.W_OK | os.X_OK):
+        return
+    first = path
+    while first.parent != parent:
+        first = first.parent
+    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    code = errno.EROFS if read_only else errno.EACCES
+    raise OSError(code, os.strerror(code), str(first if first != parent else path))
 
 
 def read_plan(path: Path) -> ConversionPlan:
@@ -198,8 +240,8 @@ def _as_json(data) -> object:
     return json.loads(json.dumps(data))
 
 
-def _share_file(worker_index: int, num_workers: int) -> str:
-    return f"share-{worker_index}-of-{num_workers}.json"
+def _share_file(array_index: int, array_size: int) -> str:
+    return f"share-{array_index}-of-{array_size}.json"
 
 
 def _finished_description(dst: Path) -> dict | None:
@@ -246,12 +288,13 @@ def _clear(dst: Path, keep: set[Path]) -> None:
             child.unlink()
 
 
-def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionPlan:
+def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionPlan | None:
     """Write the manifest (if the job has checksums), the index and then the description once every share is done.
 
     Refuses, naming them, while shares are missing or still running. ``plan``: the job's plan, when
     the caller holds it and the directory's lock (a single-process conversion); else the lock is
-    taken here and the plan read from the job file. Returns it.
+    taken here and the plan read from the job file. Returns it, or None for a directory already
+    finalized (a retried step: nothing to do).
     """
     dst = Path(dst)
     state = dst / STATE_DIR
@@ -259,7 +302,7 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
     _refuse_link(state)
     if not job_file.is_file():
         if _finished_description(dst) is not None:
-            raise BadInputError(f"{dst}: already finalized")
+            return None
         raise BadInputError(f"{dst}: no conversion in progress here ({STATE_DIR}/{JOB_FILE} is missing)")
     if plan is not None:
         return _finalize_locked(dst, plan)
@@ -272,11 +315,11 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
 
 def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
     state = dst / STATE_DIR
-    n = plan.num_workers
+    n = plan.array_size
     missing = [i for i in range(n) if not (state / _share_file(i, n)).is_file()]
     if missing:
         raise W4A8ConvError(
-            f"{dst}: shares {', '.join(map(str, missing))} of {n} (--worker-index) are not finished", EXIT_FAILURE
+            f"{dst}: shares {', '.join(map(str, missing))} of {n} (--array-index) are not finished", EXIT_FAILURE
         )
     for shard in plan.shards:
         path = dst / shard.name

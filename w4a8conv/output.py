@@ -1,4 +1,9 @@
-"""All printing: Rich for people, JSON for machines, plain lines in CI logs. Chosen once per command."""
+"""All printing: Rich for people, JSON for machines, plain lines in CI logs. Chosen once per command.
+
+Results go to stdout (a table, a summary line, or with ``--json`` one JSON object); progress and
+errors to stderr, in every mode. Output that is not a terminal is never wrapped: a line in a log or a
+pipe is one line however long.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,17 @@ from rich.text import Text
 from .names import PROCESSED_FORMAT
 
 
+def human_value(value: object) -> str:
+    """A value as people read it: never Python's ``None``, ``[]`` or quotes."""
+    if value is None or value == [] or value == {}:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(human_value, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {human_value(v)}" for k, v in value.items())
+    return str(value)
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -27,13 +43,24 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-class Output:
-    """Where a command's words go. ``json_mode``: one JSON object on stdout, nothing else there."""
+PROGRESS_INTERVAL = 30.0  # seconds between progress lines in logs, at most, while work goes on
+_UNWRAPPED = 1 << 16  # columns of a console that is not a terminal: wide enough to wrap nothing
 
-    def __init__(self, json_mode: bool = False):
-        self.json_mode = json_mode
-        self.err = Console(stderr=True, highlight=False)
-        self.out = Console(highlight=False)
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    return Console(stderr=stderr, highlight=False, width=None if terminal else _UNWRAPPED, soft_wrap=not terminal)
+
+
+class Output:
+    """Where a command's words go. ``json_mode``: one JSON object on stdout, nothing else there;
+    ``quiet``: no progress and no human result, only errors (and the JSON object)."""
+
+    def __init__(self, json_mode: bool = False, quiet: bool = False):
+        self.json_mode, self.quiet = json_mode, quiet
+        self.err = _console(stderr=True)
+        self.out = _console(stderr=False)
         self.interactive = self.err.is_terminal and not os.environ.get("CI")
 
     def emit_json(self, data: dict) -> None:
@@ -47,8 +74,9 @@ class Output:
             self.emit_json({"ok": False, "error": message})
 
     def info(self, message: str) -> None:
-        if not self.json_mode:
-            self.err.print(message, soft_wrap=True, markup=False)
+        """A human result on stdout (not with ``--json`` or ``--quiet``)."""
+        if not self.json_mode and not self.quiet:
+            self.out.print(message, soft_wrap=True, markup=False)
 
     def inspect_table(self, report) -> None:
         """An ``inspect.InspectReport`` as a table, then its problems."""
@@ -58,7 +86,7 @@ class Output:
         rows = [
             ("format", report.format),
             ("target", report.target or "-"),
-            *[(f"contract: {key}", str(value)) for key, value in report.contract.items() if key != "target"],
+            *[(f"contract: {key}", value) for key, value in report.contract.items() if key != "target"],
             *(
                 [("targets that serve it", ", ".join(report.serving_targets) or "none")]
                 if report.format != PROCESSED_FORMAT
@@ -66,10 +94,10 @@ class Output:
             ),
             ("version", report.version or "-"),
             ("group size", "per-channel (0)" if report.group_size == 0 else report.group_size),
-            ("W4A8 modules", f"{report.w4a8_modules} ({report.w4a8_linear} Linear)"),
+            ("W4A8 modules", f"{report.modules} ({report.w4a8_linear} Linear)"),
             (
                 "MoE layers",
-                f"{report.moe_layers} x {report.experts_per_layer} experts"
+                f"{report.moe_layers} x {human_value(report.experts_per_layer)} experts"
                 + (
                     f" (hidden {report.hidden_size}, moe_intermediate {report.moe_intermediate_size})"
                     if report.hidden_size
@@ -79,11 +107,11 @@ class Output:
             ("other quant types", ", ".join(f"{k}: {v}" for k, v in report.other_quant_types.items()) or "-"),
             ("params dtype", report.params_dtype),
             ("shards / tensors", f"{report.shards} / {report.tensors}"),
-            ("size", human_bytes(report.total_bytes)),
-            ("size after convert", human_bytes(report.converted_bytes)),
+            ("size", human_bytes(report.input_bytes)),
+            ("size after convert", human_bytes(report.output_bytes)),
         ]
         for key, value in rows:
-            table.add_row(key, Text(str(value)))
+            table.add_row(key, Text(human_value(value)))
         self.out.print(table)
         if report.problems:
             self.out.print(f"[bold red]{len(report.problems)} problem(s):[/]")
@@ -106,11 +134,11 @@ class Output:
         for problem in report.problems:
             self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
 
-    def progress(self) -> Progress:
-        """Progress for a conversion: a Rich bar on a terminal, a line per shard in logs, none in JSON mode."""
-        if self.json_mode:
+    def progress(self, label: str = "converting") -> Progress:
+        """Progress on stderr: a Rich bar on a terminal, a line per shard in logs, none with ``--quiet``."""
+        if self.quiet:
             return Progress()
-        return RichProgress(self.err) if self.interactive else LineProgress(self.err)
+        return RichProgress(self.err, label) if self.interactive else LineProgress(self.err, label)
 
 
 class Progress:
@@ -130,8 +158,9 @@ class LineProgress(Progress):
     """Quiet progress for CI logs: a line per output shard written, and one at least every
     ``interval`` seconds, so a CI job that kills silent steps sees it working."""
 
-    def __init__(self, console: Console, interval: float = 30.0):
-        self.console, self.interval = console, interval
+    def __init__(self, console: Console, label: str = "converting", interval: float | None = None):
+        self.console, self.label = console, label
+        self.interval = PROGRESS_INTERVAL if interval is None else interval
 
     def start(self, total_bytes: int, total_modules: int) -> None:
         self.total_bytes, self.total_modules = total_bytes, total_modules
@@ -144,7 +173,7 @@ class LineProgress(Progress):
         if event == "shard":
             self._line(f"wrote {name}")
         elif time.monotonic() - self.last_line >= self.interval:
-            self._line("working")
+            self._line(self.label)
 
     def _line(self, what: str) -> None:
         self.last_line = time.monotonic()
@@ -161,7 +190,8 @@ class LineProgress(Progress):
 class RichProgress(Progress):
     """A live bar with bytes, rate, modules and ETA."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, label: str = "converting"):
+        self.label = label
         self.bar = RichBar(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -174,13 +204,15 @@ class RichProgress(Progress):
 
     def start(self, total_bytes: int, total_modules: int) -> None:
         self.total_modules, self.done_modules, self.done_shards = total_modules, 0, 0
-        self.task = self.bar.add_task("converting", total=total_bytes, modules=f"0/{total_modules} modules")
+        self.task = self.bar.add_task(self.label, total=total_bytes, modules=f"0/{total_modules} modules")
         self.bar.start()
 
     def update(self, event: str, name: str, nbytes: int) -> None:
         self.done_modules += event == "module"
         self.done_shards += event == "shard"
-        modules = f"{self.done_modules}/{self.total_modules} modules, {self.done_shards} shards written"
+        modules = f"{self.done_modules}/{self.total_modules} modules"
+        if self.done_shards:
+            modules += f", {self.done_shards} shards written"
         self.bar.update(self.task, advance=nbytes, modules=modules)
 
     def finish(self) -> None:

@@ -168,7 +168,7 @@ class ConversionPlan:
         return get_target(self.target)
 
     @property
-    def num_workers(self) -> int:
+    def array_size(self) -> int:
         return len(self.shares)
 
     @property

@@ -39,14 +39,14 @@ SHARD_METADATA = {"format": "pt", "converted_by": f"w4a8conv {__version__}"}
 
 @holding_gc
 def build_plan(
-    ckpt: Checkpoint, target: str = DEFAULT_TARGET, num_workers: int = 1, checksums: bool = True
+    ckpt: Checkpoint, target: str = DEFAULT_TARGET, array_size: int = 1, checksums: bool = True
 ) -> ConversionPlan:
-    """Plan the conversion of ``ckpt`` for ``target``, split into ``num_workers`` shares.
+    """Plan the conversion of ``ckpt`` for ``target``, split into ``array_size`` shares.
 
     Args:
         ckpt: the source checkpoint, as read from its headers.
         target: the serving target's name.
-        num_workers: the number of jobs of an array sharing the conversion.
+        array_size: the number of jobs of an array sharing the conversion.
         checksums: whether the output gets a sha256 manifest (the description says so).
     """
     serving = get_target(target)
@@ -125,7 +125,7 @@ def build_plan(
         passthrough=tuple(passthrough),
         moe_layers=tuple(moe_layers),
         shards=shards,
-        shares=assign_shares(shards, num_workers),
+        shares=assign_shares(shards, array_size),
         extra_files=tuple(str(p) for p in ckpt.extra_files),
         index_name=f"{ckpt.prefix}{INDEX_SUFFIX}",
         description=description,
@@ -296,16 +296,16 @@ def _output_shards(
     return tuple(shards)
 
 
-def assign_shares(shards: tuple[OutputShard, ...], num_workers: int) -> tuple[tuple[str, ...], ...]:
-    """Split shards into ``num_workers`` disjoint shares of similar bytes; the same for every caller.
+def assign_shares(shards: tuple[OutputShard, ...], array_size: int) -> tuple[tuple[str, ...], ...]:
+    """Split shards into ``array_size`` disjoint shares of similar bytes; the same for every caller.
 
     Largest shard first to the share with the fewest bytes (ties: lower index), so every job of an
     array computes the same split from the same plan.
     """
-    shares: list[list[str]] = [[] for _ in range(num_workers)]
-    loads = [0] * num_workers
+    shares: list[list[str]] = [[] for _ in range(array_size)]
+    loads = [0] * array_size
     for shard in sorted(shards, key=lambda s: (-s.nbytes, natural_key(s.name))):
-        target = min(range(num_workers), key=lambda i: (loads[i], i))
+        target = min(range(array_size), key=lambda i: (loads[i], i))
         shares[target].append(shard.name)
         loads[target] += shard.nbytes
     return tuple(tuple(sorted(share, key=natural_key)) for share in shares)

@@ -1,0 +1,149 @@
+"""The command line as its users expect it: job arrays, one JSON shape, results on stdout, help, --quiet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.cli import app
+from w4a8conv.planner import build_plan
+
+from .conftest import LEGACY_TARGET, cli
+
+
+def _share_of(src, out, *args, env=None) -> tuple[int, dict, str]:
+    result = CliRunner().invoke(
+        app,
+        ["convert", "--in", str(src), "--out", str(out), "--dry-run", "--json", "--target", LEGACY_TARGET, *args],
+        env=env,
+    )
+    return result.exit_code, json.loads(result.stdout), result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "index"),
+    [
+        ({"SLURM_ARRAY_TASK_ID": "2"}, 2),
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, 2),  # sbatch --array=1-3
+        ({"JOB_COMPLETION_INDEX": "1"}, 1),  # a Kubernetes Indexed Job
+    ],
+)
+def test_the_array_index_comes_from_the_scheduler(source_checkpoints, tmp_path, env, index):
+    src = source_checkpoints["mindie"]
+    code, report, stderr = _share_of(src, tmp_path / "out", "--array-size", "3", env=env)
+    assert code == 0, stderr
+    plan = build_plan(open_checkpoint(src), LEGACY_TARGET, array_size=3)
+    assert list(report["share_shards"]) == list(plan.shares[index])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--array-size", "4"), "--array-size 4 without --array-index, and neither SLURM_ARRAY_TASK_ID nor"),
+        (("--array-index", "1"), "--array-index 1 without --array-size"),
+        (("--num-workers", "4"), "--num-workers is now --array-size: it splits the conversion into the jobs"),
+        (("--worker-index", "1"), "--worker-index is now --array-index"),
+        (("--array-size", "2", "--array-index", "0", "--verify"), "--verify in a job array"),
+    ],
+)
+def test_a_job_array_is_said_in_full_or_refused(source_checkpoints, tmp_path, monkeypatch, args, message):
+    for variable in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(variable, raising=False)
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out", *args)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_finalize_verifies_and_a_retried_finalize_passes(source_checkpoints, tmp_path):
+    src, out = source_checkpoints["mindie"], tmp_path / "out"
+    for index in (0, 1):
+        assert cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", str(index))[0] == 0
+    code, stdout, _ = cli("finalize", out, "--verify", src, "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["ok"] and report["verify"]["modules_checked"] == 30
+    assert not report["already_finalized"]
+    code, stdout, _ = cli("finalize", out)  # a retried CI step
+    assert code == 0 and "already finalized" in stdout
+    code, stdout, _ = cli("finalize", out, "--json")
+    assert code == 0 and json.loads(stdout) == {"ok": True, "out_dir": str(out), "already_finalized": True}
+
+
+def test_finalize_verify_fails_a_damaged_output(source_checkpoints, tmp_path):
+    src, out = source_checkpoints["mindie"], tmp_path / "out"
+    assert cli("convert", "--in", src, "--out", out, "--array-size", "1", "--array-index", "0")[0] == 0
+    (out / "config.json").write_text("{}")
+    code, stdout, _ = cli("finalize", out, "--verify", src)
+    assert code == 1 and "verification failed" in stdout and "config.json" in stdout
+
+
+def test_every_json_has_ok_first_and_the_same_names(source_checkpoints, converted_checkpoints, tmp_path):
+    src, out = source_checkpoints["mindie"], tmp_path / "out"
+    outputs = {
+        "inspect": cli("inspect", src, "--json"),
+        "dry-run": cli("convert", "--in", src, "--out", out, "--dry-run", "--json"),
+        "convert": cli("convert", "--in", src, "--out", out, "--json"),
+        "verify": cli("verify", src, out, "--json"),
+        "synthetic": cli("synthetic", tmp_path / "syn", "--json"),
+        "error": cli("inspect", tmp_path / "nowhere", "--json"),
+    }
+    reports = {name: json.loads(stdout) for name, (_, stdout, _) in outputs.items()}
+    assert all(next(iter(r)) == "ok" for r in reports.values()), reports
+    assert reports["error"] == {"ok": False, "error": f"{tmp_path / 'nowhere'}: not a directory"}
+    for key in ("modules", "shards", "input_bytes", "output_bytes", "format", "group_size"):
+        assert reports["inspect"][key] == reports["dry-run"][key] == reports["convert"][key], key
+    assert reports["dry-run"]["in_dir"] == reports["convert"]["in_dir"] == reports["verify"]["in_dir"] == str(src)
+    assert reports["dry-run"]["out_dir"] == reports["convert"]["out_dir"] == reports["verify"]["out_dir"] == str(out)
+    assert reports["synthetic"]["out_dir"] == str(tmp_path / "syn")
+
+
+def test_results_on_stdout_progress_on_stderr_json_or_not(source_checkpoints, tmp_path):
+    src = source_checkpoints["mindie"]
+    code, stdout, stderr = cli("convert", "--in", src, "--out", tmp_path / "a")
+    assert code == 0 and stdout.startswith("converted mindie checkpoint") and "wrote " in stderr
+    code, stdout, stderr = cli("convert", "--in", src, "--out", tmp_path / "b", "--json")
+    assert code == 0 and json.loads(stdout)["ok"] and "wrote " in stderr
+    code, stdout, stderr = cli("convert", "--in", src, "--out", tmp_path / "c", "--quiet")
+    assert code == 0 and stdout == stderr == ""
+    for command in (("verify", src, tmp_path / "a"), ("inspect", src), ("synthetic", tmp_path / "s")):
+        code, stdout, _ = cli(*command)
+        assert code == 0 and stdout, command
+        quiet = (*command[:-1], tmp_path / "s-quiet") if command[0] == "synthetic" else command
+        code, stdout, stderr = cli(*quiet, "-q")
+        assert code == 0 and stdout == stderr == "", command
+
+
+def test_verify_progress_says_verifying(source_checkpoints, converted_checkpoints, monkeypatch):
+    monkeypatch.setattr("w4a8conv.output.PROGRESS_INTERVAL", 0.0)
+    code, _, stderr = cli("verify", source_checkpoints["mindie"], converted_checkpoints["mindie"])
+    assert code == 0 and "verifying: " in stderr and "convert" not in stderr
+
+
+def test_nothing_is_wrapped_or_printed_as_python(source_checkpoints, converted_checkpoints, tmp_path):
+    deep = tmp_path / ("a-long-directory-name-" * 6) / "checkpoint"
+    shutil.copytree(source_checkpoints["v1.0.0-per-channel"], deep)
+    (deep / "quant_model_description.json").write_text(
+        (deep / "quant_model_description.json").read_text().replace('"group_size": 0', '"group_size": 64')
+    )
+    code, stdout, _ = cli("inspect", deep)
+    problem = next(line for line in stdout.splitlines() if "group_size is 64" in line)
+    assert code == 2 and str(deep) in problem  # one line, however long
+    untyped = tmp_path / "untyped"  # no W4A8 module left: no group size, no target that serves it
+    shutil.copytree(source_checkpoints["mindie"], untyped)
+    description = untyped / "quant_model_description.json"
+    description.write_text(description.read_text().replace('"W4A8_DYNAMIC"', '"FLOAT"'))
+    code, stdout, _ = cli("inspect", untyped)
+    assert code == 2 and "None" not in stdout and "[]" not in stdout and "group size" in stdout
+
+
+def test_help_and_module_entry_point():
+    assert CliRunner().invoke(app, ["convert", "-h"]).exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "w4a8conv", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("w4a8conv ")
+    proc = subprocess.run([sys.executable, "-m", "w4a8conv", "-h"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Usage: w4a8conv" in proc.stdout
