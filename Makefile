@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-typer-oldest lint bench docs clean
 
 install: $(STAMP)
 
@@ -41,9 +41,23 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-typer-oldest
+
+# The venv holds the newest Typer pyproject.toml allows, which the whole suite ran on; the command-line
+# tests run again on the oldest it allows (tests/test_cli.py checks the two bounds agree).
+TYPER_OLDEST := typer==0.26.0
+CLI_TESTS := tests/test_cli.py tests/test_exit_codes.py tests/test_inspect.py tests/test_registry.py \
+	tests/test_cli_reference.py
+test-typer-oldest: $(STAMP)
+	rm -rf .typer-oldest
+	$(BIN)/python -m pip install --quiet --no-deps --target .typer-oldest "$(TYPER_OLDEST)"
+	PYTHONPATH=.typer-oldest $(BIN)/python -m pytest -q -p no:cacheprovider $(CLI_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_reference.py
+
 clean:
-	rm -rf $(VENV) $(DEMO) bench-data .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info

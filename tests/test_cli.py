@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
+import tomllib
 from typer.testing import CliRunner
 
 from w4a8conv.checkpoint import open_checkpoint
@@ -147,3 +151,16 @@ def test_help_and_module_entry_point():
     assert proc.returncode == 0 and proc.stdout.startswith("w4a8conv ")
     proc = subprocess.run([sys.executable, "-m", "w4a8conv", "-h"], capture_output=True, text=True)
     assert proc.returncode == 0 and "Usage: w4a8conv" in proc.stdout
+
+
+def test_the_oldest_typer_tested_is_the_oldest_allowed():
+    """pyproject.toml bounds Typer; `make test` runs the CLI tests on the lower bound, named in the Makefile."""
+    root = Path(__file__).resolve().parent.parent
+    spec = next(
+        d for d in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"] if "typer" in d
+    )
+    floor, ceiling = re.fullmatch(r"typer>=([\d.]+),<([\d.]+)", spec).groups()
+    oldest = re.search(r"^TYPER_OLDEST := typer==([\d.]+)$", (root / "Makefile").read_text(), re.M).group(1)
+    assert oldest.startswith(floor) and tuple(map(int, version("typer").split(".")[:2])) < tuple(
+        map(int, ceiling.split("."))
+    )

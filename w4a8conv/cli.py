@@ -55,7 +55,7 @@ TargetOpt = Annotated[
         metavar=choices(TARGET_NAMES),
         help="The serving engine release the output is for: "
         + "; ".join(f"{name}: {TARGETS[name].summary}" for name in TARGET_NAMES)
-        + f". Default: {DEFAULT_TARGET}, the newest.",
+        + ". The default is the newest.",
     ),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]

@@ -23,7 +23,7 @@ from .base import ServingTarget
 
 class VllmAscend023(ServingTarget):
     name = "vllm-ascend-0.23"
-    summary = "vllm-ascend 0.23 (MoE and Linear; mindie, 1.0.0 per-group and per-channel)"
+    summary = "vllm-ascend 0.23 (MoE and Linear; mindie, 1.0.0 per-group and per-channel; compressed-tensors MoE)"
     quant_type = PREPACKED_TYPE
     engine = "vllm-ascend"
     # The same processing from the mid-2025 releases to the 0.26 branch (main reads a subset of it).

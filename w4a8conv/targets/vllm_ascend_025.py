@@ -15,7 +15,7 @@ from .vllm_ascend_023 import VllmAscend023
 
 class VllmAscend025(VllmAscend023):
     name = "vllm-ascend-0.25"
-    summary = "vllm-ascend 0.25.1rc1 and later, as main reads it (MoE only, 1.0.0 per-channel)"
+    summary = "vllm-ascend 0.25.1rc1 and later, as main reads it (MoE only: 1.0.0 per-channel, compressed-tensors)"
     engine_releases = ">=0.25.1rc1"
     upstream = (
         "vllm-project/vllm-ascend main (182b75ea84ff13ece27b57391331ef8935410aea) "
