@@ -42,8 +42,11 @@ def _layer_bytes(layout: str) -> int:
 
 def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
     layers = max(1, round(size_gb * 1e9 / _layer_bytes(layout)))
-    path = data / f"{layout}-{layers}layers"
-    if (path / "quant_model_description.json").is_file():
+    # "-mss": written as msModelSlim writes (MLA, MTP...), since issue 16; older caches are not reused
+    path = data / f"{layout}-{layers}layers-mss"
+    # written last: the description, or for a config-described layout its tokenizer config
+    last = "tokenizer_config.json" if get_source(layout).described_by_config else "quant_model_description.json"
+    if (path / last).is_file():
         return path
     shutil.rmtree(path, ignore_errors=True)
     print(f"generating {path} ...", file=sys.stderr, flush=True)
@@ -111,7 +114,7 @@ def naive_convert(src: Path, dst: Path) -> None:
     others = []
     for name in index:
         m = re.match(r"(.+\.experts)\.(\d+)\.", name)
-        if m:
+        if m and description.get(name) == "W4A8_DYNAMIC":  # not the MTP layer's W8A8 experts
             layers.setdefault(m[1], set()).add(int(m[2]))
         else:
             others.append(name)

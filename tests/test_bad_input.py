@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from .conftest import LEGACY_TARGET
 from .conftest import cli as run
@@ -24,9 +24,14 @@ runner = CliRunner()
 EXPERT = "model.layers.1.mlp.experts.0.gate_proj"
 
 
+def _index(ckpt):
+    """The checkpoint's Hugging Face index, whatever its writer named it."""
+    return next(ckpt.glob("*.safetensors.index.json"))
+
+
 def edit_tensor(ckpt: Path, name: str, change) -> None:
     """Apply ``change(tensors) `` to the shard holding ``name`` (tensors may be added, changed or dropped)."""
-    index = json.loads((ckpt / f"{SHARD_PREFIX}.safetensors.index.json").read_text())
+    index = json.loads((_index(ckpt)).read_text())
     shard = ckpt / index["weight_map"][name]
     tensors = load_file(shard)
     change(tensors)
@@ -50,8 +55,7 @@ def assert_refused(tmp_path: Path, src: Path, *fragments: str) -> str:
     assert "Traceback" not in stderr + stdout
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
-    index = out / f"{SHARD_PREFIX}.safetensors.index.json"
-    assert not index.exists() and not (out / "quant_model_description.json").exists()
+    assert not list(out.glob("*.safetensors.index.json")) and not (out / "quant_model_description.json").exists()
     return errors[0]
 
 
@@ -333,7 +337,7 @@ def _rewrite_header(shard: Path, header: bytes) -> None:
 
 
 def _first_shard(ckpt: Path) -> Path:
-    return sorted(ckpt.glob(f"{SHARD_PREFIX}-*.safetensors"))[0]
+    return sorted(ckpt.glob("*-of-*.safetensors"))[0]
 
 
 def test_a_safetensors_file_the_index_does_not_name_is_refused(tmp_path, mindie):
@@ -363,7 +367,7 @@ def test_a_utf16_header_is_refused(tmp_path, mindie):
 
 
 def test_a_nul_in_an_index_value_is_refused_at_plan_time(tmp_path, mindie):
-    index_path = mindie / f"{SHARD_PREFIX}.safetensors.index.json"
+    index_path = _index(mindie)
     index = json.loads(index_path.read_text())
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] += "\x00"
@@ -382,7 +386,7 @@ def test_a_file_name_that_is_not_utf8_is_refused_at_plan_time(tmp_path, mindie):
 @pytest.mark.parametrize("name", ["index", "description", "config.json", "tokenizer.json", "shard"])
 def test_a_fifo_in_the_input_is_refused_not_read(tmp_path, mindie, name):
     """A FIFO named like a file the conversion reads would block it forever."""
-    index = mindie / f"{SHARD_PREFIX}.safetensors.index.json"
+    index = _index(mindie)
     target = {
         "index": index,
         "description": mindie / "quant_model_description.json",
@@ -439,8 +443,9 @@ def test_finite_scales_that_overflow_the_processed_tensors_are_refused(tmp_path,
 @pytest.mark.parametrize("role", ["weight_scale", "weight_scale_second", "scale_bias"])
 def test_a_nan_scale_anywhere_is_refused_before_any_shard_is_written(tmp_path, v1, role):
     """The last shard's module: processing would have written the other shards first."""
-    index = json.loads((v1 / f"{SHARD_PREFIX}.safetensors.index.json").read_text())["weight_map"]
-    last = max(index.values())
+    types = json.loads((v1 / "quant_model_description.json").read_text())
+    index = {n: f for n, f in json.loads(_index(v1).read_text())["weight_map"].items() if types[n] == "W4A8_DYNAMIC"}
+    last = max(f for n, f in index.items() if n.endswith(f".down_proj.{role}"))
     name = max(n for n, f in index.items() if f == last and ".mlp.experts." in n and n.endswith(f".down_proj.{role}"))
     edit_tensor(v1, name, lambda t: t[name].__setitem__((0, 0), float("inf")))
     code, _, stderr = run("convert", "--in", v1, "--out", tmp_path / "dry", "--dry-run")

@@ -25,7 +25,7 @@ def test_the_config_gives_every_tensor_its_type(source_checkpoints):
     assert types["model.layers.1.mlp.experts.3.down_proj.weight"] == "W4A8_DYNAMIC"
     assert types["model.layers.1.mlp.experts.3.down_proj.weight_scale"] == "W4A8_DYNAMIC"
     assert types["model.layers.1.mlp.shared_experts.up_proj.weight"] == "W8A8_DYNAMIC"
-    assert types["model.layers.0.self_attn.q_proj.weight_scale"] == "W8A8_DYNAMIC"
+    assert types["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale"] == "W8A8_DYNAMIC"
     assert types["model.layers.0.mlp.down_proj.weight"] == "W8A8_DYNAMIC"  # a dense MLP: W8A8 group
     for name in ("model.layers.1.mlp.gate.weight", "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
         assert types[name] == "FLOAT", name
@@ -79,9 +79,10 @@ def test_a_w4a8_zero_point_of_zeros_is_consumed_and_any_other_refused(tmp_path, 
     from safetensors.torch import load_file, save_file
 
     src = _with_config(tmp_path, source_checkpoints, lambda q: None)
-    shard = sorted(src.glob("model-*.safetensors"))[0]
+    checkpoint = open_checkpoint(src)
+    scale = next(n for n, t in checkpoint.description.items() if t == "W4A8_DYNAMIC" and n.endswith(".weight_scale"))
+    shard = checkpoint.tensors[scale].path
     tensors = load_file(shard)
-    scale = next(n for n in tensors if ".experts." in n and n.endswith(".weight_scale"))
     zero_point = scale.replace("weight_scale", "weight_zero_point")
     tensors[zero_point] = torch.full(tensors[scale].shape, value, dtype=torch.int8)
     save_file(tensors, shard)
@@ -116,6 +117,7 @@ def test_a_row_whose_bias_the_engine_would_round_is_refused():
     over = torch.full((2, 8192), -8, dtype=torch.int8)  # 65536
     problem = layout.value_problem({"weight": over, "weight_scale": scale})
     assert problem.startswith("a row's sum of |w| is 65536, at or above 65536")
+    assert layout.value_problem({"weight": over[:, :7168], "weight_scale": scale}) is None  # 8 * 7168 < 2**16
     # fp16 scales have 11 significand bits: the bound is 2**13
     assert layout.value_problem({"weight": over[:, :1024], "weight_scale": scale.half()}) is not None
 
@@ -150,3 +152,23 @@ def test_verify_catches_one_ulp_in_a_bias(tmp_path, source_checkpoints, converte
         f.write(np.nextafter(value, np.float32(np.inf)).tobytes())
     report = verify_conversion(source_checkpoints[LAYOUT], out)
     assert not report.ok and any(name in p for p in report.problems), report.problems
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
+def test_the_bias_equals_mains_fp32_sum_on_every_rank_for_scales_of_any_magnitude(tp):
+    """main sums 8 * w * s over each rank's input slice in fp32; ours is stored in 16 chunks and the rank's
+    chunks are summed with upstream's expression. Scales from 1e-30 to 1e30: the same bits everywhere."""
+    from w4a8conv.scales import sum_scale_bias_chunks
+
+    gen = torch.Generator().manual_seed(tp)
+    out_features, in_features = 64, 7168
+    weight = torch.randint(-8, 8, (out_features, in_features), generator=gen, dtype=torch.int8)
+    scale = (10.0 ** (torch.rand(out_features, 1, generator=gen) * 60 - 30)).to(torch.bfloat16)
+    chunks = get_source(LAYOUT).scale_bias(weight, scale, None, None, 16)  # [out, 16], as converted
+    share = in_features // tp
+    for rank in range(tp):
+        mine = chunks[:, rank * 16 // tp : (rank + 1) * 16 // tp]
+        ours = sum_scale_bias_chunks(mine.unsqueeze(0))[0]
+        rows = weight[:, rank * share : (rank + 1) * share].T.unsqueeze(0)  # main: [E, K, N]
+        theirs = 8 * (rows.to(torch.float32) * scale.T.unsqueeze(0)).sum(axis=1)[0]
+        assert torch.equal(ours, theirs), (tp, rank)

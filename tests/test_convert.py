@@ -18,16 +18,15 @@ from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.convert import convert_checkpoint
 from w4a8conv.names import PREPACKED_TYPE
 from w4a8conv.output import LineProgress
+from w4a8conv.planner import build_plan
 from w4a8conv.runtime import ProcessedCheckpoint
 from w4a8conv.safetensors_io import read_header
 from w4a8conv.sources import get_source
-from w4a8conv.synthetic import SHARD_PREFIX, SyntheticSpec, write_checkpoint
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
 from .conftest import LEGACY_TARGET, cli
 from .test_parallel import tree_bytes
-
-INDEX = f"{SHARD_PREFIX}.safetensors.index.json"
 
 
 def _all_tensors(path) -> dict[str, torch.Tensor]:
@@ -45,7 +44,7 @@ def test_experts_of_a_layer_span_shards(source_checkpoints, layout):
         for layer in (1, 2)
     ]
     assert any(len(files) >= 2 for files in files_per_layer), "the fixture must split a MoE layer across shards"
-    assert len(ckpt.shards) == 3
+    assert len(ckpt.shards) == 4
 
 
 def test_mindie_and_v1_convert_to_identical_packed_tensors(converted_checkpoints):
@@ -133,7 +132,7 @@ def test_output_shards_are_aligned_and_loadable(converted_checkpoints):
 def test_single_file_checkpoint_without_index(tmp_path):
     """A checkpoint with one unindexed file converts into one shard with an index beside it."""
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(shards=1))
-    (src / INDEX).unlink()
+    next(src.glob("*.safetensors.index.json")).unlink()
     only = next(src.glob("*.safetensors"))
     only.rename(src / "quant_model_weights.safetensors")
     result = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET)
@@ -162,9 +161,10 @@ def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
     code, stdout, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", out, "--dry-run", "--json")
     assert code == 0, stderr
     plan = json.loads(stdout)
-    assert plan["ok"] and plan["dry_run"] and plan["modules"] == 30 and plan["shards"] == 3
-    assert len(plan["share_shards"]) == 3
-    assert plan["output_bytes"] == 551200 and not out.exists()
+    expected = build_plan(open_checkpoint(source_checkpoints["mindie"]), LEGACY_TARGET)
+    assert plan["ok"] and plan["dry_run"] and plan["modules"] == 30 and plan["shards"] == 4
+    assert plan["share_shards"] == {s.name: s.file_size for s in expected.shards}
+    assert plan["output_bytes"] == expected.output_bytes and not out.exists()
 
 
 def _foreign_file(out):
@@ -216,7 +216,7 @@ def test_ci_progress_lines(source_checkpoints, tmp_path):
         source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console), target=LEGACY_TARGET
     )
     lines = console.export_text().splitlines()
-    assert len(lines) == 3 and all("wrote quant_model_weight_w8a8_dynamic-0000" in line for line in lines)
+    assert len(lines) == 4 and all("wrote quant_model_weight_w4a8_dynamic-0000" in line for line in lines)
     assert "30/30 modules" in lines[-1]
     console = Console(record=True, width=200)
     verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))

@@ -26,9 +26,11 @@ from .conftest import LEGACY_TARGET
 GOLDEN = Path(__file__).parent / "golden"
 DIGESTS = json.loads((GOLDEN / "sha256.json").read_text())
 SECTIONS = json.loads((GOLDEN / "sections_8b638f6.json").read_text())
+# The synthetic inputs as they were written at 8b638f6 (the "legacy" style; issue 16 made the default
+# write what msModelSlim writes).
 SPECS = {
-    "default": SyntheticSpec(),
-    "odd": SyntheticSpec(hidden=256, intermediate=128, experts=3, group_size=64, shards=2, seed=7),
+    "default": SyntheticSpec(shards=3, style="legacy"),
+    "odd": SyntheticSpec(hidden=256, intermediate=128, experts=3, group_size=64, shards=2, seed=7, style="legacy"),
 }
 # Format 2: the section names the target and the processing it mirrors (the artifact contract).
 CONTRACT = {

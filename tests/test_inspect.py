@@ -36,7 +36,7 @@ def test_detects_each_layout(source_checkpoints, layout_name, group_size, module
     assert report["modules"] == modules  # 2 MoE layers x 4 experts x 3, plus 6 Linear when per-group
     assert report["moe_layers"] == SPEC.moe_layers and report["experts"] == SPEC.moe_layers * SPEC.experts
     assert (report["hidden_size"], report["moe_intermediate_size"]) == (SPEC.hidden, SPEC.intermediate)
-    assert report["shards"] == 3
+    assert report["shards"] == 4
     assert report["input_bytes"] == sum(p.stat().st_size for p in source_checkpoints[layout_name].glob("*.safetensors"))
     assert report["other_quant_types"]["W8A8_DYNAMIC"] > 0 and report["other_quant_types"]["FLOAT"] > 0
     assert report["problems"] == []

@@ -41,7 +41,7 @@ def test_split_int8_halves_rebuild_x():
 
 
 @pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
-@pytest.mark.parametrize("proj", ["q_proj", "o_proj"])
+@pytest.mark.parametrize("proj", ["q_b_proj", "o_proj"])
 def test_linear_matches_float_computation(converted_checkpoints, layout_name, proj):
     prefix = f"model.layers.0.self_attn.{proj}"
     truth = w4a8_truth(SPEC, layout_name)[prefix]

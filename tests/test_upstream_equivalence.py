@@ -51,7 +51,7 @@ def test_moe_shapes_are_upstream_0_23(converted_checkpoints, layout):
 
 
 @pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
-@pytest.mark.parametrize("proj", ["q_proj", "o_proj"])
+@pytest.mark.parametrize("proj", ["q_b_proj", "o_proj"])
 def test_linear_matches_upstream(source_checkpoints, converted_checkpoints, layout_name, proj):
     prefix = f"model.layers.0.self_attn.{proj}"
     ours = load_linear(converted_checkpoints[layout_name], prefix)
@@ -66,7 +66,7 @@ def test_linear_matches_upstream(source_checkpoints, converted_checkpoints, layo
 
 def test_linear_bias_shapes_follow_upstream_names(converted_checkpoints):
     v1 = ProcessedCheckpoint(converted_checkpoints["v1.0.0-per-group"])
-    assert v1.load_linear("model.layers.0.self_attn.q_proj")["scale_bias"].shape == (SPEC.hidden,)
+    assert v1.load_linear("model.layers.0.self_attn.q_b_proj")["scale_bias"].shape == (SPEC.hidden,)
     assert v1.load_linear("model.layers.0.self_attn.o_proj")["scale_bias"].shape == (SPEC.hidden, 16)
     mindie = ProcessedCheckpoint(converted_checkpoints["mindie"])
     assert mindie.load_linear("model.layers.0.self_attn.o_proj")["weight_scale_bias"].shape == (SPEC.hidden,)

@@ -95,7 +95,7 @@ def test_expert_parallel_rank_loads_only_its_experts(release, converted_checkpoi
 
 
 @pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
-@pytest.mark.parametrize("proj,row_parallel", [("q_proj", False), ("o_proj", True)])
+@pytest.mark.parametrize("proj,row_parallel", [("q_b_proj", False), ("o_proj", True)])
 def test_linear_parameters_equal_stock_processing(
     release, converted_checkpoints, source_checkpoints, layout_name, proj, row_parallel
 ):
@@ -121,7 +121,7 @@ def test_linear_parameters_equal_stock_processing(
 def test_linear_tensor_parallel_shares_reassemble(release, converted_checkpoints, row_parallel):
     linear_method, _ = registered(release)
     ckpt = configure(converted_checkpoints["v1.0.0-per-group"])
-    prefix = "model.layers.0.self_attn.o_proj" if row_parallel else "model.layers.0.self_attn.q_proj"
+    prefix = "model.layers.0.self_attn.o_proj" if row_parallel else "model.layers.0.self_attn.q_b_proj"
     tensors = all_tensors(ckpt, prefix)
     ranks = []
     for rank in (0, 1):

@@ -409,24 +409,60 @@ def synthetic(
         ),
     ] = SOURCE_NAMES[0],
     seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
+    hidden: Annotated[int, typer.Option(help="hidden_size (DeepSeek-R1: 7168).")] = 128,
+    intermediate: Annotated[int, typer.Option(help="moe_intermediate_size (DeepSeek-R1: 2048).")] = 64,
+    experts: Annotated[int, typer.Option(help="Routed experts per MoE layer (DeepSeek-R1: 256).")] = 4,
+    dense_layers: Annotated[int, typer.Option(help="Dense decoder layers first (DeepSeek-R1: 3).")] = 1,
+    moe_layers: Annotated[int, typer.Option(help="MoE decoder layers after them (DeepSeek-R1: 58).")] = 2,
+    size_gb: Annotated[
+        float | None,
+        typer.Option(
+            help="Instead of --moe-layers: as many MoE layers as make about this many GB.", show_default=False
+        ),
+    ] = None,
+    group_size: Annotated[int, typer.Option(help="Group size of the per-group layouts.")] = 32,
+    shards: Annotated[int, typer.Option(help="Safetensors shards to cut it into.")] = 4,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
-    """Write a tiny synthetic DeepSeek-like W4A8_DYNAMIC checkpoint (for demos and tests)."""
+    """Write a synthetic DeepSeek-like W4A8_DYNAMIC checkpoint as msModelSlim (or LLM-Compressor) writes it:
+    tiny by default (for demos and tests), any size with the shape options."""
     from .errors import BadInputError
-    from .synthetic import SyntheticSpec, write_checkpoint
+    from .synthetic import SyntheticSpec, moe_layers_for, write_checkpoint
 
     if layout not in SOURCE_NAMES:
         raise BadInputError(f"--layout {layout}: choose one of {', '.join(SOURCE_NAMES)}")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path}: exists and is not an empty directory")
-    write_checkpoint(path, layout, SyntheticSpec(seed=seed))
+    for name, value, step in (("--hidden", hidden, group_size), ("--intermediate", intermediate, group_size)):
+        if value < 16 or value % 16 or value % step:
+            raise BadInputError(f"{name} {value}: needs a positive multiple of 16 and of --group-size {group_size}")
+    if min(experts, moe_layers, shards) < 1 or dense_layers < 0 or (size_gb is not None and size_gb <= 0):
+        raise BadInputError("--experts, --moe-layers, --shards and --size-gb must be positive, --dense-layers >= 0")
+    spec = SyntheticSpec(
+        hidden=hidden,
+        intermediate=intermediate,
+        experts=experts,
+        dense_layers=dense_layers,
+        moe_layers=moe_layers,
+        group_size=group_size,
+        shards=shards,
+        seed=seed,
+    )
+    if size_gb is not None:
+        spec = moe_layers_for(spec, layout, size_gb * 1e9)
+    write_checkpoint(path, layout, spec)
+    size = sum(p.stat().st_size for p in path.rglob("*.safetensors"))
     if output.json_mode:
-        output.emit_json({"ok": True, "out_dir": str(path), "layout": layout})
+        output.emit_json(
+            {"ok": True, "out_dir": str(path), "layout": layout, "moe_layers": spec.moe_layers, "input_bytes": size}
+        )
     else:
-        output.info(f"wrote a synthetic {layout} checkpoint to {path}")
+        output.info(
+            f"wrote a synthetic {layout} checkpoint to {path}: {spec.moe_layers} MoE layers, {human_bytes(size)}"
+        )
 
 
 def _terminate(signum, frame) -> None:

@@ -23,7 +23,21 @@ from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
 from .safetensors_io import read_header
 from .sources import get_source
 
-SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"
+LEGACY_SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"  # what `synthetic` named shards before issue 16
+# Style "msmodelslim" writes what msModelSlim 26.1 does: its CLI's ascend_v1 saver for 1.0.0 weights,
+# its old llm_ptq API (quant type in the name) for mindie; style "legacy" what w4a8conv wrote before.
+STYLES = ("msmodelslim", "legacy")
+MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def shard_prefix(layout: str, spec: SyntheticSpec | None = None) -> str:
+    """How the writer of ``layout`` names shards (``<prefix>-0000k-of-0000N.safetensors``) and the index."""
+    spec = spec or SyntheticSpec()
+    if get_source(layout).described_by_config:
+        return "model"  # transformers' save_pretrained, as LLM-Compressor saves
+    if spec.style == "legacy":
+        return LEGACY_SHARD_PREFIX
+    return "quant_model_weight_w4a8_dynamic" if layout == "mindie" else "quant_model_weights"
 
 
 @dataclass(frozen=True)
@@ -37,9 +51,16 @@ class SyntheticSpec:
     moe_layers: int = 2
     group_size: int = 32
     vocab: int = 64
-    shards: int = 3
-    w4a8_linear: bool = True  # q_proj / o_proj as W4A8 Linear (per-group layouts only)
+    shards: int = 4  # with the MTP layer, enough that MoE layers span shards
+    w4a8_linear: bool = True  # q_b_proj (q_proj) / o_proj as W4A8 Linear (per-group layouts only)
     seed: int = 0
+    style: str = "msmodelslim"  # see STYLES
+    mtp_layers: int = 1  # DeepSeek's multi-token-prediction layer: experts named like W4A8's, typed W8A8_DYNAMIC
+    quarot: bool = True  # msModelSlim's QuaRot: a global rotation in optional/quarot.safetensors
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
 
 
 @dataclass(frozen=True)
@@ -52,8 +73,19 @@ class W4A8Truth:
     row_parallel: bool
 
 
-def _all_layers(spec: SyntheticSpec) -> range:
+def _decoder_layers(spec: SyntheticSpec) -> range:
     return range(spec.dense_layers + spec.moe_layers)
+
+
+def _all_layers(spec: SyntheticSpec, layout: str) -> range:
+    """Decoder layers, then the MTP layers (msModelSlim styles only: LLM-Compressor skips them)."""
+    mtp = spec.mtp_layers if spec.style != "legacy" and not get_source(layout).described_by_config else 0
+    return range(spec.dense_layers + spec.moe_layers + mtp)
+
+
+def _attention(spec: SyntheticSpec) -> tuple[str, str]:
+    """The attention projections that may be W4A8 Linear: MLA's q_b_proj and o_proj (legacy: q_proj)."""
+    return ("q_proj", "o_proj") if spec.style == "legacy" else ("q_b_proj", "o_proj")
 
 
 def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> list[tuple[str, int, int, bool]]:
@@ -62,9 +94,12 @@ def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> l
     out = []
     for layer in layers:
         base = f"model.layers.{layer}"
+        if layer not in _decoder_layers(spec):
+            continue  # an MTP layer: its experts are W8A8
         if spec.w4a8_linear and get_source(layout).synthetic_linear:
-            out.append((f"{base}.self_attn.q_proj", h, h, False))
-            out.append((f"{base}.self_attn.o_proj", h, h, True))
+            column, row = _attention(spec)
+            out.append((f"{base}.self_attn.{column}", h, h, False))
+            out.append((f"{base}.self_attn.{row}", h, h, True))
         if layer >= spec.dense_layers:
             for e in range(spec.experts):
                 p = f"{base}.mlp.experts.{e}"
@@ -77,13 +112,26 @@ def w4a8_truth(
 ) -> dict[str, W4A8Truth]:
     """The int4 values and scales of every W4A8 projection, identical for every layout."""
     result = {}
-    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, _all_layers(spec) if layers is None else layers):
+    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, _decoder_layers(spec) if layers is None else layers):
         gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{prefix}".encode()))
         values = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
         weight_scale = torch.rand(n, 1, generator=gen) * 0.02 + 0.001
         second = torch.rand(n, k // spec.group_size, generator=gen) * 1.5 + 0.25
         result[prefix] = W4A8Truth(values, weight_scale, second, row_parallel)
     return result
+
+
+def moe_layers_for(spec: SyntheticSpec, layout: str, nbytes: float) -> SyntheticSpec:
+    """``spec`` with as many MoE layers as make about ``nbytes`` of shards (at least one)."""
+    from dataclasses import replace
+
+    def size(block: int | None) -> int:
+        return sum(_nbytes(t) for t in build_tensors(spec, layout, block)[0].values())
+
+    fixed = size(None) + sum(size(layer) for layer in range(spec.dense_layers))
+    fixed += sum(size(layer) for layer in _all_layers(spec, layout)[len(_decoder_layers(spec)) :])  # MTP
+    per_layer = size(spec.dense_layers)
+    return replace(spec, moe_layers=max(1, round((nbytes - fixed) / per_layer)))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -118,23 +166,61 @@ def build_tensors(
         )
     base = f"model.layers.{layer}"
     add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if f"{base}.self_attn.{proj}" not in truth:
-            add(source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
+    if spec.style == "legacy":
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if f"{base}.self_attn.{proj}" not in truth:
+                add(source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
+    else:
+        _add_mla_attention(spec, source, f"{base}.self_attn", truth, gen, add)
     if layer < spec.dense_layers:
         for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
             add(source.synthetic_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
-    else:
-        add(
-            {
-                f"{base}.mlp.gate.weight": bf16(e, h),
-                f"{base}.mlp.gate.e_score_correction_bias": torch.randn(e, generator=gen),
-            },
-            "FLOAT",
-        )
-        for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-            add(source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
+        return tensors, types
+    # DeepSeek's router bias: fp32 in the legacy style, in the model dtype as msModelSlim leaves it
+    router = bf16(e, h)
+    bias = torch.randn(e, generator=gen)
+    add({f"{base}.mlp.gate.weight": router}, "FLOAT")
+    add({f"{base}.mlp.gate.e_score_correction_bias": bias if spec.style == "legacy" else bias.bfloat16()}, "FLOAT")
+    for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+        add(source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
+    if layer not in _decoder_layers(spec):  # an MTP layer: W8A8 experts under W4A8-like names, and its own parts
+        for expert in range(e):
+            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                add(source.synthetic_w8a8(f"{base}.mlp.experts.{expert}.{proj}", n, k, gen), "W8A8_DYNAMIC")
+        add({f"{base}.{name}.weight": bf16(h) for name in ("enorm", "hnorm", "shared_head.norm")}, "FLOAT")
+        add({f"{base}.eh_proj.weight": bf16(h, 2 * h)}, "FLOAT")
     return tensors, types
+
+
+def _add_mla_attention(spec, source, prefix: str, truth: dict, gen: torch.Generator, add) -> None:
+    """DeepSeek's multi-head latent attention as msModelSlim quantizes it: W8A8 static projections (with
+    input_scale, input_offset, deq_scale and quant_bias; deq_scale stays fp32 for a bf16 model), kv_b_proj
+    and the norms left in bf16. A compressed-tensors checkpoint holds its W8A8 (dynamic) under the same names."""
+    h = spec.hidden
+    for proj in MLA_PROJECTIONS:
+        name = f"{prefix}.{proj}"
+        if name in truth:
+            continue
+        if proj == "kv_b_proj" and not source.described_by_config:
+            add({f"{name}.weight": torch.randn(h, h, generator=gen).to(torch.bfloat16)}, "FLOAT")
+        elif source.described_by_config:
+            add(source.synthetic_w8a8(name, h, h, gen), "W8A8_DYNAMIC")
+        else:
+            add(
+                {
+                    f"{name}.weight": torch.randint(-128, 128, (h, h), generator=gen, dtype=torch.int8),
+                    f"{name}.quant_bias": torch.randint(-1000, 1000, (h,), generator=gen, dtype=torch.int32),
+                    f"{name}.input_scale": torch.rand(1, generator=gen) * 0.05,
+                    f"{name}.input_offset": torch.zeros(1),
+                    f"{name}.deq_scale": torch.rand(h, generator=gen) * 1e-4,
+                },
+                "W8A8",
+            )
+    norms = {
+        f"{prefix}.{norm}.weight": torch.randn(h, generator=gen).to(torch.bfloat16)
+        for norm in ("q_a_layernorm", "kv_a_layernorm")
+    }
+    add(norms, "FLOAT")
 
 
 def write_checkpoint(
@@ -152,7 +238,7 @@ def write_checkpoint(
     source = get_source(layout)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    blocks = [None, *_all_layers(spec)]
+    blocks = [None, *_all_layers(spec, layout)]
     if shard_bytes is None:
         total = sum(_nbytes(t) for block in blocks for t in build_tensors(spec, layout, block)[0].values())
         shard_bytes = math.ceil(total / spec.shards)
@@ -176,7 +262,7 @@ def write_checkpoint(
     if pending:
         flush()
     weight_map = {}
-    prefix = "model" if source.described_by_config else SHARD_PREFIX  # as save_pretrained names shards
+    prefix = shard_prefix(layout, spec)
     for n, (temp, names) in enumerate(files, start=1):
         file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
         temp.rename(path / file_name)
@@ -200,6 +286,8 @@ def write_checkpoint(
         "vocab_size": spec.vocab,
         "torch_dtype": "bfloat16",
     }
+    if spec.style != "legacy":
+        config["num_nextn_predict_layers"] = len(_all_layers(spec, layout)) - len(_decoder_layers(spec))
 
     if source.described_by_config:  # no description: config.json says what is quantized
         config["quantization_config"] = source.synthetic_description(spec.group_size)
@@ -208,11 +296,26 @@ def write_checkpoint(
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     if source.described_by_config:
         return path
-    description: dict[str, object] = {
-        "model_quant_type": "W8A8_DYNAMIC",
-        **source.synthetic_description(spec.group_size),
-    }
-    description.update(dict(sorted(types.items(), key=lambda kv: natural_key(kv[0]))))
+    tensor_types = dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))
+    layout_keys = source.synthetic_description(spec.group_size)
+    if spec.style == "legacy" or not source.packed_on_disk:  # the old API: the type first
+        description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC", **layout_keys, **tensor_types}
+    else:  # the CLI's ascend_v1 saver: tensors, then its keys (W4A8_DYNAMIC is never the model's type)
+        optional = {}
+        if spec.quarot:
+            rotation = torch.linalg.qr(torch.randn(spec.hidden, spec.hidden, generator=torch.Generator()))[0]
+            (path / "optional").mkdir()
+            save_file({"global_rotation": rotation.contiguous()}, str(path / "optional" / "quarot.safetensors"))
+            optional["quarot"] = {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}
+        (path / "DeepSeek-V3_best_practice.yaml").write_text("# the practice msModelSlim ran\nquant_type: w4a8\n")
+        description = {
+            **tensor_types,
+            "version": layout_keys.get("version", "1.0.0"),
+            "model_quant_type": "W8A8_DYNAMIC",
+            "metadata": {},
+            "group_size": layout_keys.get("group_size", 0),
+            "optional": optional,
+        }
     # Last: a directory with a description is complete (as the converter treats its output).
     (path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
     return path

@@ -26,6 +26,7 @@ from .oracle import SourceArrays
 # Significand bits (with the implicit one) of the scale dtypes a compressed-tensors checkpoint holds.
 _SIGNIFICAND_BITS = {"BF16": 8, "F16": 11, "F32": 24, "bfloat16": 8, "float16": 11, "float32": 24}
 _FP32_SIGNIFICAND_BITS = 24
+_INT4_MAGNITUDE = 8  # the largest |w| of an int4
 
 
 def exact_bias_limit(scale_dtype: str) -> int:
@@ -85,6 +86,8 @@ class CompressedTensorsLayout(MindieLayout):
 
         weight, scale = tensors["weight"], tensors["weight_scale"]
         limit = exact_bias_limit(str(scale.dtype).removeprefix("torch."))
+        if _INT4_MAGNITUDE * weight.shape[-1] < limit:
+            return None  # no row can reach it (DeepSeek-R1's largest input dim, 7168, cannot with bf16 scales)
         worst = int(weight.abs().sum(-1, dtype=torch.int32).max()) if weight.numel() else 0
         if worst < limit:
             return None
@@ -93,14 +96,8 @@ class CompressedTensorsLayout(MindieLayout):
             "order only the device knows, so no conversion can match it bit for bit"
         )
 
-    def scale_bias(self, weight, weight_scale, weight_scale_second, stored, num_chunks):
-        import torch
-
-        out_features, in_features = weight.shape
-        sums = weight.reshape(out_features, num_chunks, in_features // num_chunks).sum(-1, dtype=torch.int32)
-        scale = weight_scale.reshape(out_features, 1).to(torch.float64)
-        # Exact in float64 and in fp32 (the bound above), so rounding to fp32 changes nothing.
-        return (8.0 * sums.to(torch.float64) * scale).to(torch.float32)
+    # scale_bias: mindie's, with no per-group scales: exact integer sums times the scale in float64, which
+    # (below the bound value_problem checks) is exact and so rounds to fp32 unchanged.
 
     def synthetic_tensors(self, prefix, values, weight_scale, weight_scale_second, row_parallel):
         import torch
@@ -130,7 +127,13 @@ class CompressedTensorsLayout(MindieLayout):
             "quantization_status": "compressed",
             "ignore": ["lm_head", "re:.*mlp.gate$"],
             "config_groups": {
-                "group_0": group(8, [r"re:.*self_attn\.(q|k|v|o)_proj$", r"re:.*mlp\.(shared_experts\.)?\w+_proj$"]),
+                "group_0": group(
+                    8,
+                    [
+                        r"re:.*self_attn\.(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$",
+                        r"re:.*mlp\.(shared_experts\.)?\w+_proj$",
+                    ],
+                ),
                 "group_1": group(4, [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"]),
             },
         }

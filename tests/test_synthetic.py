@@ -1,0 +1,59 @@
+"""`synthetic` writes what msModelSlim (and LLM-Compressor) write, at any size."""
+
+from __future__ import annotations
+
+import json
+
+from w4a8conv.safetensors_io import read_header
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+from .conftest import cli
+
+
+def test_the_1_0_0_layouts_look_like_msmodelslim_cli_output(source_checkpoints):
+    src = source_checkpoints["v1.0.0-per-channel"]
+    names = sorted(p.name for p in src.iterdir())
+    assert "quant_model_weights.safetensors.index.json" in names and "DeepSeek-V3_best_practice.yaml" in names
+    assert [n for n in names if n.endswith(".safetensors")] == [
+        f"quant_model_weights-0000{k}-of-00004.safetensors" for k in range(1, 5)
+    ]
+    assert set(read_header(src / "optional" / "quarot.safetensors").tensors) == {"global_rotation"}
+    description = json.loads((src / "quant_model_description.json").read_text())
+    # tensors first, then the saver's keys; W4A8_DYNAMIC is never the model's type
+    assert list(description)[-5:] == ["version", "model_quant_type", "metadata", "group_size", "optional"]
+    assert description["model_quant_type"] == "W8A8_DYNAMIC" and description["metadata"] == {}
+    assert description["optional"] == {"quarot": {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}}
+    attention = "model.layers.0.self_attn"
+    for suffix in ("weight", "quant_bias", "input_scale", "input_offset", "deq_scale"):
+        assert description[f"{attention}.q_a_proj.{suffix}"] == "W8A8"  # MLA, W8A8 static
+    assert description[f"{attention}.kv_b_proj.weight"] == "FLOAT"
+    tensors = {n: i for p in src.glob("*-of-*.safetensors") for n, i in read_header(p).tensors.items()}
+    assert tensors[f"{attention}.q_a_proj.deq_scale"].dtype == "F32"  # kept in fp32 for a bf16 model
+    assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == "BF16"
+    mtp = "model.layers.3.mlp.experts.0.down_proj"  # the MTP layer: named like W4A8 experts, W8A8 inside
+    assert description[f"{mtp}.weight"] == "W8A8_DYNAMIC" and tensors[f"{mtp}.weight"].shape == (128, 64)
+    config = json.loads((src / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 1
+
+
+def test_mindie_is_named_as_the_old_api_names_it(source_checkpoints):
+    names = sorted(p.name for p in source_checkpoints["mindie"].glob("*.safetensors*"))
+    assert names[-1] == "quant_model_weight_w4a8_dynamic.safetensors.index.json"
+
+
+def test_size_options_and_a_target_size(tmp_path):
+    args = ("--layout", "v1.0.0-per-channel", "--hidden", "256", "--intermediate", "128", "--experts", "8")
+    code, stdout, _ = cli("synthetic", tmp_path / "a", *args, "--size-gb", "0.02", "--json")
+    report = json.loads(stdout)
+    assert code == 0 and 0.015e9 < report["input_bytes"] < 0.025e9 and report["moe_layers"] > 2
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"]) == (256, 128, 8)
+    code, _, stderr = cli("synthetic", tmp_path / "b", "--hidden", "100")
+    assert code == 2 and "--hidden 100: needs a positive multiple of 16" in stderr
+
+
+def test_the_legacy_style_is_what_synthetic_wrote_before(tmp_path):
+    """The golden test's inputs: kept byte for byte (tests/test_golden.py checks the digests)."""
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(shards=3, style="legacy"))
+    names = sorted(p.name for p in src.iterdir())
+    assert "optional" not in names and "quant_model_weight_w8a8_dynamic.safetensors.index.json" in names
