@@ -57,3 +57,19 @@ def test_the_legacy_style_is_what_synthetic_wrote_before(tmp_path):
     src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", SyntheticSpec(shards=3, style="legacy"))
     names = sorted(p.name for p in src.iterdir())
     assert "optional" not in names and "quant_model_weight_w8a8_dynamic.safetensors.index.json" in names
+
+
+def test_per_group_with_one_group_per_row_converts(tmp_path):
+    """msModelSlim writes per-group weights whose group is a whole row (weight_scale_second [out, 1])."""
+    from w4a8conv.convert import convert_checkpoint
+    from w4a8conv.verify import verify_conversion
+
+    from .conftest import LEGACY_TARGET
+
+    spec = SyntheticSpec(hidden=128, intermediate=128, group_size=128, moe_layers=1, experts=2)
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-group", spec)
+    tensors = {n: i for p in src.glob("*-of-*.safetensors") for n, i in read_header(p).tensors.items()}
+    shapes = {i.shape for n, i in tensors.items() if n.endswith(".weight_scale_second")}
+    assert shapes == {(128, 1)}
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
+    assert verify_conversion(src, out, numeric=True).ok
