@@ -221,11 +221,15 @@ def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
     assert verify_conversion(src, tmp_path / "out").ok
 
 
+# Every memory budget (row blocks, bytes held for the hash, idle staging buffers) set to the same size,
+# small enough that the test's tensors exceed it: what is left to grow with a tensor is what must not.
 _CONVERT_WITH_BLOCK = (
     "import sys\n"
     "import w4a8conv.convert\n"
+    "from w4a8conv.safetensors_io import staging, writer\n"
     "if sys.argv[1] != 'default':\n"
-    "    w4a8conv.convert.BLOCK_BYTES = int(sys.argv[1])\n"
+    "    w4a8conv.convert.BLOCK_BYTES = writer.RETAINED_BYTES = int(sys.argv[1])\n"
+    "    staging.STAGING = staging.StagingPool(int(sys.argv[1]))\n"
     "from w4a8conv.cli import main\n"
     "sys.argv = ['w4a8conv', *sys.argv[2:]]\n"
     "main()\n"
@@ -239,7 +243,7 @@ _PEAK_RSS_OF_CHILD = (
 
 
 def _peak_rss(src: Path, out: Path, block: str) -> int:
-    """Peak RSS in bytes of a 4-worker conversion in a fresh process, with BLOCK_BYTES set to ``block``."""
+    """Peak RSS in bytes of a 4-worker conversion in a fresh process, with every budget set to ``block``."""
     args = ["convert", "--in", str(src), "--out", str(out), "--target", LEGACY_TARGET, "--workers", "4"]
     child = [sys.executable, "-c", _CONVERT_WITH_BLOCK, block, *args]
     proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_CHILD, *child], capture_output=True, text=True)
@@ -248,7 +252,7 @@ def _peak_rss(src: Path, out: Path, block: str) -> int:
 
 
 def test_memory_does_not_grow_with_the_size_of_one_tensor(tmp_path):
-    """Weights of 8 and 64 MiB, processed in blocks of 4 MiB: the peak RSS is the same to within 48 MB,
+    """Weights of 8 and 64 MiB, with every memory budget at 4 MiB: the peak RSS is the same to within 48 MB,
     where whole tensors would add about 56 MB per worker. And a default conversion stays under 1 GB."""
     peaks = {}
     for inter in (4096, 32768):  # mindie expert weights of [inter, 2048] int8: 8 and 64 MiB

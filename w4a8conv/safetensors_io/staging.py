@@ -17,7 +17,7 @@ BLOCK = 4096
 # Tensors (and copy pieces) smaller than this go through the page cache. Read at call time, so a test
 # may lower it to send small synthetic tensors down the direct path.
 DIRECT_MIN_BYTES = 1 << 20
-IDLE_STAGING_BYTES = 32 << 20  # idle buffers the shared pool keeps
+IDLE_STAGING_BYTES = 128 << 20  # idle buffers the shared pool keeps
 POOL_GRANULE = 64 << 10  # buffers come in whole multiples of this
 
 

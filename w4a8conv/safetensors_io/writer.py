@@ -31,7 +31,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 STAGED_COPY_BYTES = 8 << 20  # pass-through tensors are staged in pieces of this size
 # Direct-written bytes the process may hold in memory until each shard's hash reaches them, all shards
 # together, so that memory does not grow with the number of shards being written at once.
-RETAINED_BYTES = 32 << 20
+RETAINED_BYTES = 128 << 20  # 32 MiB cost CPU (docs/performance.md, "The budgets")
 
 
 class _Retention:
