@@ -73,3 +73,15 @@ def test_per_group_with_one_group_per_row_converts(tmp_path):
     assert shapes == {(128, 1)}
     out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
     assert verify_conversion(src, out, numeric=True).ok
+
+
+def test_one_shard_of_mindie_is_the_old_api_save_and_converts(tmp_path):
+    code, _, stderr = cli("synthetic", tmp_path / "src", "--layout", "mindie", "--shards", "1")
+    assert code == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == [
+        "quant_model_description_w4a8_dynamic.json",
+        "quant_model_weight_w4a8_dynamic.safetensors",
+    ]
+    code, _, stderr = cli("convert", "--in", tmp_path / "src", "--out", tmp_path / "out")
+    assert code == 0, stderr
+    assert cli("verify", tmp_path / "src", tmp_path / "out")[0] == 0

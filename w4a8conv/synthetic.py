@@ -121,6 +121,21 @@ def w4a8_truth(
     return result
 
 
+def _old_api_save(layout: str, spec: SyntheticSpec) -> bool:
+    """msModelSlim's old llm_ptq API saving mindie without ``part_file_size``: one file, as it writes it."""
+    return layout == "mindie" and spec.style != "legacy" and spec.shards == 1
+
+
+def _write_old_api_save(path: Path, prefix: str, files: list, types: dict[str, str]) -> Path:
+    """One weight file, no index, no config.json, the description named after the quant type."""
+    (temp, _), *more = files
+    assert not more, "one file, so one shard"
+    temp.rename(path / f"{prefix}.safetensors")
+    description = {"model_quant_type": "W4A8_DYNAMIC", **dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))}
+    (path / "quant_model_description_w4a8_dynamic.json").write_text(json.dumps(description, indent=2))
+    return path
+
+
 def moe_layers_for(spec: SyntheticSpec, layout: str, nbytes: float) -> SyntheticSpec:
     """``spec`` with as many MoE layers as make about ``nbytes`` of shards (at least one)."""
     from dataclasses import replace
@@ -261,8 +276,10 @@ def write_checkpoint(
                 flush()
     if pending:
         flush()
-    weight_map = {}
     prefix = shard_prefix(layout, spec)
+    if _old_api_save(layout, spec):
+        return _write_old_api_save(path, prefix, files, types)
+    weight_map = {}
     for n, (temp, names) in enumerate(files, start=1):
         file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
         temp.rename(path / file_name)
