@@ -104,8 +104,11 @@ def open_checkpoint(root: Path) -> Checkpoint:
     config = config if isinstance(config, dict) else None
     # compressed-tensors: described by its config, unless a description is there too (then the planner
     # refuses the mix: which one the engine reads decides the processing)
-    described = os.path.lexists(root / DESCRIPTION_FILE) or any(root.glob("quant_model_description_*.json"))
-    description_path = None if is_compressed_tensors(config) and not described else _description_path(root)
+    description_path = _description_path(root)
+    if description_path is None and not is_compressed_tensors(config):
+        if (root / STATE_DIR).is_dir():
+            raise BadInputError(unfinished_output(root))
+        raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint")
     description = None if description_path is None else _read_description(description_path, real_root)
     index_files = sorted(p for p in root.iterdir() if p.name.endswith(INDEX_SUFFIX))
     if len(index_files) > 1:
@@ -203,9 +206,9 @@ def unfinished_output(root: Path) -> str:
     )
 
 
-def _description_path(root: Path) -> Path:
+def _description_path(root: Path) -> Path | None:
     """The description: ``quant_model_description.json``, or the one msModelSlim's old API names after
-    the quant type (``quant_model_description_w4a8_dynamic.json``) when it is the only one."""
+    the quant type (``quant_model_description_w4a8_dynamic.json``) when it is the only one; None without."""
     path = root / DESCRIPTION_FILE
     if os.path.lexists(path):
         return path
@@ -215,9 +218,7 @@ def _description_path(root: Path) -> Path:
     if named:
         names = ", ".join(p.name for p in named)
         raise BadInputError(f"{root}: several descriptions ({names}), no {DESCRIPTION_FILE}; keep the one that belongs")
-    if (root / STATE_DIR).is_dir():
-        raise BadInputError(unfinished_output(root))
-    raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint")
+    return None
 
 
 def _read_description(path: Path, real_root: Path) -> dict[str, Any]:

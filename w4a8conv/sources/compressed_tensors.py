@@ -61,22 +61,20 @@ class CompressedTensorsLayout(MindieLayout):
         return super().matches(module) and "weight_offset" not in module.sources
 
     def bias_chunks(self, module: ModuleHeaders, problems: list[str]) -> int | None:
-        stored = module.sources.get("scale_bias")
-        if stored is not None:
-            problems.append(f"{stored.path}: tensor {stored.name}: a {self.name} checkpoint has no scale_bias")
+        """mindie's rule, but a row-parallel input dim that does not split into the chunks is refused: main
+        computes this bias per rank, which the chunks must reproduce."""
+        chunks = super().bias_chunks(module, problems)  # reports a stored scale_bias
         scale = module.sources["weight_scale"]
         if scale.dtype not in _SIGNIFICAND_BITS:
             problems.append(f"{scale.path}: tensor {scale.name}: scale dtype {scale.dtype}, expected BF16, F16 or F32")
             return None
-        if module.proj_name not in ROW_PARALLEL:
-            return 1
-        if module.in_features % SCALE_BIAS_CHUNKS:
+        if module.proj_name in ROW_PARALLEL and module.in_features % SCALE_BIAS_CHUNKS:
             problems.append(
                 f"{module.where}: input dim {module.in_features} does not split into {SCALE_BIAS_CHUNKS} "
                 "scale_bias chunks for tensor parallelism"
             )
             return None
-        return SCALE_BIAS_CHUNKS
+        return chunks
 
     def check_description(self, description: dict, path: str, problems: list[str]) -> None:
         """The description is derived from config.json, which :mod:`w4a8conv.compressed_tensors` checked."""
@@ -107,10 +105,10 @@ class CompressedTensorsLayout(MindieLayout):
     def synthetic_w8a8(self, prefix: str, n: int, k: int, gen) -> dict:
         import torch
 
-        return {
-            f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
-            f"{prefix}.weight_scale": (torch.rand(n, 1, generator=gen) * 0.01).to(torch.bfloat16),
-        }
+        tensors = super().synthetic_w8a8(prefix, n, k, gen)
+        del tensors[f"{prefix}.weight_offset"]  # LLM-Compressor writes no offsets for symmetric schemes
+        tensors[f"{prefix}.weight_scale"] = tensors[f"{prefix}.weight_scale"].to(torch.bfloat16)  # the model dtype
+        return tensors
 
     def synthetic_description(self, group_size: int) -> dict:
         """``config.json``'s ``quantization_config``, as LLM-Compressor writes it for vllm-ascend's W4A8
