@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
 from .errors import EXIT_FAILURE, BadInputError, Terminated, W4A8ConvError, interruption
 from .filesystems import direct_io_by_default
-from .jobs import JobShare, check_output, copy_file_atomic, finalize, start_share
+from .jobs import JobShare, check_output, copy_file_atomic, finalize, nearest_existing, start_share, written_in_full
 from .names import TOOL_SECTION
 from .output import Progress
 from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
@@ -68,9 +68,12 @@ def check_paths(src: Path, dst: Path) -> None:
         raise BadInputError(f"--out {dst}: exists and is not a directory")
 
 
-def _check_share(array_size: int, array_index: int) -> None:
+def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume: bool) -> None:
+    """What a conversion and its dry run both refuse in their arguments."""
     if array_size < 1 or not 0 <= array_index < array_size:
         raise BadInputError(f"--array-index {array_index}: need 0 <= index < --array-size {array_size}")
+    if overwrite and resume:
+        raise BadInputError("--overwrite and --resume: choose one")
 
 
 def prepare(
@@ -135,11 +138,9 @@ def convert_checkpoint(
     """
     started = time.monotonic()
     src, dst = Path(src), Path(dst)
-    _check_share(array_size, array_index)
+    _check_arguments(array_size, array_index, overwrite, resume)
     if workers < 1:
         raise BadInputError(f"--workers {workers}: need at least 1")
-    if overwrite and resume:
-        raise BadInputError("--overwrite and --resume: choose one")
     check_paths(src, dst)
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
@@ -234,26 +235,14 @@ def plan_conversion(
     the input (headers, and the scales' values) and ``dst`` (what it holds, whether it can be written,
     free space), with the same messages and exit codes; writes nothing."""
     src, dst = Path(src), Path(dst)
-    _check_share(array_size, array_index)
-    if overwrite and resume:
-        raise BadInputError("--overwrite and --resume: choose one")
+    _check_arguments(array_size, array_index, overwrite, resume)
     check_paths(src, dst)
     plan = prepare(src, target, array_size, array_index, checksums)[1]
     if not check_output(dst, plan, overwrite=overwrite, resume=resume):
         mine = _my_shards(plan, array_index)
-        needed = sum(s.file_size for s in mine if not _is_written(dst / s.name, s.file_size))
-        _check_free_space(_existing(dst), needed, dst)
+        needed = sum(s.file_size for s in mine if not written_in_full(dst / s.name, s.file_size))
+        _check_free_space(nearest_existing(dst), needed, dst)
     return plan
-
-
-def _is_written(path: Path, size: int) -> bool:
-    return path.is_file() and path.stat().st_size == size
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists():
-        path = path.parent
-    return path
 
 
 def _my_shards(plan: ConversionPlan, array_index: int) -> list[OutputShard]:

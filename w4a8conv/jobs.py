@@ -180,19 +180,27 @@ def _check_job_file(dst: Path, plan: ConversionPlan, resume: bool) -> str:
     return existing
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def written_in_full(path: Path, size: int) -> bool:
+    """Whether an output file is there at its planned size."""
+    return path.is_file() and path.stat().st_size == size
+
+
 def _check_writable(path: Path) -> None:
     """Raise the error creating ``path`` would raise where its nearest existing directory is read-only."""
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(path)
     if os.access(parent, os.W_OK | os.X_OK):
         return
-    first = path
-    while first.parent != parent:
-        first = first.parent
+    first = parent / path.relative_to(parent).parts[0] if path != parent else path  # what mkdir would name
     read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
     code = errno.EROFS if read_only else errno.EACCES
-    raise OSError(code, os.strerror(code), str(first if first != parent else path))
+    raise OSError(code, os.strerror(code), str(first))
 
 
 def read_plan(path: Path) -> ConversionPlan:
@@ -323,7 +331,7 @@ def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
         )
     for shard in plan.shards:
         path = dst / shard.name
-        if not path.is_file() or path.stat().st_size != shard.file_size:
+        if not written_in_full(path, shard.file_size):
             raise W4A8ConvError(f"{path}: shard missing or incomplete although its share is marked done")
     for rel in plan.extra_files:
         if not (dst / rel).is_file():
