@@ -242,6 +242,7 @@ def test_the_old_api_mindie_save_is_read_as_written(tmp_path, source_checkpoints
         "quant_model_description.json",
         "quant_model_weight_w4a8_dynamic.safetensors",
         "quant_model_weight_w4a8_dynamic.safetensors.index.json",
+        "w4a8conv.canary",
         "w4a8conv.sha256",
     ]
     assert verify_conversion(src, out).ok

@@ -1,5 +1,6 @@
 """The output is byte for byte what w4a8conv wrote before its sources and targets became modules, but for
-the artifact contract that format 2 added to the description's ``w4a8conv`` section.
+the artifact contract that format 2 added to the description's ``w4a8conv`` section, and the canary
+(issue 20): a new file of source tensors, recorded in the section and the manifest.
 
 ``golden/sha256.json`` holds the first 16 hex digits of the sha256 of every file of the synthetic
 inputs and their conversions, for every source layout and two model shapes, as written by the code
@@ -15,9 +16,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
+from w4a8conv.names import CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
 from w4a8conv.sources import SOURCE_NAMES
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
@@ -70,9 +74,20 @@ def test_synthetic_input_and_its_conversion_are_byte_identical_to_the_golden_run
     got, expected = _digests(dst), dict(DIGESTS[case]["output"])
     for name in (DESCRIPTION_FILE, MANIFEST_FILE):
         got.pop(name), expected.pop(name)
+    canary_digest = got.pop(CANARY_FILE)
     assert got == expected  # shards, index, copied files
     description = json.loads((dst / DESCRIPTION_FILE).read_text())
     section = description.pop(TOOL_SECTION)
+    canary = section.pop("canary")
+    assert canary["sha256"][:16] == canary_digest
+    with safe_open(dst / CANARY_FILE, "pt") as f:
+        assert sorted(f.keys()) == sorted(canary["tensors"])
+        source = {}
+        for path in src.glob("*.safetensors"):
+            source.update(load_file(path))
+        for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            tensor = f.get_tensor(name)
+            assert tensor.dtype == source[name].dtype and torch.equal(tensor, source[name]), name
     assert _digest(json.dumps(description).encode()) == SECTIONS[case]["description_without_section"]
     old = SECTIONS[case]["section"]
     assert section == {**old, **CONTRACT}

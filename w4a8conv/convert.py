@@ -26,7 +26,16 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
 from .errors import EXIT_FAILURE, BadInputError, Terminated, W4A8ConvError, interruption
 from .filesystems import direct_io_by_default
-from .jobs import JobShare, check_output, copy_file_atomic, finalize, nearest_existing, start_share, written_in_full
+from .jobs import (
+    JobShare,
+    check_output,
+    copy_file_atomic,
+    finalize,
+    nearest_existing,
+    start_share,
+    write_canary,
+    written_in_full,
+)
 from .names import TOOL_SECTION
 from .output import Progress
 from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
@@ -161,6 +170,7 @@ def convert_checkpoint(
         if array_index == 0:
             for rel in ckpt.extra_files:
                 copy_file_atomic(ckpt.root / rel, dst, rel)
+            write_canary(plan, dst)
         converting = {s.name for s in todo}
         unhashed = [name for name in share.shard_names if name not in converting] if share.checksums else []
         _import_math_in_background()

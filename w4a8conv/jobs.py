@@ -20,10 +20,12 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
+from .canary import canary_chunks, canary_path, canary_sources, with_digest, without_digest
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
-from .names import CONFIG_FILE, DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
+from .names import CANARY_FILE, CONFIG_FILE, DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
 from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
 
@@ -76,6 +78,7 @@ class JobShare:
             # Not the job file's: every job of an array writes it, and one starting beside this one may
             # be writing it right now. Leftovers of a killed run go when finalize removes the state.
             owned += [*self.plan.extra_files, self.plan.index_name, DESCRIPTION_FILE, MANIFEST_FILE, CONFIG_FILE]
+            owned.append(CANARY_FILE)
         for name in owned:
             for base in (self.dst, self.state):
                 target = base / name
@@ -260,7 +263,9 @@ def _finished_description(dst: Path) -> dict | None:
         description = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return description if isinstance(description, dict) and TOOL_SECTION in description else None
+    if not isinstance(description, dict) or TOOL_SECTION not in description:
+        return None
+    return without_digest(description, TOOL_SECTION)  # as planned, to compare with a plan
 
 
 def _lock(path: Path, dst: Path, shared: bool = False) -> int:
@@ -336,12 +341,21 @@ def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
     for rel in plan.extra_files:
         if not (dst / rel).is_file():
             raise W4A8ConvError(f"{dst / rel}: missing although share 0 is marked done")
+    description = dict(plan.description)
+    canary = plan.description.get(TOOL_SECTION, {}).get("canary")
+    if canary is not None:
+        path = canary_path(dst, canary)
+        if not path.is_file() or path.is_symlink():
+            raise W4A8ConvError(f"{path}: missing although share 0 is marked done")
+        description = with_digest(description, TOOL_SECTION, sha256_file(path))
     index_bytes = json_bytes(plan.index)
-    description_bytes = json_bytes(dict(plan.description))
+    description_bytes = json_bytes(description)
     written = {} if plan.served_config is None else {CONFIG_FILE: json_bytes(dict(plan.served_config))}
     if plan.checksums:
         sums = {shard.name: _read_checksum(state, dst, shard.name) for shard in plan.shards}
         sums.update({rel: sha256_file(dst / rel) for rel in plan.extra_files})
+        if canary is not None:
+            sums[canary["file"]] = description[TOOL_SECTION]["canary"]["sha256"]
         sums.update({name: hashlib.sha256(data).hexdigest() for name, data in written.items()})
         sums[plan.index_name] = hashlib.sha256(index_bytes).hexdigest()
         sums[DESCRIPTION_FILE] = hashlib.sha256(description_bytes).hexdigest()
@@ -367,6 +381,13 @@ def _read_checksum(state: Path, dst: Path, shard: str) -> str:
         saved = ""
     is_digest = len(saved) == 64 and all(c in "0123456789abcdef" for c in saved)
     return saved if is_digest else sha256_file(dst / shard)
+
+
+def write_canary(plan: ConversionPlan, dst: Path) -> None:
+    """Write the canary the plan records (share 0 does, beside the copied files), atomically."""
+    spec = plan.description.get(TOOL_SECTION, {}).get("canary")
+    if spec is not None:
+        write_atomic(canary_path(dst, spec), canary_chunks(canary_sources(plan.modules, spec)))
 
 
 def json_bytes(data: dict) -> bytes:
@@ -402,11 +423,13 @@ def _create_new(path: Path):
     return os.fdopen(fd, "wb")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write under a unique temporary name, fsync, rename: complete or absent, safe with concurrent jobs."""
+def write_atomic(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` (bytes, or its pieces in order) under a unique temporary name, fsync, rename:
+    complete or absent, safe with concurrent jobs."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     with _create_new(tmp) as f:
-        f.write(data)
+        for chunk in [data] if isinstance(data, bytes) else data:
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target

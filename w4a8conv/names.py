@@ -66,3 +66,10 @@ def format_problem(section: object) -> str | None:
 def tensor_entries(description: dict) -> dict[str, str]:
     """The per-tensor part of a description (top-level keys such as ``version`` carry no dot)."""
     return {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+
+
+# The canary: one MoE expert's (and one W4A8 Linear's) source tensors, byte for byte, beside the
+# shards. Not named by the index and not ending in .safetensors, so no loader takes it for weights;
+# the plugin runs the installed engine's own processing on it and compares with the converted tensors.
+CANARY_FILE = "w4a8conv.canary"
+CANARY_SKIP_ENV = "W4A8CONV_SKIP_CANARY"

@@ -11,6 +11,7 @@ import math
 from dataclasses import replace
 
 from . import __version__
+from .canary import canary_spec
 from .checkpoint import Checkpoint
 from .gc_hold import holding_gc
 from .names import (
@@ -112,7 +113,9 @@ def build_plan(
     consumed = {info.name for p in modules for info in p.sources.values()}
     passthrough = sorted((t for n, t in ckpt.tensors.items() if n not in consumed), key=lambda t: natural_key(t.name))
     shards = _output_shards(passthrough, modules, serving)
-    description = _processed_description(ckpt, consumed, shards, serving, layout_name, group_size, checksums)
+    engine_keys = modules[0].layout.engine_keys(ckpt.description, group_size) if modules else {}
+    canary = canary_spec(modules, engine_keys)
+    description = _processed_description(ckpt, consumed, shards, serving, layout_name, group_size, checksums, canary)
     return ConversionPlan(
         source=ckpt.root.resolve(),
         source_layout=layout_name,
@@ -319,6 +322,7 @@ def _processed_description(
     layout_name: str,
     group_size: int | None,
     checksums: bool,
+    canary: dict | None,
 ) -> dict:
     """The source description with processed tensors re-typed and a section recording what was done.
 
@@ -347,6 +351,8 @@ def _processed_description(
         "scale_bias_chunks": SCALE_BIAS_CHUNKS,
         "checksum_manifest": MANIFEST_FILE if checksums else None,
     }
+    if canary is not None:  # finalize adds the file's sha256
+        description[TOOL_SECTION]["canary"] = canary
     if ckpt.served_config is not None:  # the config.json served beside it has none: kept here, as read
         description[TOOL_SECTION]["source_quantization_config"] = ckpt.config["quantization_config"]
     return dict(sorted(description.items(), key=lambda kv: natural_key(kv[0])))

@@ -71,6 +71,13 @@ class SourceLayout:
     def check_description(self, description: dict, path: str, problems: list[str]) -> None:
         """Report description keys that contradict this layout (``path`` names the file)."""
 
+    def engine_keys(self, description: dict, group_size: int | None) -> dict:
+        """The description keys a serving engine reads for an unconverted checkpoint of this layout
+        (the canary's engine runs with them): msModelSlim's top-level scalars."""
+        from ..canary import engine_description
+
+        return engine_description(description, group_size)
+
     # --- the math: torch tensors in, torch tensors out, on any device ---
 
     def value_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:

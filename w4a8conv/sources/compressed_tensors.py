@@ -79,6 +79,16 @@ class CompressedTensorsLayout(MindieLayout):
     def check_description(self, description: dict, path: str, problems: list[str]) -> None:
         """The description is derived from config.json, which :mod:`w4a8conv.compressed_tensors` checked."""
 
+    def engine_keys(self, description: dict, group_size: int | None) -> dict:
+        """What vllm-ascend's compressed-tensors config gives its W4A8 MoE method for a channel-strategy
+        scheme: no msModelSlim version, its own quant method, the weight strategy."""
+        return {
+            "ascend_quant_method": "compressed-tensors",
+            "group_size": 0,
+            "version": "0",
+            "weight_strategy": "channel",
+        }
+
     def value_problem(self, tensors):
         import torch
 

@@ -150,6 +150,7 @@ def verify_conversion(
             # what the manifest check would flag as unlisted, so that the verdict does not depend on it
             written = {*headers, DESCRIPTION_FILE, *(p.name for p in dst.glob(f"*{INDEX_SUFFIX}"))}
             written |= {CONFIG_FILE} if source.served_config is not None else set()
+            written |= {section["canary"]["file"]} if isinstance(section.get("canary"), dict) else set()
             for name in sorted(output_files(dst) - written - {str(rel) for rel in source.extra_files}):
                 report.problem(f"{dst / name}: not part of the conversion")
         else:
