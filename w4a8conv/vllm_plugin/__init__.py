@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..names import PREPACKED_TYPE
 from .api import VllmAscendApi, detect_api
-from .checks import check_engine_release, check_moe_tensor_parallel, check_serving_dtype
+from .checks import check_engine_release, check_groups_per_rank, check_moe_tensor_parallel, check_serving_dtype
 from .log import log
 from .methods import _follow_create_weights, build_methods
 
@@ -29,6 +29,7 @@ __all__ = [
     "VllmAscendApi",
     "build_methods",
     "check_engine_release",
+    "check_groups_per_rank",
     "check_moe_tensor_parallel",
     "check_serving_dtype",
     "detect_api",

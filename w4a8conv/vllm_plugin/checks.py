@@ -88,3 +88,21 @@ def check_moe_tensor_parallel(tp_size: int) -> None:
             f"w4a8conv: MoE tensor-parallel size must divide the checkpoint's {SCALE_BIAS_CHUNKS} scale_bias chunks "
             f"({sizes}), found {tp_size}; use one of those or --enable-expert-parallel"
         )
+
+
+def check_groups_per_rank(group_size: int, intermediate_per_rank: int, tp_size: int) -> None:
+    """Refuse per-group weights at a MoE tensor-parallel size whose input slice of down_proj is not a whole
+    number of groups (stock vllm-ascend fails there with a reshape error; DeepSeek-R1 at tp 16 is one)."""
+    if group_size <= 0 or intermediate_per_rank % group_size == 0:
+        return
+    intermediate = intermediate_per_rank * tp_size
+    working = [
+        n
+        for n in range(1, SCALE_BIAS_CHUNKS + 1)
+        if SCALE_BIAS_CHUNKS % n == 0 and intermediate % n == 0 and (intermediate // n) % group_size == 0
+    ]
+    raise ValueError(
+        f"w4a8conv: per-group W4A8 with group_size {group_size} at MoE tensor-parallel size {tp_size} gives each "
+        f"rank {intermediate_per_rank} of moe_intermediate {intermediate} for down_proj, not a whole number of groups; "
+        f"use MoE tensor-parallel size {', '.join(map(str, working)) or '1'} or --enable-expert-parallel"
+    )

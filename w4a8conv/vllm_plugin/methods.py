@@ -9,8 +9,9 @@ import torch
 
 from ..names import SCALE_BIAS_CHUNKS
 from ..scales import sum_scale_bias_chunks
+from . import canary
 from .api import VllmAscendApi
-from .checks import check_engine_release, check_moe_tensor_parallel, check_serving_dtype, checkpoint_section
+from .checks import check_groups_per_rank, check_moe_tensor_parallel, check_serving_dtype, checkpoint_section
 from .log import log
 
 _VLLM_GROUP_SCALES = "group"  # vLLM's FusedMoeWeightScaleSupported.GROUP.value
@@ -91,10 +92,11 @@ def _linear_method(api: VllmAscendApi) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            check_engine_release(api.version)
+            self.canary, self.engine_method = canary.prepare("linear", api.version, api.linear_method)
 
         def get_weight(self, input_size: int, output_size: int, params_dtype: torch.dtype) -> dict[str, Any]:
             check_serving_dtype(params_dtype)
+            self.params_dtype = params_dtype
             return {"weight": torch.empty(input_size, output_size // 8, dtype=torch.int32)}
 
         def get_pergroup_param(self, input_size, output_size, params_dtype, layer_type=None) -> dict[str, Any]:
@@ -113,6 +115,17 @@ def _linear_method(api: VllmAscendApi) -> type:
                 _widen_scale_bias(layer)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            if self.canary is not None:
+                check = None
+                if canary.linear_canary_matches(self.canary, layer):
+                    check = functools.partial(
+                        canary.check_linear, self.canary, self.engine_method, layer, self.params_dtype, self.process
+                    )
+                canary.run_once("linear", self.canary, check)
+            self.process(layer)
+
+        def process(self, layer: torch.nn.Module) -> None:
+            """What stays to do at load: NZ, and upstream's names for the bias."""
             layer.weight.data = _nz(api, layer.weight.data)
             bias = layer.scale_bias.data
             if getattr(self, "new_quant_version", False):  # 1.0.0 source: upstream keeps scale_bias
@@ -130,13 +143,15 @@ def _moe_method(api: VllmAscendApi) -> type:
 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
-            check_engine_release(api.version)
+            self.canary, self.engine_method = canary.prepare("moe", api.version, api.moe_method)
             if not hasattr(self, "group_size"):  # main keeps none: it serves per-channel weights only
                 self.group_size = checkpoint_section().get("group_size", 0)
             check_moe_tensor_parallel(self.tp_size)
 
         def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
             check_serving_dtype(params_dtype)
+            check_groups_per_rank(self.group_size, intermediate_size_per_partition, self.tp_size)
+            self.canary_shape = (intermediate_size_per_partition, hidden_sizes, params_dtype)
             e, i, h = num_experts, intermediate_size_per_partition, hidden_sizes
             return {
                 "w13_weight": torch.empty(e, h, 2 * i // 8, dtype=torch.int32),
@@ -167,6 +182,15 @@ def _moe_method(api: VllmAscendApi) -> type:
                 getattr(layer, name).quant_method = _VLLM_GROUP_SCALES
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            if self.canary is not None:
+                check = functools.partial(
+                    canary.check_moe, self.canary, self.engine_method, layer, self.canary_shape, self.process
+                )
+                canary.run_once("moe", self.canary, check)
+            self.process(layer)
+
+        def process(self, layer: torch.nn.Module) -> None:
+            """What stays to do at load: this rank's bias sums, NZ, and the names and lists this release reads."""
             _announce_once()
             # This rank's scale_bias chunks (all 16 with expert parallelism) sum to its bias, as upstream sums them.
             layer.w13_scale_bias.data = sum_scale_bias_chunks(layer.w13_scale_bias.data)
