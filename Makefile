@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest lint bench docs clean
+.PHONY: install demo test test-typer-oldest test-engine lint bench docs clean
 
 install: $(STAMP)
 
@@ -53,6 +53,23 @@ test-typer-oldest: $(STAMP)
 	$(BIN)/python -m pip install --quiet --no-deps --target .typer-oldest "$(TYPER_OLDEST)"
 	PYTHONPATH=.typer-oldest $(BIN)/python -m pytest -q -p no:cacheprovider $(CLI_TESTS)
 
+# The plugin through the real vLLM 0.23.0 and vllm-ascend 0.23.0 (tests/engine), in a venv of their own:
+# both with --no-deps (their own lists pull CUDA and CANN), plus the pure-Python packages their imports
+# need, pinned (tests/engine/requirements.txt); torch_npu is stood in (tests/engine/stubs).
+ENGINE_VENV ?= .venv-engine
+ENGINE_PACKAGES := vllm==0.23.0 vllm-ascend==0.23.0
+ENGINE_STAMP := $(ENGINE_VENV)/.installed-engine-0.23
+$(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
+	test -x $(ENGINE_VENV)/bin/python || $(PYTHON) -m venv $(ENGINE_VENV)
+	$(ENGINE_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(ENGINE_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt
+	$(ENGINE_VENV)/bin/python -m pip install --quiet --no-deps $(ENGINE_PACKAGES)
+	$(ENGINE_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-engine: $(ENGINE_STAMP)
+	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
@@ -60,4 +77,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info
+	rm -rf $(VENV) $(ENGINE_VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info

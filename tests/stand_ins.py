@@ -343,7 +343,7 @@ class LinearAdapter:
             input_size_per_partition, out, params_dtype, **layer_type
         ).items():
             param = _register(layer, name, value, {"output_dim": 0}, extra)
-            if "weight_scale_second" in name:
+            if "weight_scale_second" in name or "weight_offset_second" in name:
                 param.input_dim = 1
 
     def process_weights_after_loading(self, layer):

@@ -531,3 +531,23 @@ def test_per_group_at_a_tensor_parallel_size_without_whole_groups_is_refused(tmp
             serve_moe(out, tp_size=tp_size * 4)
     finally:
         stand_ins.uninstall()
+
+
+@pytest.mark.parametrize("tp_size", [2, 4])
+def test_a_row_parallel_mindie_linear_sums_only_its_ranks_chunks(converted_checkpoints, source_checkpoints, tp_size):
+    """Stock computes a mindie Linear's weight_scale_bias from the rank's input slice (the ranks' partial
+    outputs are summed after): the plugin sums the stored chunks of that slice, as the real 0.23 showed."""
+    stand_ins.install("registry")
+    try:
+        linear_method, _ = registered("registry")
+        ckpt = configure(converted_checkpoints["mindie"], tp_size)
+        prefix = "model.layers.0.self_attn.o_proj"
+        chunks = ckpt.tensors([f"{prefix}.scale_bias"])[f"{prefix}.scale_bias"]
+        for rank in (0, tp_size - 1):
+            layer = stand_ins.LinearLayer(linear_method(), SPEC.hidden, SPEC.hidden, True, tp_size, rank)
+            layer.load(prefix, all_tensors(ckpt, prefix))
+            layer.quant_method.process_weights_after_loading(layer)
+            share = 16 // tp_size
+            assert torch.equal(layer.weight_scale_bias.data, chunks[:, rank * share : (rank + 1) * share].sum(-1))
+    finally:
+        stand_ins.uninstall()

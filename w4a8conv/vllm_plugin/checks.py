@@ -80,12 +80,12 @@ def check_serving_dtype(params_dtype: torch.dtype) -> None:
         )
 
 
-def check_moe_tensor_parallel(tp_size: int) -> None:
-    """Refuse a MoE tensor-parallel size that does not split the stored scale_bias chunks evenly."""
+def check_moe_tensor_parallel(tp_size: int, what: str = "MoE tensor-parallel size") -> None:
+    """Refuse a (MoE) tensor-parallel size that does not split the stored scale_bias chunks evenly."""
     if tp_size < 1 or SCALE_BIAS_CHUNKS % tp_size:
         sizes = ", ".join(str(n) for n in range(1, SCALE_BIAS_CHUNKS + 1) if SCALE_BIAS_CHUNKS % n == 0)
         raise ValueError(
-            f"w4a8conv: MoE tensor-parallel size must divide the checkpoint's {SCALE_BIAS_CHUNKS} scale_bias chunks "
+            f"w4a8conv: {what} must divide the checkpoint's {SCALE_BIAS_CHUNKS} scale_bias chunks "
             f"({sizes}), found {tp_size}; use one of those or --enable-expert-parallel"
         )
 

@@ -50,6 +50,16 @@ def _widen_scale_bias(layer: torch.nn.Module) -> None:
     layer.register_parameter("scale_bias", new)
 
 
+def _rank_chunks(layer: torch.nn.Module, bias: torch.Tensor) -> torch.Tensor:
+    """A row-parallel rank's scale_bias chunks: those of its slice of the input (its loader's ``tp_rank``)."""
+    tp_size, tp_rank = int(getattr(layer, "tp_size", 1)), int(getattr(layer, "tp_rank", 0))
+    if bias.shape[1] == 1 or tp_size == 1:
+        return bias
+    check_moe_tensor_parallel(tp_size, "a row-parallel W4A8 Linear's tensor-parallel size")
+    share = bias.shape[1] // tp_size
+    return bias[:, tp_rank * share : (tp_rank + 1) * share]
+
+
 def _split_for_eplb(layer: torch.nn.Module) -> None:
     """Dynamic expert load balancing moves single experts: upstream keeps per-expert lists instead."""
     for name in ("w13_weight", "w2_weight"):  # int8 views, as upstream's lists (apply views them as int32)
@@ -130,8 +140,9 @@ def _linear_method(api: VllmAscendApi) -> type:
             bias = layer.scale_bias.data
             if getattr(self, "new_quant_version", False):  # 1.0.0 source: upstream keeps scale_bias
                 layer.scale_bias.data = bias.flatten() if bias.shape[1] == 1 else bias.contiguous()
-            else:  # mindie source: upstream computes weight_scale_bias [out]
+            else:  # mindie source: upstream computes weight_scale_bias [out] from this rank's input slice
                 del layer.scale_bias
+                bias = _rank_chunks(layer, bias) if hasattr(layer, "input_is_parallel") else bias
                 layer.register_parameter("weight_scale_bias", torch.nn.Parameter(bias.sum(-1), requires_grad=False))
 
     return PrepackedW4A8LinearMethod

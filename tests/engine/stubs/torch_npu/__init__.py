@@ -60,10 +60,18 @@ def _placeholder(name: str):
     return call
 
 
-def __getattr__(name: str):
+def _placeholder_or_type(qualified: str, name: str):
+    """A class for a capitalised name (used in annotations such as ``torch.npu.Stream | None``), else a
+    function that raises when called."""
     if name.startswith("__"):
         raise AttributeError(name)
-    return _placeholder(name)
+    if name[:1].isupper():
+        return type(name, (), {"__module__": qualified})
+    return _placeholder(f"{qualified}.{name}")
+
+
+def __getattr__(name: str):
+    return _placeholder_or_type("torch_npu", name)
 
 
 class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -91,3 +99,8 @@ class _Placeholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 sys.meta_path.insert(0, _Placeholders())
 if not hasattr(torch.Tensor, "npu"):
     torch.Tensor.npu = lambda self, *args, **kwargs: self  # the "device" is the CPU
+if not hasattr(torch, "npu"):  # what torch_npu adds to torch
+    torch.npu = types.ModuleType("torch.npu")
+    torch.npu.__getattr__ = lambda name: _placeholder_or_type("torch.npu", name)
+    torch.npu.is_available = lambda: False
+    torch.npu.device_count = lambda: 0

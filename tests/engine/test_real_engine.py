@@ -1,0 +1,327 @@
+"""The plugin and its canary through the real vLLM 0.23.0 and vllm-ascend 0.23.0 code (``make test-engine``).
+
+vLLM's own FusedMoE weight loader, vllm-ascend's own method adapter, scheme registry and W4A8_DYNAMIC
+MoE method; only torch_npu is stood in (``stubs/torch_npu``: the two int4 packing operators and the NZ
+cast, emulated on the CPU). For every source layout, at MoE tensor parallelism 1, 2, 4, 8 and 16, expert
+parallelism and dynamic EPLB, stock vllm-ascend loads the unconverted checkpoint and the plugin the
+converted one; every tensor left for the kernels must be equal (a mindie bias, which stock computes in
+fp32 in the device's order, within the summation bound), or the plugin must refuse where stock cannot
+serve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+import torch
+import torch_npu
+from safetensors import safe_open
+from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from vllm_ascend.quantization import method_adapters
+from vllm_ascend.quantization.methods import registry, w4a8
+
+from w4a8conv import vllm_plugin
+from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.convert import convert_checkpoint
+from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+from w4a8conv.vllm_plugin import canary
+
+SPEC = SyntheticSpec(hidden=128, intermediate=256, experts=4, dense_layers=0, moe_layers=1, w4a8_linear=False)
+LAYER = "model.layers.0.mlp.experts"
+LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel", "compressed-tensors")
+
+
+class Serving:
+    """What vllm-ascend's W4A8 code asks of the server: the vLLM config, parallel sizes, ascend config."""
+
+    description: ClassVar[dict] = {}
+    model: str = ""
+    tp_size = 1
+    expert_parallel = False
+    dynamic_eplb = False
+
+
+class _QuantConfig:
+    @property
+    def quant_description(self):
+        return Serving.description
+
+    @quant_description.setter
+    def quant_description(self, value):
+        Serving.description = value
+
+
+VLLM_CONFIG = SimpleNamespace(
+    quant_config=_QuantConfig(),
+    model_config=SimpleNamespace(model=None, revision=None),
+    parallel_config=SimpleNamespace(),
+)
+
+
+@pytest.fixture(autouse=True)
+def serving(monkeypatch):
+    def vllm_config():
+        VLLM_CONFIG.model_config.model = Serving.model
+        VLLM_CONFIG.parallel_config.enable_expert_parallel = Serving.expert_parallel
+        return VLLM_CONFIG
+
+    def no_mc2_group():
+        raise AttributeError("no MC2 group on this machine")
+
+    monkeypatch.setattr(w4a8, "get_current_vllm_config", vllm_config)
+    monkeypatch.setattr("vllm.config.get_current_vllm_config", vllm_config)
+    monkeypatch.setattr(w4a8, "get_tensor_model_parallel_world_size", lambda: Serving.tp_size)
+    monkeypatch.setattr(w4a8, "get_mc2_group", no_mc2_group)
+    monkeypatch.setattr(
+        w4a8,
+        "get_ascend_config",
+        lambda: SimpleNamespace(eplb_config=SimpleNamespace(dynamic_eplb=Serving.dynamic_eplb), enable_fused_mc2=0),
+    )
+    monkeypatch.setattr("vllm_ascend.utils._should_trans_nz", lambda weight: weight.dtype != torch.float32)
+    canary.forget()
+    torch_npu.calls.clear()
+    yield
+    canary.forget()
+
+
+class LoaderOnlyFusedMoE(FusedMoE):
+    """vLLM's FusedMoE with its own weight_loader and expert map, without the model around it."""
+
+    def __init__(self, quant_method, local_experts: list[int], tp_size: int, tp_rank: int):
+        torch.nn.Module.__init__(self)
+        self.quant_config = None
+        self.rocm_aiter_fmoe_enabled = False
+        self.moe_parallel_config = SimpleNamespace(tp_size=tp_size, tp_rank=tp_rank, ep_size=1, ep_rank=0)
+        self.moe_config = SimpleNamespace(is_act_and_mul=True, moe_parallel_config=self.moe_parallel_config)
+        expert_map = torch.full((SPEC.experts,), -1, dtype=torch.int32)
+        expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+        self._expert_map = expert_map
+        self.expert_map_manager = SimpleNamespace(map_global_to_local=lambda g: int(expert_map[g]))
+        adapter = method_adapters.AscendFusedMoEMethod.__new__(method_adapters.AscendFusedMoEMethod)
+        adapter.quant_method = quant_method
+        self.quant_method = adapter
+        adapter.create_weights(
+            self,
+            len(local_experts),
+            SPEC.hidden,
+            SPEC.intermediate // tp_size,
+            torch.bfloat16,
+            weight_loader=self.weight_loader,
+        )
+
+    def load(self, path: Path) -> None:
+        """vLLM's expert params mapping, every tensor of the layer in checkpoint order."""
+        ckpt = open_checkpoint(path)
+        for name in sorted(n for n in ckpt.tensors if n.startswith(LAYER + ".")):
+            expert, proj, role = name[len(LAYER) + 1 :].split(".", 2)
+            group, shard = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}[proj]
+            param = getattr(self, f"{group}_{role}", None)
+            if param is None:
+                continue
+            with safe_open(str(ckpt.tensors[name].path), "pt") as f:
+                tensor = f.get_tensor(name)
+            param.weight_loader(param, tensor, f"{LAYER}.{group}_{role}", shard_id=shard, expert_id=int(expert))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    made = {}
+    for layout in LAYOUTS:
+        src = write_checkpoint(root / layout, layout, SPEC)
+        made[layout] = (src, convert_checkpoint(src, root / f"{layout}-out", target="vllm-ascend-0.23").out_dir)
+    return made
+
+
+def stock_description(src: Path) -> dict:
+    """What vllm-ascend's configs give its W4A8 method for the unconverted checkpoint."""
+    ckpt = open_checkpoint(src)
+    if ckpt.served_config is not None:
+        return {
+            "ascend_quant_method": "compressed-tensors",
+            "group_size": 0,
+            "version": "0",
+            "weight_strategy": "channel",
+        }
+    description = {k: v for k, v in ckpt.description.items() if "." not in k}
+    description.setdefault("group_size", SPEC.group_size)  # mindie: users add it by hand (else 256)
+    return description
+
+
+def serve(path: Path, description: dict, method_class, local_experts, tp_size, tp_rank) -> torch.nn.Module:
+    Serving.description, Serving.model, Serving.tp_size = description, str(path), tp_size
+    moe_tp = 1 if Serving.expert_parallel else tp_size
+    layer = LoaderOnlyFusedMoE(method_class(), local_experts, moe_tp, 0 if Serving.expert_parallel else tp_rank)
+    layer.load(path)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+MODES = [("tp", 1), ("tp", 2), ("tp", 4), ("tp", 8), ("tp", 16), ("ep", 4), ("eplb", 4)]
+
+
+def stock_cannot_serve(layout: str, mode: str, size: int) -> str | None:
+    """Where stock vllm-ascend 0.23 itself serves wrong numbers or fails, and so the canary refuses."""
+    if layout in ("mindie", "v1.0.0-per-group") and mode == "tp" and size > 1:
+        # vLLM's loader gives no rank any of w2_weight_scale [H, 1] (marked "group"); at tp 16 (I/tp < g)
+        # process_scale fails first; the plugin's own check of whole groups refuses before either.
+        return "w2_weight_scale .* unloaded|not a whole number of groups|refuses the canary"
+    if layout == "mindie" and mode == "eplb":
+        # the per-expert lists hold the unpacked int8 weights, which apply views as int32 words
+        return r"computes w13_weight_list\[0\] .* as int8 \[128, 512\], the checkpoint gives int8 \[128, 256\]"
+    if layout == "compressed-tensors" and mode == "eplb":
+        # the compressed-tensors processing builds no per-expert lists, which apply reads under dynamic EPLB
+        return "computes w13_scale_bias of the canary .* the checkpoint gives nothing"
+    return None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("mode", "size"), MODES, ids=[f"{m}{n}" for m, n in MODES])
+def test_plugin_parameters_equal_stock_vllm_ascend_023(checkpoints, layout, mode, size):
+    src, out = checkpoints[layout]
+    vllm_plugin.register()
+    stock_class = registry.get_scheme_class("W4A8_DYNAMIC", "moe")
+    plugin_class = registry.get_scheme_class(PREPACKED_TYPE, "moe")
+    assert stock_class is w4a8.AscendW4A8DynamicFusedMoEMethod and issubclass(plugin_class, stock_class)
+    Serving.expert_parallel = mode in ("ep", "eplb")
+    Serving.dynamic_eplb = mode == "eplb"
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    ranks = [(r, list(range(SPEC.experts))) for r in sorted({0, size - 1})]
+    if Serving.expert_parallel:  # each rank holds its share of the experts, whole
+        ranks = [(r, list(range(r, SPEC.experts, size))) for r in sorted({0, size - 1})]
+    refusal = stock_cannot_serve(layout, mode, size)
+    try:
+        for rank, experts in ranks:
+            canary.forget()
+            if refusal is not None:
+                with pytest.raises(ValueError, match=refusal):
+                    serve(out, processed, plugin_class, experts, size, rank)
+                continue
+            stock = serve(src, stock_description(src), stock_class, experts, size, rank)
+            assert not [n for n, p in stock.named_parameters() if p.is_floating_point() and bool(p.isnan().any())]
+            ours = serve(out, processed, plugin_class, experts, size, rank)
+            assert [c[0] for c in torch_npu.calls[-2:]] == ["npu_format_cast(29)"] * 2  # as stock, on int8
+            tolerance = {}
+            if layout == "mindie":  # stock sums fp32 products in its own order
+                tolerance = {"w13_scale_bias": 1e-3, "w2_scale_bias": 1e-3}
+            held_stock, held_ours = canary.held_tensors(stock), canary.held_tensors(ours)
+            assert set(held_stock) == set(held_ours)
+            assert canary.first_difference(held_stock, held_ours, tolerance) is None, (rank, layout)
+    finally:
+        Serving.expert_parallel = Serving.dynamic_eplb = False
+
+
+def test_stock_023_leaves_a_per_group_w2_scale_unloaded_at_moe_tensor_parallel_2(checkpoints):
+    """What the canary refuses above: vLLM 0.23's loader slices a [H, 1] scale marked "group" by its own
+    size // tp, which is 0 columns, so stock never writes w2_weight_scale (torch.empty is served)."""
+    src, _ = checkpoints["v1.0.0-per-group"]
+    Serving.description, Serving.tp_size = stock_description(src), 2
+    layer = LoaderOnlyFusedMoE(w4a8.AscendW4A8DynamicFusedMoEMethod(), list(range(SPEC.experts)), 2, 0)
+    layer.w2_weight_scale.data.fill_(float("nan"))
+    layer.load(src)
+    assert bool(torch.isnan(layer.w2_weight_scale.data).all())
+
+
+@pytest.mark.parametrize("layout", ["v1.0.0-per-channel", "compressed-tensors"])
+def test_the_canary_refuses_an_engine_changed_in_one_line(checkpoints, monkeypatch, layout):
+    """The real 0.23 method with one line of its processing changed (the scale_bias summation)."""
+    out = checkpoints[layout][1]
+    vllm_plugin.register()
+    original = w4a8.AscendW4A8DynamicFusedMoEMethod.process_weights_after_loading
+
+    def changed(self, layer):
+        original(self, layer)
+        layer.w2_scale_bias.data = layer.w2_scale_bias.data * (1 + 2**-20)
+
+    monkeypatch.setattr(w4a8.AscendW4A8DynamicFusedMoEMethod, "process_weights_after_loading", changed)
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    plugin_class = registry.get_scheme_class(PREPACKED_TYPE, "moe")
+    with pytest.raises(ValueError, match="computes w2_scale_bias of the canary MoE expert"):
+        serve(out, processed, plugin_class, list(range(SPEC.experts)), 1, 0)
+
+
+LINEAR_SPEC = SyntheticSpec(hidden=128, intermediate=128, experts=2, dense_layers=1, moe_layers=1, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def linear_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-linear")
+    made = {}
+    for layout in ("mindie", "v1.0.0-per-group"):
+        src = write_checkpoint(root / layout, layout, LINEAR_SPEC)
+        made[layout] = (src, convert_checkpoint(src, root / f"{layout}-out", target="vllm-ascend-0.23").out_dir)
+    return made
+
+
+def loader_only(cls, method, in_features: int, out_sizes: list[int], tp_size: int, tp_rank: int):
+    """vLLM's Row/Column/MergedColumnParallelLinear with its own weight_loader, without the model around it."""
+    layer = cls.__new__(cls)
+    torch.nn.Module.__init__(layer)
+    layer.tp_size, layer.tp_rank, layer.prefix = tp_size, tp_rank, "canary-test"
+    layer.output_sizes = out_sizes
+    row = issubclass(cls, RowParallelLinear)
+    if row:
+        layer.input_is_parallel = True
+    adapter = method_adapters.AscendLinearMethod.__new__(method_adapters.AscendLinearMethod)
+    adapter.quant_method = method
+    layer.quant_method = adapter
+    in_part = in_features // tp_size if row else in_features
+    out_parts = out_sizes if row else [n // tp_size for n in out_sizes]
+    adapter.create_weights(
+        layer, in_part, out_parts, in_features, sum(out_sizes), torch.bfloat16, weight_loader=layer.weight_loader
+    )
+    return layer
+
+
+def linear_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    ckpt = open_checkpoint(path)
+    out = {}
+    for name in (n for n in ckpt.tensors if n.startswith(prefix + ".")):
+        with safe_open(str(ckpt.tensors[name].path), "pt") as f:
+            out[name[len(prefix) + 1 :]] = f.get_tensor(name)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["mindie", "v1.0.0-per-group"])
+@pytest.mark.parametrize("kind", ["row", "column", "merged"])
+@pytest.mark.parametrize("tp_size", [1, 2, 4])
+def test_plugin_linear_parameters_equal_stock_vllm_ascend_023(linear_checkpoints, layout, kind, tp_size):
+    """o_proj through RowParallelLinear, q_b_proj through ColumnParallelLinear, and q_b_proj twice as the
+    two shards of a MergedColumnParallelLinear (a dense gate_up_proj's loader), every rank's parameters."""
+    src, out = linear_checkpoints[layout]
+    vllm_plugin.register()
+    stock_class = registry.get_scheme_class("W4A8_DYNAMIC", "linear")
+    plugin_class = registry.get_scheme_class(PREPACKED_TYPE, "linear")
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    cls = {"row": RowParallelLinear, "column": ColumnParallelLinear, "merged": MergedColumnParallelLinear}[kind]
+    prefix = f"model.layers.0.self_attn.{'o_proj' if kind == 'row' else 'q_b_proj'}"
+    shards = [None] if kind != "merged" else [0, 1]
+    n = LINEAR_SPEC.hidden
+    for rank in sorted({0, tp_size - 1}):
+        layers = []
+        for path, description, method_class in (
+            (src, stock_description(src), stock_class),
+            (out, processed, plugin_class),
+        ):
+            canary.forget()
+            Serving.description, Serving.model, Serving.tp_size = description, str(path), tp_size
+            layer = loader_only(cls, method_class(), n, [n] * len(shards), tp_size, rank)
+            for name, tensor in linear_tensors(path, prefix).items():
+                param = getattr(layer, name, None)
+                if param is None:
+                    continue
+                for shard in shards:
+                    args = () if shard is None else (shard,)
+                    param.weight_loader(param, tensor, *args)
+            layer.quant_method.process_weights_after_loading(layer)
+            layers.append(layer)
+        stock, ours = (canary.held_tensors(layer, ("weight_scale",)) for layer in layers)
+        tolerance = {"weight_scale_bias": 1e-3} if layout == "mindie" else {}
+        assert set(stock) == set(ours)
+        assert canary.first_difference(stock, ours, tolerance) is None, (kind, rank)
