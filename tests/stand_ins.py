@@ -151,7 +151,7 @@ class UpstreamLinearMethod:
         per_input = (weight.to(torch.float32).reshape(second.shape[0], -1, n) * second.reshape(-1, 1, n)).reshape(k, n)
         bias = 8 * (per_input * scale).sum(0)
         layer.register_parameter("weight_scale_bias", torch.nn.Parameter(bias, requires_grad=False))
-        layer.weight.data = emulate_int4pack(weight)
+        layer.weight.data = _keep_format(weight, emulate_int4pack(weight))
 
 
 class UpstreamMoEMethod:
@@ -234,8 +234,9 @@ class UpstreamMoEMethod:
             self._compressed_tensors(layer)
         else:
             self._modelslim(layer)
-        layer.w13_weight.data = maybe_trans_nz(layer.w13_weight.data)
-        layer.w2_weight.data = maybe_trans_nz(layer.w2_weight.data)
+        if not _mutated("no NZ"):  # the 0.26 branch keeps MegaMoE weights ND
+            layer.w13_weight.data = maybe_trans_nz(layer.w13_weight.data)
+            layer.w2_weight.data = maybe_trans_nz(layer.w2_weight.data)
         self._ending(layer)
 
     def _compressed_tensors(self, layer):
@@ -305,7 +306,7 @@ class UpstreamMoEMethod:
         for name in ("w13_weight", "w2_weight"):
             weight = getattr(layer, name).data
             packed = weight.view(torch.int32) if self.new_quant_version or self.compressed_tensors else None
-            getattr(layer, name).data = packed if packed is not None else emulate_int4pack(weight)
+            getattr(layer, name).data = packed if packed is not None else _keep_format(weight, emulate_int4pack(weight))
         if Config.release == "quantizer":  # the mid-2025 release kept the MoE scales under *_second names
             for name in ("w13_weight_scale", "w2_weight_scale"):
                 layer.register_parameter(f"{name}_second", getattr(layer, name))
@@ -473,14 +474,36 @@ class LinearLayer(torch.nn.Module):
                 param.weight_loader(param, tensor)
 
 
-def maybe_trans_nz(tensor: torch.Tensor) -> torch.Tensor:
-    nz_casts.append((str(tensor.dtype), tuple(tensor.shape)))
+_formats: dict[int, int] = {}  # storage -> device format, as torch_npu keeps it with the storage
+
+
+def npu_format_cast(tensor: torch.Tensor, acl_format: int) -> torch.Tensor:
+    _formats[tensor.untyped_storage().data_ptr()] = acl_format
     return tensor
+
+
+def get_npu_format(tensor: torch.Tensor) -> int:
+    """2 (ND) unless cast; views share their storage's format, copies (clone) do not. A packing operator
+    is taken to keep its input's format: only a device can tell (the canary asks it there)."""
+    return _formats.get(tensor.untyped_storage().data_ptr(), 2)
+
+
+def _keep_format(source: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    if source.untyped_storage().data_ptr() in _formats:
+        npu_format_cast(result, get_npu_format(source))
+    return result
+
+
+def maybe_trans_nz(tensor: torch.Tensor) -> torch.Tensor:
+    """vllm-ascend's: a FRACTAL_NZ cast through torch_npu, here a stand-in that keeps the values."""
+    nz_casts.append((str(tensor.dtype), tuple(tensor.shape)))
+    return sys.modules["torch_npu"].npu_format_cast(tensor, 29)
 
 
 def install(release: str) -> None:
     """Put stand-in ``vllm_ascend`` modules of ``release`` ("registry", "main" or "quantizer") in sys.modules."""
     nz_casts.clear()
+    _formats.clear()
     canary.forget()
     Config.release = release
     modules = {}
@@ -495,6 +518,7 @@ def install(release: str) -> None:
     MoEAdapter.marks_scale_bias_and_scales_as_group = release != "quantizer"
     module("vllm")
     module("vllm.config", get_current_vllm_config=get_current_vllm_config)
+    module("torch_npu", npu_format_cast=npu_format_cast, get_npu_format=get_npu_format)
     module("vllm_ascend")
     default = {"registry": "0.23.0", "main": "0.19.1rc2.dev1637+g182b75ea8", "quantizer": "0.9.1"}[release]
     module("vllm_ascend._version", version=Config.version or default)
@@ -559,7 +583,7 @@ def install(release: str) -> None:
 
 def uninstall() -> None:
     canary.forget()
-    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "vllm_ascend")]:
+    for name in [n for n in sys.modules if n.split(".")[0] in ("vllm", "vllm_ascend", "torch_npu")]:
         del sys.modules[name]
     for adapter in (LinearAdapter, MoEAdapter):  # undo the plugin's create_weights wrapper
         if getattr(adapter.create_weights, "_w4a8conv", False):

@@ -20,6 +20,7 @@ import copy
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -307,6 +308,8 @@ def first_difference(
             where = f"{name}[{i}]" if listed else name
             if x.dtype != y.dtype or x.shape != y.shape:
                 return where, _describe(x), _describe(y)
+            if storage_format(x) != storage_format(y):
+                return where, f"storage format {storage_format(x)}", f"storage format {storage_format(y)}"
             y = y.to(x.device)
             if name in tolerance and x.is_floating_point():
                 worst = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
@@ -455,6 +458,19 @@ def _run_both(
         name, theirs, ours_found = found
         raise canary.refusal(f"computes {name} of the canary {what} as {theirs}, the checkpoint gives {ours_found}")
     return what
+
+
+def storage_format(tensor: torch.Tensor) -> int | None:
+    """The device storage format (2 ND, 29 FRACTAL_NZ...) torch_npu reports for a tensor, or None where
+    there is none to report (no NPU): a layout the kernels depend on, which no comparison of values sees."""
+    torch_npu = sys.modules.get("torch_npu")
+    get_format = getattr(torch_npu, "get_npu_format", None) if torch_npu is not None else None
+    if get_format is None:
+        return None
+    try:
+        return int(get_format(tensor))
+    except Exception:  # a CPU tensor, or a torch_npu without the call: no format to compare
+        return None
 
 
 def _local_expert_zero(layer: torch.nn.Module) -> int:
