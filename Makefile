@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest test-engine lint bench docs clean
+.PHONY: install demo test test-typer-oldest test-engine lint bench bench-canary docs clean
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ $(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
 
 test-engine: $(ENGINE_STAMP)
 	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+
+# What the canary check costs at DeepSeek-R1's expert shape on the real vllm-ascend 0.23 (CPU).
+bench-canary: $(ENGINE_STAMP)
+	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python scripts/bench_canary.py $(BENCH_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)

@@ -475,10 +475,12 @@ class LinearLayer(torch.nn.Module):
 
 
 _formats: dict[int, int] = {}  # storage -> device format, as torch_npu keeps it with the storage
+_cast: list[torch.Tensor] = []  # held, so that no later tensor gets a cast one's address
 
 
 def npu_format_cast(tensor: torch.Tensor, acl_format: int) -> torch.Tensor:
     _formats[tensor.untyped_storage().data_ptr()] = acl_format
+    _cast.append(tensor)
     return tensor
 
 
@@ -504,6 +506,7 @@ def install(release: str) -> None:
     """Put stand-in ``vllm_ascend`` modules of ``release`` ("registry", "main" or "quantizer") in sys.modules."""
     nz_casts.clear()
     _formats.clear()
+    _cast.clear()
     canary.forget()
     Config.release = release
     modules = {}

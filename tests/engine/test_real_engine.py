@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
-from typing import ClassVar
 
 import pytest
 import torch
 import torch_npu
 from safetensors import safe_open
-from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 from vllm_ascend.quantization import method_adapters
 from vllm_ascend.quantization.methods import registry, w4a8
@@ -32,101 +29,12 @@ from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.vllm_plugin import canary
 
+from . import harness
+from .harness import LoaderOnlyFusedMoE, Serving, build, patch_engine
+
 SPEC = SyntheticSpec(hidden=128, intermediate=256, experts=4, dense_layers=0, moe_layers=1, w4a8_linear=False)
 LAYER = "model.layers.0.mlp.experts"
 LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel", "compressed-tensors")
-
-
-class Serving:
-    """What vllm-ascend's W4A8 code asks of the server: the vLLM config, parallel sizes, ascend config."""
-
-    description: ClassVar[dict] = {}
-    model: str = ""
-    tp_size = 1
-    expert_parallel = False
-    dynamic_eplb = False
-
-
-class _QuantConfig:
-    @property
-    def quant_description(self):
-        return Serving.description
-
-    @quant_description.setter
-    def quant_description(self, value):
-        Serving.description = value
-
-
-VLLM_CONFIG = SimpleNamespace(
-    quant_config=_QuantConfig(),
-    model_config=SimpleNamespace(model=None, revision=None),
-    parallel_config=SimpleNamespace(),
-)
-
-
-@pytest.fixture(autouse=True)
-def serving(monkeypatch):
-    def vllm_config():
-        VLLM_CONFIG.model_config.model = Serving.model
-        VLLM_CONFIG.parallel_config.enable_expert_parallel = Serving.expert_parallel
-        return VLLM_CONFIG
-
-    def no_mc2_group():
-        raise AttributeError("no MC2 group on this machine")
-
-    monkeypatch.setattr(w4a8, "get_current_vllm_config", vllm_config)
-    monkeypatch.setattr("vllm.config.get_current_vllm_config", vllm_config)
-    monkeypatch.setattr(w4a8, "get_tensor_model_parallel_world_size", lambda: Serving.tp_size)
-    monkeypatch.setattr(w4a8, "get_mc2_group", no_mc2_group)
-    monkeypatch.setattr(
-        w4a8,
-        "get_ascend_config",
-        lambda: SimpleNamespace(eplb_config=SimpleNamespace(dynamic_eplb=Serving.dynamic_eplb), enable_fused_mc2=0),
-    )
-    monkeypatch.setattr("vllm_ascend.utils._should_trans_nz", lambda weight: weight.dtype != torch.float32)
-    canary.forget()
-    torch_npu.calls.clear()
-    yield
-    canary.forget()
-
-
-class LoaderOnlyFusedMoE(FusedMoE):
-    """vLLM's FusedMoE with its own weight_loader and expert map, without the model around it."""
-
-    def __init__(self, quant_method, local_experts: list[int], tp_size: int, tp_rank: int):
-        torch.nn.Module.__init__(self)
-        self.quant_config = None
-        self.rocm_aiter_fmoe_enabled = False
-        self.moe_parallel_config = SimpleNamespace(tp_size=tp_size, tp_rank=tp_rank, ep_size=1, ep_rank=0)
-        self.moe_config = SimpleNamespace(is_act_and_mul=True, moe_parallel_config=self.moe_parallel_config)
-        expert_map = torch.full((SPEC.experts,), -1, dtype=torch.int32)
-        expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
-        self._expert_map = expert_map
-        self.expert_map_manager = SimpleNamespace(map_global_to_local=lambda g: int(expert_map[g]))
-        adapter = method_adapters.AscendFusedMoEMethod.__new__(method_adapters.AscendFusedMoEMethod)
-        adapter.quant_method = quant_method
-        self.quant_method = adapter
-        adapter.create_weights(
-            self,
-            len(local_experts),
-            SPEC.hidden,
-            SPEC.intermediate // tp_size,
-            torch.bfloat16,
-            weight_loader=self.weight_loader,
-        )
-
-    def load(self, path: Path) -> None:
-        """vLLM's expert params mapping, every tensor of the layer in checkpoint order."""
-        ckpt = open_checkpoint(path)
-        for name in sorted(n for n in ckpt.tensors if n.startswith(LAYER + ".")):
-            expert, proj, role = name[len(LAYER) + 1 :].split(".", 2)
-            group, shard = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}[proj]
-            param = getattr(self, f"{group}_{role}", None)
-            if param is None:
-                continue
-            with safe_open(str(ckpt.tensors[name].path), "pt") as f:
-                tensor = f.get_tensor(name)
-            param.weight_loader(param, tensor, f"{LAYER}.{group}_{role}", shard_id=shard, expert_id=int(expert))
 
 
 @pytest.fixture(scope="module")
@@ -139,26 +47,24 @@ def checkpoints(tmp_path_factory):
     return made
 
 
+@pytest.fixture(autouse=True)
+def serving(monkeypatch):
+    patch_engine(monkeypatch.setattr)
+    canary.forget()
+    torch_npu.calls.clear()
+    yield
+    canary.forget()
+    Serving.expert_parallel = Serving.dynamic_eplb = False
+
+
 def stock_description(src: Path) -> dict:
-    """What vllm-ascend's configs give its W4A8 method for the unconverted checkpoint."""
-    ckpt = open_checkpoint(src)
-    if ckpt.served_config is not None:
-        return {
-            "ascend_quant_method": "compressed-tensors",
-            "group_size": 0,
-            "version": "0",
-            "weight_strategy": "channel",
-        }
-    description = {k: v for k, v in ckpt.description.items() if "." not in k}
-    description.setdefault("group_size", SPEC.group_size)  # mindie: users add it by hand (else 256)
-    return description
+    return harness.stock_description(src, SPEC.group_size)
 
 
 def serve(path: Path, description: dict, method_class, local_experts, tp_size, tp_rank) -> torch.nn.Module:
-    Serving.description, Serving.model, Serving.tp_size = description, str(path), tp_size
-    moe_tp = 1 if Serving.expert_parallel else tp_size
-    layer = LoaderOnlyFusedMoE(method_class(), local_experts, moe_tp, 0 if Serving.expert_parallel else tp_rank)
-    layer.load(path)
+    sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
+    layer = build(path, description, method_class, sizes, local_experts, tp_size, tp_rank)
+    layer.load(path, LAYER)
     layer.quant_method.process_weights_after_loading(layer)
     return layer
 
@@ -222,9 +128,10 @@ def test_stock_023_leaves_a_per_group_w2_scale_unloaded_at_moe_tensor_parallel_2
     size // tp, which is 0 columns, so stock never writes w2_weight_scale (torch.empty is served)."""
     src, _ = checkpoints["v1.0.0-per-group"]
     Serving.description, Serving.tp_size = stock_description(src), 2
-    layer = LoaderOnlyFusedMoE(w4a8.AscendW4A8DynamicFusedMoEMethod(), list(range(SPEC.experts)), 2, 0)
+    sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
+    layer = LoaderOnlyFusedMoE(w4a8.AscendW4A8DynamicFusedMoEMethod(), sizes, list(range(SPEC.experts)), 2, 0)
     layer.w2_weight_scale.data.fill_(float("nan"))
-    layer.load(src)
+    layer.load(src, LAYER)
     assert bool(torch.isnan(layer.w2_weight_scale.data).all())
 
 

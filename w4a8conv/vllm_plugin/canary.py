@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,32 @@ def build_engine_scheme(vllm_config: Any, engine_description: dict, build: Calla
         quant_config.quant_description = processed
 
 
+class LazyTensors:
+    """Tensors by name, read from their files one at a time when asked: the check holds one source
+    tensor at a time, not a whole expert."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self[name] if name in self.files else None
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_slice(name).get_shape()
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.files:
+            yield name, self[name]
+
+
 class Canary:
     """What a check needs, captured where vLLM's config is current (a method's ``__init__``)."""
 
@@ -98,7 +124,7 @@ class Canary:
         self.spec = section.get("canary")
         self.root = model_directory(vllm_config) if self.spec else None
 
-    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def tensors(self, names: list[str]) -> LazyTensors:
         """The canary's tensors, after checking the file's sha256 against the artifact contract."""
         path = (self.root or Path(".")) / self.spec["file"]
         if self.root is None or not path.is_file():
@@ -114,18 +140,13 @@ class Canary:
                 f"w4a8conv: {path}: sha256 {digest[:16]}... is not the {str(self.spec.get('sha256'))[:16]}... the "
                 "checkpoint records: the canary was changed; restore it from the conversion or convert again"
             )
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
+        return LazyTensors({name: path for name in names})
 
-    def converted(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def converted(self, names: list[str]) -> LazyTensors:
         """The checkpoint's converted tensors by name, from the shards its index names."""
         index = next(self.root.glob(f"*{INDEX_SUFFIX}"))
         weight_map = json.loads(index.read_text())["weight_map"]
-        out: dict[str, torch.Tensor] = {}
-        for file_name in sorted({weight_map[n] for n in names}):
-            with safe_open(str(self.root / file_name), framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if weight_map[n] == file_name})
-        return out
+        return LazyTensors({name: self.root / weight_map[name] for name in names})
 
     def refusal(self, what: str) -> CanaryRefusal:
         return CanaryRefusal(
@@ -324,16 +345,22 @@ def first_difference(
     return None
 
 
-def bias_bound(tensors: dict[str, torch.Tensor], prefix: str) -> float:
+def bias_bound(tensors: LazyTensors, prefix: str, rows: int = 256) -> float:
     """An upper bound on an fp32 ``8 * sum_k w * s2 * s`` computed in any order: (n + 2) roundings of the
-    sum of the terms' magnitudes (each product rounds once, each partial sum once)."""
-    w = tensors[f"{prefix}.weight"].double().abs()
-    s = tensors[f"{prefix}.weight_scale"].double().abs().reshape(w.shape[0], 1)
+    sum of the terms' magnitudes (each product rounds once, each partial sum once). In row blocks."""
+    weight, scale = tensors[f"{prefix}.weight"], tensors[f"{prefix}.weight_scale"].double().abs().reshape(-1)
     second = tensors.get(f"{prefix}.weight_scale_second")
-    if second is not None:
-        s = s * second.double().abs().repeat_interleave(w.shape[1] // second.shape[1], dim=1)
-    sums = 8 * (w * s).sum(1)
-    return float((w.shape[1] + 2) * _FP32_UNIT * sums.max()) if sums.numel() else 0.0
+    worst = 0.0
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start : start + rows].to(torch.int32).abs()
+        if second is None:
+            sums = w.sum(1).double()
+        else:
+            s2 = second[start : start + rows].double().abs()
+            sums = (w.reshape(w.shape[0], s2.shape[1], -1).sum(-1).double() * s2).sum(1)
+        block = 8 * sums * scale[start : start + rows]
+        worst = max(worst, float(block.max()) if block.numel() else 0.0)
+    return (weight.shape[1] + 2) * _FP32_UNIT * worst
 
 
 def check_moe(
@@ -350,13 +377,13 @@ def check_moe(
         raise canary.refusal(f"refuses the canary expert {prefix}: {engine_scheme}")
     names = [n for n in spec["tensors"] if n.startswith(prefix + ".")]
     source = canary.tensors(names)
-    converted = canary.converted([f"{prefix}.{p}.{r}" for p in MOE_PROJECTIONS for r in ("weight", "weight_scale")])
-    converted.update(canary.converted([f"{prefix}.{p}.scale_bias" for p in MOE_PROJECTIONS]))
+    roles = ("weight", "weight_scale", "scale_bias")
+    converted = canary.converted([f"{prefix}.{p}.{r}" for p in MOE_PROJECTIONS for r in roles])
     intermediate, hidden, dtype = shape
     expert = _local_expert_zero(layer)
     adapter = type(layer.quant_method)
 
-    def load(scheme: Any, tensors: dict[str, torch.Tensor], own: bool) -> torch.nn.Module:
+    def load(scheme: Any, tensors: LazyTensors, own: bool) -> torch.nn.Module:
         target = _canary_layer(layer)
         with torch.device(_device(layer)):
             creator = layer.quant_method if own else _with_scheme(layer.quant_method, scheme)
@@ -401,14 +428,14 @@ def check_linear(
     source = canary.tensors([n for n in canary.spec["tensors"] if n.startswith(prefix + ".")])
     roles = ("weight", "weight_scale_second", "scale_bias")
     converted = canary.converted([f"{prefix}.{r}" for r in roles])
-    out_features = source[f"{prefix}.weight_scale"].shape[0]
-    in_features = source[f"{prefix}.weight"].shape[1]
+    out_features = source.shape(f"{prefix}.weight_scale")[0]
+    in_features = source.shape(f"{prefix}.weight")[1]
     tp = max(int(getattr(layer, "tp_size", 1) or 1), 1)
     row = hasattr(layer, "input_is_parallel")
     in_part, out_part = (in_features // tp, out_features) if row else (in_features, out_features // tp)
     adapter = type(layer.quant_method)
 
-    def load(scheme: Any, tensors: dict[str, torch.Tensor], own: bool) -> torch.nn.Module:
+    def load(scheme: Any, tensors: LazyTensors, own: bool) -> torch.nn.Module:
         target = _canary_layer(layer)
         with torch.device(_device(layer)):
             creator = layer.quant_method if own else _with_scheme(layer.quant_method, scheme)
@@ -429,10 +456,10 @@ def check_linear(
 def _run_both(
     canary: Canary,
     what: str,
-    load: Callable[[Any, dict, bool], torch.nn.Module],
+    load: Callable[[Any, LazyTensors, bool], torch.nn.Module],
     engine_scheme: Any,
-    source: dict[str, torch.Tensor],
-    converted: dict[str, torch.Tensor],
+    source: LazyTensors,
+    converted: LazyTensors,
     process: Callable[[torch.nn.Module], None],
     bias_tolerance: Callable[[], float],
 ) -> str:

@@ -12,7 +12,6 @@ import importlib.machinery
 import sys
 import types
 
-import numpy as np
 import torch
 
 calls: list[tuple[str, str, tuple[int, ...]]] = []
@@ -30,14 +29,14 @@ def npu_format_cast(tensor: torch.Tensor, acl_format: int, *args, **kwargs) -> t
 
 
 def _pack_int4_last_dim(values: torch.Tensor) -> torch.Tensor:
-    """int4 values (-8..7) along the last dim -> int32 words, element 8m+j in bits 4j..4j+3 of word m."""
-    v = values.to(torch.int64).numpy()
-    *lead, n = v.shape
-    groups = v.reshape(*lead, n // 8, 8) & 0xF
-    words = np.zeros((*lead, n // 8), dtype=np.uint32)
+    """int4 values (-8..7) along the last dim -> int32 words, element 8m+j in bits 4j..4j+3 of word m
+    (two's-complement nibbles, low nibble first), built in place one nibble position at a time."""
+    *lead, n = values.shape
+    grouped = values.reshape(*lead, n // 8, 8)
+    words = torch.zeros(*lead, n // 8, dtype=torch.int32)
     for j in range(8):
-        words |= (groups[..., j].astype(np.uint32)) << np.uint32(4 * j)
-    return torch.from_numpy(words.view(np.int32).copy())
+        words |= (grouped[..., j].to(torch.int32) & 0xF) << (4 * j)
+    return words
 
 
 def npu_convert_weight_to_int4pack(weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -50,7 +49,9 @@ def npu_quantize(x, scales, zero_points, dtype, axis=-1, div_mode=True):
     _record("npu_quantize", x)
     if dtype != torch.quint4x2 or axis != -1 or zero_points is not None:
         raise NotImplementedError("torch_npu stand-in: npu_quantize emulates the quint4x2 int4 packing only")
-    return _pack_int4_last_dim(torch.round(x / scales.to(x.dtype)).clamp(-8, 7))
+    if not bool((scales == 1).all()):
+        x = torch.round(x / scales.to(x.dtype)).clamp(-8, 7)
+    return _pack_int4_last_dim(x)
 
 
 def _placeholder(name: str):

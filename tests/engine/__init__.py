@@ -1,0 +1,1 @@
+"""Tests against the real vLLM and vllm-ascend (``make test-engine``)."""
