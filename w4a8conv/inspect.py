@@ -106,6 +106,17 @@ CONTRACT_KEYS = (
 )
 
 
+def _canary_summary(section: dict) -> dict:
+    """The canary's record in one line: which expert and Linear, its file and digest."""
+    canary = section.get("canary")
+    if not isinstance(canary, dict):
+        return {}
+    held = [f"expert {canary.get('expert')} of {canary.get('moe_layer')}"] if canary.get("moe_layer") else []
+    held += [f"Linear {canary['linear']}"] if canary.get("linear") else []
+    digest = str(canary.get("sha256", ""))[:16]
+    return {"canary": f"{canary.get('file')}: {', '.join(held)} (sha256 {digest}...)"}
+
+
 def _common(path: Path | str, ckpt: Checkpoint) -> dict:
     return {
         "path": str(path),
@@ -147,7 +158,7 @@ def _processed(ckpt: Checkpoint) -> dict:
         "format": PROCESSED_FORMAT,
         "target": section.get("target"),
         "serving_targets": [],
-        "contract": {key: section[key] for key in CONTRACT_KEYS if key in section},
+        "contract": {key: section[key] for key in CONTRACT_KEYS if key in section} | _canary_summary(section),
         "group_size": section.get("group_size"),
         "modules": modules,
         "w4a8_linear": linear,
