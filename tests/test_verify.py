@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.convert import convert_checkpoint
-from w4a8conv.names import MANIFEST_FILE
+from w4a8conv.jobs import finalize
+from w4a8conv.names import CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
 from w4a8conv.safetensors_io import read_header, staging
 from w4a8conv.sources import get_source
 from w4a8conv.verify import verify_conversion
@@ -404,3 +405,45 @@ def test_without_a_manifest_every_byte_the_conversion_writes_is_checked(source_c
     report = verify_conversion(src, out)
     assert not report.ok and report.manifest is False
     assert f"{named}: {expected}" in report.problems, report.problems
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+@pytest.mark.parametrize("change", ["one byte", "missing", "digest"])
+def test_verify_checks_the_canary_against_the_source(source_checkpoints, tmp_path, checksums, change):
+    """The canary is the source's tensors byte for byte, and its sha256 is the one the description records
+    (the serving plugin trusts that record): a changed byte, a missing file or a changed record is found."""
+    src = source_checkpoints["v1.0.0-per-channel"]
+    out = convert_checkpoint(src, tmp_path / "out", checksums=checksums, target=LEGACY_TARGET).out_dir
+    canary_file = out / CANARY_FILE
+    description_path = out / DESCRIPTION_FILE
+    assert verify_conversion(src, out).ok
+    if change == "one byte":
+        data = bytearray(canary_file.read_bytes())
+        data[-1] ^= 0x10
+        canary_file.write_bytes(bytes(data))
+        expected = f"{canary_file}: not the source's tensors"
+    elif change == "missing":
+        canary_file.unlink()
+        expected = f"{canary_file}: missing; the serving plugin checks the engine with it"
+    else:
+        description = json.loads(description_path.read_text())
+        description[TOOL_SECTION]["canary"]["sha256"] = "0" * 64
+        description_path.write_text(json.dumps(description, indent=2) + "\n")
+        expected = f"{description_path}: the canary's sha256 is {'0' * 64}"
+    report = verify_conversion(src, out)
+    assert not report.ok
+    assert any(p.startswith(expected) for p in report.problems), report.problems
+
+
+def test_the_canary_is_not_in_the_index_and_an_array_writes_it_once(source_checkpoints, tmp_path):
+    """No loader takes the canary for weights (the index does not name it, its name is no *.safetensors);
+    in a job array share 0 writes it and finalize records its digest: the bytes of a single run."""
+    src = source_checkpoints["v1.0.0-per-channel"]
+    single = convert_checkpoint(src, tmp_path / "single", target=LEGACY_TARGET).out_dir
+    index = json.loads(next(single.glob("*.index.json")).read_text())
+    assert CANARY_FILE not in set(index["weight_map"].values()) and not CANARY_FILE.endswith(".safetensors")
+    for i in (1, 0):
+        convert_checkpoint(src, tmp_path / "array", target=LEGACY_TARGET, array_size=2, array_index=i)
+    assert finalize(tmp_path / "array") is not None
+    for name in (CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE):
+        assert (tmp_path / "array" / name).read_bytes() == (single / name).read_bytes(), name
