@@ -85,7 +85,14 @@ def _edit_section(out, **changes) -> None:
 def test_an_output_records_its_contract_and_inspect_shows_it(converted_checkpoints):
     code, stdout, _ = cli("inspect", converted_checkpoints["mindie"], "--json")
     contract = json.loads(stdout)["contract"]
+    canary = contract.pop("canary")
     assert code == 0 and contract == {**CONTRACT, "source_layout": "mindie", "params_dtype": "bfloat16"}
+    description = json.loads((converted_checkpoints["mindie"] / DESCRIPTION_FILE).read_text())
+    digest = description[TOOL_SECTION]["canary"]["sha256"]
+    assert canary == (
+        f"w4a8conv.canary: expert 0 of model.layers.1.mlp.experts, Linear model.layers.0.self_attn.o_proj "
+        f"(sha256 {digest[:16]}...)"
+    )
 
 
 def test_readers_refuse_a_format_they_do_not_know_and_read_format_1(tmp_path, source_checkpoints):
