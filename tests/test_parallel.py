@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from typer.testing import CliRunner
 from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
 from w4a8conv.convert import convert_checkpoint
+from w4a8conv.jobs import finalize
 from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR
 from w4a8conv.planner import assign_shares, build_plan
 from w4a8conv.read_ahead import ReadAhead
@@ -266,3 +269,72 @@ def test_read_ahead_hints_a_unit_larger_than_its_window(monkeypatch):
     assert hinted == ["t1"]
     read_ahead.around(1, lambda: None)
     assert hinted == ["t1", "t2", "t3"]
+
+
+@pytest.mark.parametrize("pause", ["checked", "locked", "planning", "writing"])
+def test_two_arrays_into_one_directory_never_mix(many_shards, single_run, tmp_path, monkeypatch, pause):
+    """Two arrays on different inputs sent into the same new --out (a copy-paste slip): one task of A is
+    paused at each step between checking the directory and writing its plan while a task of B runs.
+    Exactly one plan is ever created; the other array's task is refused before it writes anything, and
+    what is left converts and verifies as the winner's single run."""
+    from w4a8conv import jobs
+    from w4a8conv.errors import BadInputError
+
+    other = write_checkpoint(tmp_path / "other", "v1.0.0-per-group", SyntheticSpec(shards=5, seed=3))
+    out = tmp_path / "out"
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(step: str) -> None:
+        if threading.current_thread().name == "A" and step == pause:
+            reached.set()
+            assert release.wait(30)
+
+    check_directory, plan_lock, write_atomic = jobs._check_directory, jobs._plan_lock, jobs.write_atomic
+
+    def checked(*args, **kwargs):
+        result = check_directory(*args, **kwargs)
+        hold("checked")
+        return result
+
+    @contextlib.contextmanager
+    def locked(path):
+        hold("locked")
+        with plan_lock(path):
+            hold("planning")
+            yield
+
+    def writing(path, data):
+        if path.name == jobs.JOB_FILE:
+            hold("writing")
+        write_atomic(path, data)
+
+    monkeypatch.setattr(jobs, "_check_directory", checked)
+    monkeypatch.setattr(jobs, "_plan_lock", locked)
+    monkeypatch.setattr(jobs, "write_atomic", writing)
+    outcome: dict[str, str] = {}
+
+    def task(name: str, src: Path, index: int) -> None:
+        try:
+            convert_checkpoint(src, out, array_size=2, array_index=index, target=LEGACY_TARGET)
+            outcome[name] = "converted"
+        except BadInputError as e:
+            outcome[name] = str(e)
+
+    a = threading.Thread(target=task, args=("A", many_shards, 0), name="A")
+    b = threading.Thread(target=task, args=("B", other, 1), name="B")
+    a.start()
+    assert reached.wait(30)
+    b.start()
+    b.join(2)  # B runs to its end, or waits for A's plan lock
+    release.set()
+    a.join(60)
+    b.join(60)
+    refused = [name for name, said in outcome.items() if said != "converted"]
+    assert len(refused) == 1 and "holds a different conversion in progress" in outcome[refused[0]], outcome
+    winner, winner_src = ("B", other) if refused == ["A"] else ("A", many_shards)
+    monkeypatch.undo()
+    convert_checkpoint(winner_src, out, array_size=2, array_index=0 if winner == "B" else 1, target=LEGACY_TARGET)
+    assert finalize(out) is not None
+    assert verify_conversion(winner_src, out).ok
+    if winner == "A":
+        assert tree_bytes(out) == tree_bytes(single_run)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .canary import canary_chunks, canary_path, canary_sources, with_digest, without_digest
@@ -33,6 +33,9 @@ JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_bytes writes it
 # Every writer locks it: the jobs of an array shared, a single conversion, --overwrite and finalize
 # exclusively, so that none of those runs beside another.
 DIRECTORY_LOCK = "lock"
+# Held exclusively, blocking, only while a job file is checked or created: exactly one plan is ever
+# created in a directory, and every other job compares fingerprints with it before writing anything.
+PLAN_LOCK = "plan-lock"
 SUMS_DIR = "sums"
 
 
@@ -113,11 +116,12 @@ def start_share(
     locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
     try:
         locks.append(_lock(state / lock_name, dst))
-        existing = _check_job_file(dst, plan, resume) if job_file.is_file() and not overwrite else None
-        if overwrite:
-            _clear(dst, keep={state / lock_name, state / DIRECTORY_LOCK})
-        if existing is None:
-            write_atomic(job_file, plan.to_bytes())
+        with _plan_lock(state / PLAN_LOCK):
+            existing = _check_job_file(dst, plan, resume) if job_file.is_file() and not overwrite else None
+            if overwrite:
+                _clear(dst, keep={state / lock_name, state / DIRECTORY_LOCK, state / PLAN_LOCK})
+            if existing is None:
+                write_atomic(job_file, plan.to_bytes())
         share = JobShare(dst, plan, array_index, tuple(locks))
         share.remove_stale_partials()
     except BaseException:
@@ -286,6 +290,17 @@ def _lock(path: Path, dst: Path, shared: bool = False) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+@contextlib.contextmanager
+def _plan_lock(path: Path) -> Iterator[None]:
+    """Exclusive, waiting for the holder (another job of an array checking or creating the plan: moments)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _clear(dst: Path, keep: set[Path]) -> None:
