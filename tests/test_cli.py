@@ -35,12 +35,15 @@ def _share_of(src, out, *args, env=None) -> tuple[int, dict, str]:
     [
         ({"SLURM_ARRAY_TASK_ID": "2"}, 2),
         ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}, 2),  # sbatch --array=1-3
-        ({"JOB_COMPLETION_INDEX": "1"}, 1),  # a Kubernetes Indexed Job
+        ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "3"}, 2),
+        ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_COUNT": "1"}, 2),  # explicit
+        ({"JOB_COMPLETION_INDEX": "1"}, 1),  # a Kubernetes Indexed Job (completions: 3, completionMode: Indexed)
     ],
 )
 def test_the_array_index_comes_from_the_scheduler(source_checkpoints, tmp_path, env, index):
     src = source_checkpoints["mindie"]
-    code, report, stderr = _share_of(src, tmp_path / "out", "--array-size", "3", env=env)
+    explicit = ("--array-index", "2") if env.get("SLURM_ARRAY_TASK_COUNT") == "1" else ()
+    code, report, stderr = _share_of(src, tmp_path / "out", "--array-size", "3", *explicit, env=env)
     assert code == 0, stderr
     plan = build_plan(open_checkpoint(src), LEGACY_TARGET, array_size=3)
     assert list(report["share_shards"]) == list(plan.shares[index])
@@ -62,6 +65,57 @@ def test_a_job_array_is_said_in_full_or_refused(source_checkpoints, tmp_path, mo
     code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out", *args)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1 and message in stderr, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_rerunning_one_slurm_task_the_usual_way_is_refused_not_taken_as_share_0(source_checkpoints, tmp_path):
+    """`sbatch --array=2 script.sh` reruns task 2 as an array of one (SLURM_ARRAY_TASK_MIN=2): its index
+    cannot be told, so it is refused with how to pass it, instead of converting share 0 again."""
+    env = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_COUNT": "1"}
+    result = CliRunner().invoke(
+        app,
+        ["convert", "--in", str(source_checkpoints["mindie"]), "--out", str(tmp_path / "out"), "--array-size", "4"],
+        env=env,
+    )
+    assert result.exit_code == 2 and "SLURM_ARRAY_TASK_COUNT=1 but --array-size 4" in result.stderr
+    assert "pass --array-index" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_failed_finalize_verify_publishes_nothing_and_a_plain_finalize_then_refuses(source_checkpoints, tmp_path):
+    """finalize --verify verifies before it writes the description: a damaged share leaves the output
+    visibly unfinished with the next step, and a retried plain finalize does not publish it after all."""
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    for index in (0, 1):
+        assert cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", str(index))[0] == 0
+    shard = sorted(out.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # same size: the share still looks done
+    shard.write_bytes(bytes(data))
+    code, stdout, stderr = cli("finalize", out, "--verify", src)
+    assert code == 1 and "not finalized, the verification failed" in stderr and "--array-index" in stderr
+    assert "verification failed" in stdout  # the problems, listed
+    assert not (out / "quant_model_description.json").exists() and (out / ".w4a8conv").is_dir()
+    code, _, stderr = cli("finalize", out)
+    assert code == 1 and "`finalize --verify` found it differs from its source" in stderr
+    assert not (out / "quant_model_description.json").exists()
+    code, _, stderr = cli("inspect", out)
+    assert code != 0 and "unfinished" in stderr
+
+
+def test_convert_verify_verifies_before_it_publishes(source_checkpoints, tmp_path, monkeypatch):
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    from w4a8conv import verify as verify_module
+
+    seen = []
+    real = verify_module.verify_conversion
+
+    def spy(src_, dst_, **options):
+        seen.append((dst_ / "quant_model_description.json").exists())
+        return real(src_, dst_, **options)
+
+    monkeypatch.setattr(verify_module, "verify_conversion", spy)
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--verify")
+    assert code == 0, stderr
+    assert seen == [False] and (out / "quant_model_description.json").exists()
 
 
 def test_finalize_verifies_and_a_retried_finalize_passes(source_checkpoints, tmp_path):

@@ -144,26 +144,41 @@ _ARRAY_INDEX_VARIABLES = ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX")
 
 def array_share(array_size: int | None, array_index: int | None) -> tuple[int, int]:
     """``(size, index)`` of this job's share: 1, 0 without an array. The index comes from the option,
-    else from the scheduler's environment; a size without an index, or an index without a size, is refused."""
+    else from the scheduler's environment; a size without an index, or an index without a size, is refused.
+
+    Slurm's index counts from the array's first index (``--array=1-4``); a rerun of one task the usual
+    way (``sbatch --array=2``) is an array of one, whose first index is 2: where the scheduler's task
+    count differs from ``--array-size`` the index is refused rather than taken as share 0."""
     from .errors import BadInputError
 
     if array_size is None:
         if array_index is not None:
             raise BadInputError(f"--array-index {array_index} without --array-size: give the array's size too")
         return 1, 0
-    if array_index is None:
-        variable = next((v for v in _ARRAY_INDEX_VARIABLES if os.environ.get(v, "").strip()), None)
-        if variable is None:
-            raise BadInputError(
-                f"--array-size {array_size} without --array-index, and neither SLURM_ARRAY_TASK_ID nor "
-                "JOB_COMPLETION_INDEX is set: which share is this job's?"
-            )
-        try:
-            array_index = int(os.environ[variable]) - int(
-                os.environ.get("SLURM_ARRAY_TASK_MIN", "0") if variable == "SLURM_ARRAY_TASK_ID" else 0
-            )
-        except ValueError:
-            raise BadInputError(f"{variable}={os.environ[variable]!r}: not a job-array index") from None
+    if array_index is not None:
+        return array_size, array_index
+    variable = next((v for v in _ARRAY_INDEX_VARIABLES if os.environ.get(v, "").strip()), None)
+    if variable is None:
+        raise BadInputError(
+            f"--array-size {array_size} without --array-index, and neither SLURM_ARRAY_TASK_ID nor "
+            "JOB_COMPLETION_INDEX is set: which share is this job's?"
+        )
+    first, count = 0, None
+    try:
+        if variable == "SLURM_ARRAY_TASK_ID":
+            first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+            count = int(os.environ["SLURM_ARRAY_TASK_COUNT"]) if os.environ.get("SLURM_ARRAY_TASK_COUNT") else None
+        array_index = int(os.environ[variable]) - first
+    except ValueError:
+        raise BadInputError(f"{variable}={os.environ[variable]!r}: not a job-array index") from None
+    if count is not None and count != array_size:
+        task = os.environ[variable]
+        raise BadInputError(
+            f"SLURM_ARRAY_TASK_COUNT={count} but --array-size {array_size}: the index of task {task} cannot be "
+            f"told from an array of another size (a rerun of one task with sbatch --array={task}?); pass "
+            f"--array-index (the task's index in the original array, counted from 0), or requeue the task "
+            f"(scontrol requeue JOBID_{task})"
+        )
     return array_size, array_index
 
 
@@ -271,21 +286,25 @@ def convert(
                 f"{human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)}; nothing written"
             )
         return
-    result = convert_checkpoint(
-        src,
-        dst,
-        device=device,
-        target=target,
-        workers=workers,
-        array_size=size,
-        array_index=index,
-        overwrite=overwrite,
-        resume=resume,
-        direct_io=direct_io,
-        checksums=checksums,
-        progress=output.progress(),
-    )
-    verification = _verified(output, src, dst) if verify else None
+    checker = _VerifyBeforePublishing(output, src, dst) if verify else None
+    with checker or contextlib.nullcontext():
+        result = convert_checkpoint(
+            src,
+            dst,
+            device=device,
+            target=target,
+            workers=workers,
+            array_size=size,
+            array_index=index,
+            overwrite=overwrite,
+            resume=resume,
+            direct_io=direct_io,
+            checksums=checksums,
+            progress=output.progress(),
+            verify=checker,
+        )
+    # --resume of a finished output publishes nothing: verified as it stands
+    verification = (checker.report or _verified(output, src, dst)) if checker else None
     _report(output, {**result.as_dict(), "in_dir": str(src)}, verification)
     if size > 1:
         output.info(
@@ -312,6 +331,26 @@ def _verified(output: Output, src: Path, dst: Path, **options):
         return verify_conversion(src, dst, progress=progress, **options)
     finally:
         progress.finish()
+
+
+class _VerifyBeforePublishing:
+    """``finalize``'s check before it publishes the description; its report printed even when it fails."""
+
+    def __init__(self, output: Output, src: Path, dst: Path):
+        self.output, self.src, self.dst, self.report = output, src, dst, None
+
+    def __call__(self, unpublished_description: Path):
+        self.report = _verified(self.output, self.src, self.dst, unpublished_description=unpublished_description)
+        return self.report
+
+    def __enter__(self) -> "_VerifyBeforePublishing":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        from .jobs import VerificationFailed
+
+        if isinstance(error, VerificationFailed) and not self.output.json_mode and not self.output.quiet:
+            self.output.verify_report(error.report)
 
 
 def _report(output: Output, result: dict, verification) -> None:
@@ -368,7 +407,8 @@ def finalize(
         Path | None,
         typer.Option(
             metavar="SRC",
-            help="Then verify the output against SRC, the input checkpoint (exit 1 if it fails).",
+            help="Verify the output against SRC, the input checkpoint, before publishing it: a failed "
+            "verification publishes nothing and exits 1.",
             show_default=False,
         ),
     ] = None,
@@ -383,8 +423,11 @@ def finalize(
     """
     from .convert import finalize as finalize_job
 
-    plan = finalize_job(dst)
-    verification = _verified(output, verify, dst) if verify is not None else None
+    checker = _VerifyBeforePublishing(output, verify, dst) if verify is not None else None
+    with checker or contextlib.nullcontext():
+        plan = finalize_job(dst, verify=checker)
+    # a directory finalized before publishes nothing: verified as it stands
+    verification = (checker.report or _verified(output, verify, dst)) if checker else None
     result = {
         "out_dir": str(dst),
         "already_finalized": plan is None,

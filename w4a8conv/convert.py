@@ -18,9 +18,11 @@ import importlib
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .devices import resolve_device
@@ -115,6 +117,7 @@ def convert_checkpoint(
     direct_io: bool | None = None,
     checksums: bool = True,
     progress: Progress | None = None,
+    verify: Callable[[Path], Any] | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
 
@@ -135,6 +138,8 @@ def convert_checkpoint(
         checksums: hash every output file while writing it, for the ``w4a8conv.sha256`` manifest
             (about 0.5 CPU-seconds per GB); every job of an array must pass the same value.
         progress: receives progress reports.
+        verify: with ``array_size == 1``, checks the output before its description is published
+            (see :func:`~w4a8conv.jobs.finalize`); a failed check publishes nothing.
 
     Returns:
         A summary of what was converted. With ``array_size > 1`` the output is complete only
@@ -177,7 +182,7 @@ def convert_checkpoint(
         _convert_shards(todo, unhashed, share, torch_device, workers, direct_io, direct_reads, report)
         share.mark_done()
         if array_size == 1:
-            finalize(dst, plan)
+            finalize(dst, plan, verify)
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name, code = interruption(stop)
         done = sum(share.is_complete(shard) for shard in share.shard_names)

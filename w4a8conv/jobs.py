@@ -20,8 +20,9 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from .canary import canary_chunks, canary_path, canary_sources, with_digest, without_digest
 from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
@@ -37,6 +38,23 @@ DIRECTORY_LOCK = "lock"
 # created in a directory, and every other job compares fingerprints with it before writing anything.
 PLAN_LOCK = "plan-lock"
 SUMS_DIR = "sums"
+# A failed ``finalize --verify`` leaves this in the state directory (and no description): a plain
+# finalize refuses to publish while it is there.
+VERIFY_FAILED = "verify-failed.json"
+
+
+class VerificationFailed(W4A8ConvError):
+    """``finalize --verify`` found the output differs from its source: nothing was published."""
+
+    def __init__(self, dst: Path, report: Any):
+        self.report = report
+        first = report.problems[0] if report.problems else "no problem named"
+        super().__init__(
+            f"{dst}: not finalized, the verification failed ({len(report.problems)} problems; first: {first}); "
+            f"the output stays unfinished: delete what is named and rerun the array tasks that wrote it "
+            f"(--array-index), or convert again into a new directory; then `w4a8conv finalize {dst} --verify SRC`",
+            EXIT_FAILURE,
+        )
 
 
 class JobShare:
@@ -316,13 +334,17 @@ def _clear(dst: Path, keep: set[Path]) -> None:
             child.unlink()
 
 
-def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionPlan | None:
+def finalize(
+    dst: Path | str, plan: ConversionPlan | None = None, verify: Callable[[Path], Any] | None = None
+) -> ConversionPlan | None:
     """Write the manifest (if the job has checksums), the index and then the description once every share is done.
 
     Refuses, naming them, while shares are missing or still running. ``plan``: the job's plan, when
     the caller holds it and the directory's lock (a single-process conversion); else the lock is
-    taken here and the plan read from the job file. Returns it, or None for a directory already
-    finalized (a retried step: nothing to do).
+    taken here and the plan read from the job file. ``verify``: called with the description's path
+    before it is published (it is still in the state directory); a report that is not ``ok`` raises
+    :class:`VerificationFailed` and publishes nothing. Returns the plan, or None for a directory
+    already finalized (a retried step: nothing to do).
     """
     dst = Path(dst)
     state = dst / STATE_DIR
@@ -333,16 +355,24 @@ def finalize(dst: Path | str, plan: ConversionPlan | None = None) -> ConversionP
             return None
         raise BadInputError(f"{dst}: no conversion in progress here ({STATE_DIR}/{JOB_FILE} is missing)")
     if plan is not None:
-        return _finalize_locked(dst, plan)
+        return _finalize_locked(dst, plan, verify)
     lock = _lock(state / DIRECTORY_LOCK, dst)
     try:
-        return _finalize_locked(dst, read_plan(job_file))
+        return _finalize_locked(dst, read_plan(job_file), verify)
     finally:
         os.close(lock)
 
 
-def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
+def _finalize_locked(dst: Path, plan: ConversionPlan, verify: Callable[[Path], Any] | None) -> ConversionPlan:
     state = dst / STATE_DIR
+    failed = state / VERIFY_FAILED
+    if verify is None and failed.is_file():
+        raise W4A8ConvError(
+            f"{dst}: `finalize --verify` found it differs from its source ({_first_problem(failed)}); it stays "
+            f"unfinished: delete what is named and rerun the array tasks that wrote it (--array-index), or convert "
+            f"again into a new directory; then `w4a8conv finalize {dst} --verify SRC`",
+            EXIT_FAILURE,
+        )
     n = plan.array_size
     missing = [i for i in range(n) if not (state / _share_file(i, n)).is_file()]
     if missing:
@@ -381,10 +411,26 @@ def _finalize_locked(dst: Path, plan: ConversionPlan) -> ConversionPlan:
     for name, data in written.items():
         write_atomic(dst / name, data)
     write_atomic(dst / plan.index_name, index_bytes)
-    write_atomic(dst / DESCRIPTION_FILE, description_bytes)  # last: its presence means complete
+    if verify is not None:  # the description waits in the state directory until the output is verified
+        write_atomic(state / DESCRIPTION_FILE, description_bytes)
+        report = verify(state / DESCRIPTION_FILE)
+        if not report.ok:
+            write_json(failed, {"problems": list(report.problems[:20]), "count": len(report.problems)})
+            raise VerificationFailed(dst, report)
+        os.replace(state / DESCRIPTION_FILE, dst / DESCRIPTION_FILE)
+    else:
+        write_atomic(dst / DESCRIPTION_FILE, description_bytes)  # last: its presence means complete
     shutil.rmtree(state)
     fsync_dir(dst)
     return plan
+
+
+def _first_problem(path: Path) -> str:
+    try:
+        problems = json.loads(path.read_text())["problems"]
+        return str(problems[0]) if problems else "no problem named"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} names them"
 
 
 def _read_checksum(state: Path, dst: Path, shard: str) -> str:

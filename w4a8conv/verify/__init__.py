@@ -70,6 +70,7 @@ def verify_conversion(
     numeric: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    unpublished_description: Path | None = None,
 ) -> VerifyReport:
     """Check that ``dst`` is a correct conversion of ``src``.
 
@@ -84,6 +85,8 @@ def verify_conversion(
         progress: receives a report per file hashed, tensor compared and module checked.
         workers: threads checking in parallel (default :data:`DEFAULT_WORKERS`); the report is the
             same for any number.
+        unpublished_description: ``finalize --verify``'s description, not yet at its place in ``dst``
+            (the conversion state is still there): checked as if it were.
 
     Returns:
         A report; ``ok`` is False and ``problems`` says why when anything is wrong.
@@ -98,13 +101,14 @@ def verify_conversion(
     src, dst = Path(src), Path(dst)
     report = VerifyReport()
     source = open_checkpoint(src)
-    if not (dst / DESCRIPTION_FILE).exists() and (dst / STATE_DIR).is_dir():
+    paths = {DESCRIPTION_FILE: unpublished_description} if unpublished_description is not None else {}
+    if not paths and not (dst / DESCRIPTION_FILE).exists() and (dst / STATE_DIR).is_dir():
         raise BadInputError(unfinished_output(dst))
-    description = load_json(dst / DESCRIPTION_FILE)
+    description = load_json(paths.get(DESCRIPTION_FILE, dst / DESCRIPTION_FILE))
     if not isinstance(description, dict) or not isinstance(description.get(TOOL_SECTION), dict):
         raise BadInputError(f"{dst / DESCRIPTION_FILE}: not a finished w4a8conv output")
     section = description[TOOL_SECTION]
-    if (dst / STATE_DIR).exists():
+    if (dst / STATE_DIR).exists() and not paths:
         report.problem(f"{dst / STATE_DIR}: conversion state left behind; the output was not finalized")
     rng = random.Random(seed)
     progress = progress or Progress()
@@ -154,8 +158,8 @@ def verify_conversion(
             for name in sorted(output_files(dst) - written - {str(rel) for rel in source.extra_files}):
                 report.problem(f"{dst / name}: not part of the conversion")
         else:
-            check_manifest(dst, sample, rng, report, progress, pool)
-        check_written_bytes(source, dst, description, report)
+            check_manifest(dst, sample, rng, report, progress, pool, paths)
+        check_written_bytes(source, dst, description, report, paths)
         if source.served_config is not None:
             report.other_files_checked += 1  # config.json, written for serving: its bytes checked above
         for rel in source.extra_files:

@@ -135,8 +135,16 @@ def check_index(dst: Path, report: VerifyReport) -> dict[str, ShardHeader]:
 
 
 def check_manifest(
-    dst: Path, sample: float, rng: random.Random, report: VerifyReport, progress: Progress, pool: ThreadPoolExecutor
+    dst: Path,
+    sample: float,
+    rng: random.Random,
+    report: VerifyReport,
+    progress: Progress,
+    pool: ThreadPoolExecutor,
+    paths: dict[str, Path] | None = None,
 ) -> None:
+    """``paths``: files of the output read from elsewhere than ``dst / name`` (not published yet)."""
+    paths = paths or {}
     path = dst / MANIFEST_FILE
     if not path.is_file():
         report.problem(f"{path}: checksum manifest missing")
@@ -145,22 +153,26 @@ def check_manifest(
     for line in path.read_text().splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
-    present = output_files(dst)
+    present = output_files(dst) | set(paths)
     for name in sorted(present - set(listed)):
         report.problem(f"{dst / name}: not in {MANIFEST_FILE}")
+
+    def where(name: str) -> Path:
+        return paths.get(name, dst / name)
+
     for name in sorted(set(listed) & present):
-        if not regular_file(dst / name):
+        if not regular_file(where(name)):
             report.problem(f"{dst / name}: not a regular file (a link, FIFO or device); the conversion writes files")
-    names = sorted(name for name in set(listed) & present if regular_file(dst / name))
+    names = sorted(name for name in set(listed) & present if regular_file(where(name)))
     if sample < 1:
         names = rng.sample(names, max(1, math.ceil(sample * len(names)))) if names else []
     for name in sorted(set(listed) - present):
         report.problem(f"{dst / name}: listed in {MANIFEST_FILE} but missing")
-    for name, digest in zip(names, pool.map(sha256_file, [dst / name for name in names]), strict=True):
+    for name, digest in zip(names, pool.map(sha256_file, [where(name) for name in names]), strict=True):
         report.files_hashed += 1
         if digest != listed[name]:
             report.problem(f"{dst / name}: sha256 differs from {MANIFEST_FILE}")
-        progress.update("copy", name, (dst / name).stat().st_size)
+        progress.update("copy", name, where(name).stat().st_size)
 
 
 def output_files(dst: Path) -> set[str]:

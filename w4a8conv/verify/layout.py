@@ -42,7 +42,12 @@ def check_canary(
         report.problem(f"{dst / DESCRIPTION_FILE}: the canary's sha256 is {digest}, expected {expected_digest}")
 
 
-def check_written_bytes(source: Checkpoint, dst: Path, description: dict, report: VerifyReport) -> None:
+def check_written_bytes(
+    source: Checkpoint, dst: Path, description: dict, report: VerifyReport, paths: dict[str, Path] | None = None
+) -> None:
+    """``paths``: where files of the output are read from instead of ``dst / name`` (a description that
+    ``finalize --verify`` has not published yet)."""
+    paths = paths or {}
     section = description[TOOL_SECTION]
     if section.get("format_version") != FORMAT_VERSION or section.get("tool_version") != __version__:
         return  # another release wrote it: its bytes are its own (the values are still checked)
@@ -65,7 +70,7 @@ def check_written_bytes(source: Checkpoint, dst: Path, description: dict, report
         if not (dst / CONFIG_FILE).exists():
             report.problem(f"{dst / CONFIG_FILE}: missing; the output is served with it")
     for name, data in expected.items():
-        path = dst / name
+        path = paths.get(name, dst / name)
         if path.exists() and regular_file(path) and path.read_bytes() != data:
             report.problem(f"{path}: not the bytes the conversion writes")
     for shard in plan.shards:
