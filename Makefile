@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest test-engine lint bench bench-canary docs clean
+.PHONY: install demo test test-typer-oldest test-engine test-slurm lint bench bench-canary docs clean
 
 install: $(STAMP)
 
@@ -69,6 +69,13 @@ $(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
 
 test-engine: $(ENGINE_STAMP)
 	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+
+# Job arrays on a real single-node Slurm (tests/slurm): the README's commands on a private cluster (its own
+# config, ports and munge socket under a temporary directory). Installs Slurm and munge from the
+# distribution's packages when they are missing (scripts/slurm_packages.sh: root and apt-get).
+test-slurm: $(STAMP)
+	scripts/slurm_packages.sh
+	W4A8CONV_TEST_SLURM=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/slurm
 
 # What the canary check costs at DeepSeek-R1's expert shape on the real vllm-ascend 0.23 (CPU).
 bench-canary: $(ENGINE_STAMP)

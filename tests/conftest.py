@@ -16,6 +16,8 @@ from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 # tests/engine needs the real vLLM and vllm-ascend: `make test-engine` runs it in a venv of its own.
 collect_ignore = [] if importlib.util.find_spec("vllm_ascend") else ["engine"]
+# tests/slurm starts a private Slurm cluster: `make test-slurm` runs it.
+collect_ignore += [] if os.environ.get("W4A8CONV_TEST_SLURM") else ["slurm"]
 
 SPEC = SyntheticSpec()
 # What the tests written before the current-line target convert for: it serves every source layout.
