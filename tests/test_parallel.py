@@ -338,3 +338,25 @@ def test_two_arrays_into_one_directory_never_mix(many_shards, single_run, tmp_pa
     assert verify_conversion(winner_src, out).ok
     if winner == "A":
         assert tree_bytes(out) == tree_bytes(single_run)
+
+
+def test_the_readme_kubernetes_indexed_job_gives_the_single_run_bytes(many_shards, single_run, tmp_path):
+    """The README's Indexed Job, pod by pod: each runs the YAML's command with the JOB_COMPLETION_INDEX
+    Kubernetes sets (no completion count is set: --array-size is the Job's completions); then finalize."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    job = readme.split("Kubernetes Indexed Job:")[1].split("```yaml\n")[1].split("```")[0]
+    completions = int(re.search(r"completions: (\d+)", job)[1])
+    command = re.search(r"args:\n\s+- (w4a8conv convert .*?)\s+#", job, flags=re.S)[1]
+    out = tmp_path / "out"
+    argv = shlex.split(command.replace("/models/DeepSeek-R1-W4A8-prepacked", str(out)))
+    argv = [str(many_shards) if a == "/models/DeepSeek-R1-W4A8" else a for a in argv][1:]
+    assert argv[0] == "convert" and "--array-size" in argv and "--array-index" not in argv
+    for index in range(completions):
+        env = {"JOB_COMPLETION_INDEX": str(index), "SLURM_ARRAY_TASK_ID": ""}
+        result = runner.invoke(app, [*argv, "--target", LEGACY_TARGET], env=env)
+        assert result.exit_code == 0, result.stderr
+    assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
+    assert tree_bytes(out) == tree_bytes(single_run)
