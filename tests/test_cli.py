@@ -218,3 +218,48 @@ def test_the_oldest_typer_tested_is_the_oldest_allowed():
     assert oldest.startswith(floor) and tuple(map(int, version("typer").split(".")[:2])) < tuple(
         map(int, ceiling.split("."))
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--workers", "0"), "--workers 0: need at least 1"),
+        (("--device", "cuda"), "--device cuda: torch sees no CUDA device"),
+        (("--device", "tpu"), "--device tpu: choose one of"),
+    ],
+)
+def test_a_dry_run_checks_every_argument_as_the_run_does(source_checkpoints, tmp_path, args, message):
+    src = source_checkpoints["v1.0.0-per-channel"]
+    runs = [
+        cli("convert", "--in", src, "--out", tmp_path / name, *args, *more)
+        for name, more in (("real", ()), ("dry", ("--dry-run",)))
+    ]
+    (real_code, _, real_err), (dry_code, _, dry_err) = runs
+    assert real_code == dry_code == 2 and message in real_err and real_err == dry_err
+
+
+def test_resume_of_a_finished_output_says_it_is_complete(source_checkpoints, tmp_path):
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    assert cli("convert", "--in", src, "--out", out)[0] == 0
+    code, stdout, _ = cli("convert", "--in", src, "--out", out, "--resume")
+    assert code == 0 and f"{out} is already a complete conversion of {src}: nothing to do" in stdout
+    code, stdout, _ = cli("convert", "--in", src, "--out", out, "--resume", "--json")
+    assert code == 0 and json.loads(stdout)["already_complete"] is True
+
+
+def test_finalize_of_an_interrupted_single_conversion_says_convert_resume(source_checkpoints, tmp_path, monkeypatch):
+    from w4a8conv import convert as convert_module
+
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "_convert_shards", interrupted)
+    assert cli("convert", "--in", src, "--out", out)[0] == 130
+    monkeypatch.undo()
+    code, _, stderr = cli("finalize", out)
+    assert code == 1 and f"`w4a8conv convert --in {src.resolve()} --out {out} --resume`" in stderr
+    other = source_checkpoints["mindie"]
+    code, _, stderr = cli("convert", "--in", other, "--out", out, "--target", "vllm-ascend-0.23")
+    assert code == 2 and "choose a new directory, or pass --overwrite to replace it" in stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from w4a8conv.cli import app
 from w4a8conv.sources import get_source
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
-from .conftest import LEGACY_TARGET, SPEC
+from .conftest import LEGACY_TARGET, SPEC, cli
 
 runner = CliRunner()
 KEYS = {"format", "group_size", "modules", "moe_layers", "shards", "input_bytes", "problems"}
@@ -96,3 +97,40 @@ def test_synthetic_checkpoint_writes_its_description_last(tmp_path, monkeypatch)
     monkeypatch.setattr(Path, "write_text", recording)
     write_checkpoint(tmp_path / "ckpt", "mindie")
     assert written[-1] == "quant_model_description.json" and "config.json" in written
+
+
+@pytest.mark.parametrize("layout_name", ["mindie", "v1.0.0-per-group"])
+def test_a_valid_checkpoint_the_default_target_cannot_serve_is_no_problem(source_checkpoints, layout_name):
+    """inspect answers "what is this, and who can serve it": exit 0 and the target that serves it; exit 2
+    only when the --target asked for cannot."""
+    result = CliRunner().invoke(app, ["inspect", str(source_checkpoints[layout_name]), "--json"])  # no --target
+    code, report = result.exit_code, json.loads(result.stdout)
+    assert code == 0 and report["ok"] and report["target"] == "vllm-ascend-0.23"
+    assert report["notes"] == [
+        "the default target vllm-ascend-0.25 does not serve it: convert with --target vllm-ascend-0.23"
+    ]
+    code, stdout, _ = cli("inspect", source_checkpoints[layout_name], "--target", "vllm-ascend-0.25")
+    assert code == 2 and "vllm-ascend-0.25: " in stdout
+
+
+def test_inspect_an_output_for_another_target_says_so(converted_checkpoints):
+    out = converted_checkpoints["mindie"]  # made for vllm-ascend-0.23
+    assert cli("inspect", out, "--target", "vllm-ascend-0.23")[0] == 0
+    code, stdout, _ = cli("inspect", out, "--target", "vllm-ascend-0.25")
+    assert code == 2 and "converted for --target vllm-ascend-0.23, not vllm-ascend-0.25" in stdout
+
+
+def test_inspect_says_which_checks_of_convert_it_did_not_run(source_checkpoints, tmp_path):
+    """Headers only: inspect does not read the scales convert refuses (NaN, Inf) and says so."""
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-channel"], src)
+    code, stdout, _ = cli("inspect", src, "--target", "vllm-ascend-0.25")
+    assert code == 0 and "not checked: the W4A8 scales' values (NaN, Inf): `w4a8conv convert --dry-run`" in stdout
+    assert json.loads(cli("inspect", src, "--json")[1])["not_checked"]
+
+
+def test_a_path_with_brackets_is_shown_as_it_is(source_checkpoints, tmp_path):
+    src = tmp_path / "model [bf16]"
+    shutil.copytree(source_checkpoints["v1.0.0-per-channel"], src)
+    code, stdout, _ = cli("inspect", src)
+    assert code == 0 and f"w4a8conv inspect {src}" in stdout

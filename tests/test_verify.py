@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -447,3 +448,35 @@ def test_the_canary_is_not_in_the_index_and_an_array_writes_it_once(source_check
     assert finalize(tmp_path / "array") is not None
     for name in (CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE):
         assert (tmp_path / "array" / name).read_bytes() == (single / name).read_bytes(), name
+
+
+def test_verify_refuses_what_no_conversion_comes_from(source_checkpoints, converted_checkpoints, tmp_path):
+    """verify certifies a conversion: the output given twice, an output as the source, or a source with no
+    W4A8 module is bad input (exit 2), as convert refuses such an input, never `verified: 0 of 0`."""
+    out = converted_checkpoints["v1.0.0-per-group"]
+    code, _, stderr = cli("verify", out, out)
+    assert code == 2 and "the source and the output are the same directory" in stderr
+    code, _, stderr = cli("verify", converted_checkpoints["mindie"], out)
+    assert code == 2 and "is a w4a8conv output, not a source" in stderr
+    src = _copy(source_checkpoints["mindie"], tmp_path)
+    description = src / "quant_model_description.json"
+    types = json.loads(description.read_text())
+    description.write_text(json.dumps({k: ("FLOAT" if v == "W4A8_DYNAMIC" else v) for k, v in types.items()}))
+    code, _, stderr = cli("verify", src, out)
+    assert code == 2 and "no tensor is W4A8_DYNAMIC: not a W4A8 source checkpoint" in stderr
+
+
+def test_a_wrong_source_is_named_first_and_the_rest_counted(source_checkpoints, converted_checkpoints):
+    """A mindie source given for a per-channel output: the cause first, then at most 10 problems and how
+    many more there are, never a list cut without saying so."""
+    code, stdout, _ = cli("verify", source_checkpoints["mindie"], converted_checkpoints["v1.0.0-per-channel"])
+    lines = [line for line in stdout.splitlines() if line.startswith("  ")]
+    assert code == 1
+    assert lines[0].startswith(f"  - {source_checkpoints['mindie']}: a mindie checkpoint, but ")
+    assert "was converted from a v1.0.0-per-channel one: not its source" in lines[0]
+    assert len(lines) == 11 and re.fullmatch(
+        r"  \.\.\. and \d+ more problems \(the first 50 listed with --json\)", lines[-1]
+    )
+    code, stdout, _ = cli("verify", source_checkpoints["mindie"], converted_checkpoints["v1.0.0-per-channel"], "--json")
+    report = json.loads(stdout)
+    assert report["problems_total"] > len(report["problems"]) == 50

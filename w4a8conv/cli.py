@@ -117,15 +117,23 @@ def main_callback(
 @handle_errors
 def inspect(
     path: CheckpointArg,
-    target: TargetOpt = DEFAULT_TARGET,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            metavar=choices(TARGET_NAMES),
+            help="Check a source against this serving target, or an output was made for it. Default: the "
+            "newest target that serves the source (exit 2 only when none does).",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
     output: Output,
 ) -> None:
-    """Report a checkpoint's layout, group size, modules, shards and every inconsistency (headers only).
+    """Report what a checkpoint is, which targets serve it, and every inconsistency (headers only).
 
-    Exits 2 when problems are found.
+    Exits 2 for a broken checkpoint, or one the given --target cannot serve.
     """
     from .inspect import inspect_checkpoint
 
@@ -272,7 +280,9 @@ def convert(
             f"{src}` once every share is done"
         )
     if dry_run:
-        plan = plan_conversion(src, dst, target, size, index, checksums, overwrite=overwrite, resume=resume)
+        plan = plan_conversion(
+            src, dst, target, size, index, checksums, overwrite=overwrite, resume=resume, workers=workers, device=device
+        )
         summary = plan.summary
         mine = {name: plan.shard(name).file_size for name in plan.shares[index]}
         if output.json_mode:
@@ -313,6 +323,9 @@ def convert(
         )
         return
     summary = result.summary
+    if result.already_complete:
+        output.info(f"{result.out_dir} is already a complete conversion of {src}: nothing to do")
+        return
     output.info(
         f"converted {summary.format} checkpoint (group size {summary.group_size}) for {result.target}: "
         f"{summary.modules} W4A8 modules, {summary.moe_layers} MoE layers / {summary.experts} experts, "

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class ConvertResult:
     direct_io: bool  # large output tensors were written with O_DIRECT
     direct_reads: bool  # large W4A8 weights were read with O_DIRECT
     checksums: bool  # the output has a sha256 manifest
+    already_complete: bool = False  # --resume found it finished: nothing was written
 
     def as_dict(self) -> dict:
         d = {**self.summary.as_dict(), **self.__dict__}
@@ -79,8 +80,10 @@ def check_paths(src: Path, dst: Path) -> None:
         raise BadInputError(f"--out {dst}: exists and is not a directory")
 
 
-def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume: bool) -> None:
+def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume: bool, workers: int) -> None:
     """What a conversion and its dry run both refuse in their arguments."""
+    if workers < 1:
+        raise BadInputError(f"--workers {workers}: need at least 1")
     if array_size < 1 or not 0 <= array_index < array_size:
         raise BadInputError(f"--array-index {array_index}: need 0 <= index < --array-size {array_size}")
     if overwrite and resume:
@@ -152,9 +155,7 @@ def convert_checkpoint(
     """
     started = time.monotonic()
     src, dst = Path(src), Path(dst)
-    _check_arguments(array_size, array_index, overwrite, resume)
-    if workers < 1:
-        raise BadInputError(f"--workers {workers}: need at least 1")
+    _check_arguments(array_size, array_index, overwrite, resume, workers)
     check_paths(src, dst)
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
@@ -163,7 +164,7 @@ def convert_checkpoint(
     torch_device = resolve_device(device)
     share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
-        return _result(dst, started, torch_device, direct_io, direct_reads, plan)
+        return replace(_result(dst, started, torch_device, direct_io, direct_reads, plan), already_complete=True)
     report = progress or Progress()
     try:
         todo = [s for s in _my_shards(plan, array_index) if not share.is_complete(s.name)]
@@ -245,14 +246,18 @@ def plan_conversion(
     checksums: bool = True,
     overwrite: bool = False,
     resume: bool = False,
+    workers: int = 1,
+    device: str = "cpu",
 ) -> ConversionPlan:
     """What :func:`convert_checkpoint` would do, with every check it makes before writing, on both sides:
-    the input (headers, and the scales' values) and ``dst`` (what it holds, whether it can be written,
-    free space), with the same messages and exit codes; writes nothing."""
+    the arguments (``--workers``, ``--device`` on this machine...), the input (headers, and the scales'
+    values) and ``dst`` (what it holds, whether it can be written, free space), with the same messages
+    and exit codes; writes nothing."""
     src, dst = Path(src), Path(dst)
-    _check_arguments(array_size, array_index, overwrite, resume)
+    _check_arguments(array_size, array_index, overwrite, resume, workers)
     check_paths(src, dst)
     plan = prepare(src, target, array_size, array_index, checksums)[1]
+    resolve_device(device)
     if not check_output(dst, plan, overwrite=overwrite, resume=resume):
         mine = _my_shards(plan, array_index)
         needed = sum(s.file_size for s in mine if not written_in_full(dst / s.name, s.file_size))

@@ -6,7 +6,7 @@ description's processed tensors.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint, open_checkpoint
@@ -48,17 +48,25 @@ class InspectReport:
     input_bytes: int  # the inspected checkpoint's shard bytes
     output_bytes: int | None  # after convert (a source); None for a w4a8conv output
     problems: list[str]
+    notes: list[str] = field(default_factory=list)  # what a reader should know that is no problem
+    not_checked: list[str] = field(default_factory=list)  # what convert checks and inspect does not
 
     def as_dict(self) -> dict:
         return {"ok": not self.problems, **asdict(self)}
 
 
-def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> InspectReport:
+# convert (and --dry-run) read every W4A8 scale and refuse NaN or Inf; inspect reads headers only.
+NOT_CHECKED = ["the W4A8 scales' values (NaN, Inf): `w4a8conv convert --dry-run` reads them, as convert does"]
+
+
+def inspect_checkpoint(path: Path | str, target: str | None = None) -> InspectReport:
     """Describe a checkpoint from its description, index and safetensors headers (no tensor data).
 
     Args:
         path: the checkpoint directory.
-        target: the serving target a source checkpoint is checked against.
+        target: the serving target a source checkpoint is checked against, or a w4a8conv output is
+            expected to be made for. None: a source is checked against the default target, or, where
+            that cannot serve it, the newest one that can (a note says so).
 
     Returns:
         The report; ``problems`` lists every inconsistency found, one line each.
@@ -68,8 +76,20 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
     """
     ckpt = open_checkpoint(Path(path))
     if TOOL_SECTION in ckpt.description:
-        return InspectReport(**_common(path, ckpt), **_processed(ckpt))
-    plan = build_plan(ckpt, target)
+        report = InspectReport(**_common(path, ckpt), **_processed(ckpt))
+        if target is not None and report.target != target:
+            report.problems.append(
+                f"{path}: converted for --target {report.target}, not {target}; convert its source again with "
+                f"--target {target}"
+            )
+        return report
+    plan = build_plan(ckpt, target or DEFAULT_TARGET)
+    notes = []
+    if target is None and plan.problems and plan.serving_targets:
+        other = build_plan(ckpt, plan.serving_targets[-1])
+        if not other.problems:
+            plan = other
+            notes.append(f"the default target {DEFAULT_TARGET} does not serve it: convert with --target {plan.target}")
     experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers})
     moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers}
     hidden, intermediate = moe_shapes.pop() if len(moe_shapes) == 1 else (None, None)
@@ -91,6 +111,8 @@ def inspect_checkpoint(path: Path | str, target: str = DEFAULT_TARGET) -> Inspec
         other_quant_types=dict(plan.other_quant_types),
         output_bytes=summary.output_bytes if plan.modules else None,
         problems=list(plan.problems),
+        notes=notes,
+        not_checked=NOT_CHECKED if plan.modules else [],
     )
 
 

@@ -197,9 +197,10 @@ def _check_job_file(dst: Path, plan: ConversionPlan, resume: bool) -> str:
             raise BadInputError(
                 f"{plan.source / changed}: changed since the conversion into --out {dst} started "
                 "(size, time, inode or header); its shards so far hold the old data: convert again into "
-                "a new directory"
+                f"a new directory{'' if plan.array_size > 1 else ', or with --overwrite'}"
             )
-        raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory")
+        other = "" if plan.array_size > 1 else ", or pass --overwrite to replace it"
+        raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory{other}")
     if not (resume or plan.array_size > 1):
         raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
     return existing
@@ -375,6 +376,12 @@ def _finalize_locked(dst: Path, plan: ConversionPlan, verify: Callable[[Path], A
         )
     n = plan.array_size
     missing = [i for i in range(n) if not (state / _share_file(i, n)).is_file()]
+    if missing and n == 1:
+        raise W4A8ConvError(
+            f"{dst}: this conversion was interrupted before all its shards were written; finish it with "
+            f"`w4a8conv convert --in {plan.source} --out {dst} --resume` (which finalizes it)",
+            EXIT_FAILURE,
+        )
     if missing:
         raise W4A8ConvError(
             f"{dst}: shares {', '.join(map(str, missing))} of {n} (--array-index) are not finished", EXIT_FAILURE

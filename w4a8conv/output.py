@@ -43,6 +43,7 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+SHOWN_PROBLEMS = 10  # verify's problems shown to people; --json lists more
 PROGRESS_INTERVAL = 30.0  # seconds between progress lines in logs, at most, while work goes on
 _UNWRAPPED = 1 << 16  # columns of a console that is not a terminal: wide enough to wrap nothing
 
@@ -80,7 +81,7 @@ class Output:
 
     def inspect_table(self, report) -> None:
         """An ``inspect.InspectReport`` as a table, then its problems."""
-        table = Table(title=f"w4a8conv inspect {report.path}", show_header=False)
+        table = Table(title=Text(f"w4a8conv inspect {report.path}"), show_header=False)
         table.add_column("key", style="bold")
         table.add_column("value")
         rows = [
@@ -113,12 +114,17 @@ class Output:
         for key, value in rows:
             table.add_row(key, Text(human_value(value)))
         self.out.print(table)
+        for note in report.notes:
+            self.out.print(f"note: {note}", markup=False, soft_wrap=True)
+        for unchecked in report.not_checked:
+            self.out.print(f"not checked: {unchecked}", markup=False, soft_wrap=True)
         if report.problems:
-            self.out.print(f"[bold red]{len(report.problems)} problem(s):[/]")
+            count = len(report.problems)
+            self.out.print(Text(f"{count} problem{'s' if count != 1 else ''}:", style="bold red"))
             for problem in report.problems:
                 self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
         else:
-            self.out.print("[green]no problems found[/]")
+            self.out.print(Text("no problems found", style="green"))
 
     def verify_report(self, report) -> None:
         checked = f"{report.modules_checked} of {report.modules_total} W4A8 modules"
@@ -131,8 +137,12 @@ class Output:
             self.out.print(Text.assemble(("verified: ", "bold green"), summary))
             return
         self.out.print(Text.assemble(("verification failed: ", "bold red"), summary))
-        for problem in report.problems:
+        shown = report.problems[:SHOWN_PROBLEMS]
+        for problem in shown:
             self.out.print(f"  - {problem}", markup=False, soft_wrap=True)
+        if report.problems_total > len(shown):
+            listed = f"the first {len(report.problems)} listed with --json"
+            self.out.print(f"  ... and {report.problems_total - len(shown)} more problems ({listed})", markup=False)
 
     def progress(self, label: str = "converting") -> Progress:
         """Progress on stderr: a Rich bar on a terminal, a line per shard in logs, none with ``--quiet``."""

@@ -62,6 +62,16 @@ DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 __all__ = ["DEFAULT_WORKERS", "VerifyReport", "verify_conversion"]
 
 
+def _refuse_a_wrong_source(src: Path, dst: Path, source) -> None:
+    """What no conversion can come from, refused as ``convert`` refuses it (exit 2), before any check."""
+    if src.resolve() == dst.resolve():
+        raise BadInputError(f"{src}: the source and the output are the same directory; verify SRC OUT compares two")
+    if TOOL_SECTION in source.description:
+        raise BadInputError(f"{src}: is a w4a8conv output, not a source; give the checkpoint it was converted from")
+    if not any(t == W4A8_TYPE for t in tensor_types(source.description).values()):
+        raise BadInputError(f"{src}: no tensor is {W4A8_TYPE}: not a W4A8 source checkpoint, nothing was converted")
+
+
 def verify_conversion(
     src: Path | str,
     dst: Path | str,
@@ -104,6 +114,7 @@ def verify_conversion(
     paths = {DESCRIPTION_FILE: unpublished_description} if unpublished_description is not None else {}
     if not paths and not (dst / DESCRIPTION_FILE).exists() and (dst / STATE_DIR).is_dir():
         raise BadInputError(unfinished_output(dst))
+    _refuse_a_wrong_source(src, dst, source)
     description = load_json(paths.get(DESCRIPTION_FILE, dst / DESCRIPTION_FILE))
     if not isinstance(description, dict) or not isinstance(description.get(TOOL_SECTION), dict):
         raise BadInputError(f"{dst / DESCRIPTION_FILE}: not a finished w4a8conv output")
@@ -136,6 +147,13 @@ def verify_conversion(
             layout = source_layout(prefixes[0], source.tensors)
         except (KeyError, IndexError):
             layout = None
+        converted_from = section.get("source_layout")
+        if layout is not None and converted_from not in (None, layout.name):
+            report.problem(
+                f"{src}: a {layout.name} checkpoint, but {dst} was converted from a {converted_from} one: "
+                "not its source (the problems after this one follow from it)",
+                first=True,
+            )
         path = dst / DESCRIPTION_FILE
         check_description_keys(path, source.description, description, source.tensors, prefixes[0], layout, report)
 

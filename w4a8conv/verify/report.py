@@ -19,11 +19,17 @@ class VerifyReport:
     other_files_checked: int = 0  # config, tokenizer...: copied as they are
     files_hashed: int = 0
     manifest: bool = True  # False: converted with --no-checksums, so there are no sums to check
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the first _MAX_PROBLEMS
+    problems_total: int = 0
 
-    def problem(self, message: str) -> None:
+    def problem(self, message: str, first: bool = False) -> None:
+        """Record a problem; ``first``: the cause of the others, said before them."""
         self.ok = False
-        if len(self.problems) < _MAX_PROBLEMS:
+        self.problems_total += 1
+        if first:
+            self.problems.insert(0, message)
+            del self.problems[_MAX_PROBLEMS:]
+        elif len(self.problems) < _MAX_PROBLEMS:
             self.problems.append(message)
 
     def as_dict(self) -> dict:
