@@ -263,3 +263,38 @@ def test_finalize_of_an_interrupted_single_conversion_says_convert_resume(source
     other = source_checkpoints["mindie"]
     code, _, stderr = cli("convert", "--in", other, "--out", out, "--target", "vllm-ascend-0.23")
     assert code == 2 and "choose a new directory, or pass --overwrite to replace it" in stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        (
+            {"SLURM_ARRAY_TASK_ID": "5"},
+            ("--array-size", "4"),
+            "SLURM_ARRAY_TASK_ID=5 gives index 5, outside --array-size 4",
+        ),
+        ({"JOB_COMPLETION_INDEX": "9"}, ("--array-size", "2"), "JOB_COMPLETION_INDEX=9 gives index 9, outside"),
+        ({}, ("--array-size", "0", "--array-index", "0"), "--array-size 0: must be positive"),
+    ],
+)
+def test_an_array_index_out_of_range_names_where_it_came_from(source_checkpoints, tmp_path, env, args, message):
+    result = CliRunner().invoke(
+        app, ["convert", "--in", str(source_checkpoints["mindie"]), "--out", str(tmp_path / "o"), *args], env=env
+    )
+    assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_more_jobs_than_shards_warns_naming_the_empty_jobs(source_checkpoints, tmp_path):
+    """An array job reports its index, the shards it wrote and that finalize is still needed."""
+    src = source_checkpoints["v1.0.0-per-channel"]
+    shards = len(list(src.glob("*.safetensors")))
+    size = shards + 2
+    code, stdout, stderr = cli(
+        "convert", "--in", src, "--out", tmp_path / "o", "--array-size", size, "--array-index", 0, "--json"
+    )
+    assert code == 0, stderr
+    empty = f"jobs {shards}, {shards + 1} have nothing to convert"
+    assert f"warning: --array-size {size} but the output has {shards} shards: {empty}" in stderr
+    report = json.loads(stdout)
+    assert report["array_index"] == 0 and report["array_size"] == size and report["finalize_needed"] is True
+    assert report["share_shards"] and report["empty_shares"] == [shards, shards + 1]

@@ -163,6 +163,8 @@ def array_share(array_size: int | None, array_index: int | None) -> tuple[int, i
         if array_index is not None:
             raise BadInputError(f"--array-index {array_index} without --array-size: give the array's size too")
         return 1, 0
+    if array_size < 1:
+        raise BadInputError(f"--array-size {array_size}: must be positive (the number of jobs in the array)")
     if array_index is not None:
         return array_size, array_index
     variable = next((v for v in _ARRAY_INDEX_VARIABLES if os.environ.get(v, "").strip()), None)
@@ -187,7 +189,22 @@ def array_share(array_size: int | None, array_index: int | None) -> tuple[int, i
             f"--array-index (the task's index in the original array, counted from 0), or requeue the task "
             f"(scontrol requeue JOBID_{task})"
         )
+    if not 0 <= array_index < array_size:
+        shown = f"{variable}={os.environ[variable]}" + (f" less SLURM_ARRAY_TASK_MIN={first}" if first else "")
+        raise BadInputError(
+            f"{shown} gives index {array_index}, outside --array-size {array_size} (0 to {array_size - 1}); "
+            "submit the array with as many tasks as --array-size, or pass --array-index"
+        )
     return array_size, array_index
+
+
+def _warn_empty_shares(output: Output, size: int, shards: int, empty: tuple[int, ...]) -> None:
+    if empty:
+        jobs = ", ".join(map(str, empty))
+        output.warning(
+            f"--array-size {size} but the output has {shards} shard{'s' if shards != 1 else ''}: "
+            f"job{'s' if len(empty) != 1 else ''} {jobs} {'have' if len(empty) != 1 else 'has'} nothing to convert"
+        )
 
 
 def _refuse_renamed(old: str, new: str, value: object) -> None:
@@ -268,7 +285,7 @@ def convert(
     output: Output,
 ) -> None:
     """Convert a W4A8_DYNAMIC checkpoint into processed shards a serving engine loads directly."""
-    from .convert import convert_checkpoint, plan_conversion
+    from .convert import convert_checkpoint, empty_shares, plan_conversion
     from .errors import BadInputError
 
     _refuse_renamed("--num-workers", "--array-size", num_workers)
@@ -283,6 +300,7 @@ def convert(
         plan = plan_conversion(
             src, dst, target, size, index, checksums, overwrite=overwrite, resume=resume, workers=workers, device=device
         )
+        _warn_empty_shares(output, size, len(plan.shards), empty_shares(plan))
         summary = plan.summary
         mine = {name: plan.shard(name).file_size for name in plan.shares[index]}
         if output.json_mode:
@@ -315,6 +333,7 @@ def convert(
         )
     # --resume of a finished output publishes nothing: verified as it stands
     verification = (checker.report or _verified(output, src, dst)) if checker else None
+    _warn_empty_shares(output, size, result.summary.shards, result.empty_shares)
     _report(output, {**result.as_dict(), "in_dir": str(src)}, verification)
     if size > 1:
         output.info(

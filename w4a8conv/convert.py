@@ -63,11 +63,17 @@ class ConvertResult:
     direct_reads: bool  # large W4A8 weights were read with O_DIRECT
     checksums: bool  # the output has a sha256 manifest
     already_complete: bool = False  # --resume found it finished: nothing was written
+    array_size: int = 1
+    array_index: int = 0
+    share_shards: tuple[str, ...] = ()  # the shards this job of an array wrote (all, without an array)
+    empty_shares: tuple[int, ...] = ()  # jobs of the array with no shard to convert (more jobs than shards)
 
     def as_dict(self) -> dict:
         d = {**self.summary.as_dict(), **self.__dict__}
         del d["summary"]
         d["out_dir"] = str(self.out_dir)
+        d["share_shards"], d["empty_shares"] = list(self.share_shards), list(self.empty_shares)
+        d["finalize_needed"] = self.array_size > 1 and not self.already_complete
         return d
 
 
@@ -164,7 +170,9 @@ def convert_checkpoint(
     torch_device = resolve_device(device)
     share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
-        return replace(_result(dst, started, torch_device, direct_io, direct_reads, plan), already_complete=True)
+        return replace(
+            _result(dst, started, torch_device, direct_io, direct_reads, plan, array_index), already_complete=True
+        )
     report = progress or Progress()
     try:
         todo = [s for s in _my_shards(plan, array_index) if not share.is_complete(s.name)]
@@ -196,11 +204,17 @@ def convert_checkpoint(
     finally:
         report.finish()
         share.close()
-    return _result(dst, started, torch_device, direct_io, direct_reads, plan)
+    return _result(dst, started, torch_device, direct_io, direct_reads, plan, array_index)
 
 
 def _result(
-    dst: Path, started: float, device: str, direct_io: bool, direct_reads: bool, plan: ConversionPlan
+    dst: Path,
+    started: float,
+    device: str,
+    direct_io: bool,
+    direct_reads: bool,
+    plan: ConversionPlan,
+    array_index: int,
 ) -> ConvertResult:
     return ConvertResult(
         dst,
@@ -211,7 +225,16 @@ def _result(
         direct_io=direct_io,
         direct_reads=direct_reads,
         checksums=plan.checksums,
+        array_size=plan.array_size,
+        array_index=array_index,
+        share_shards=plan.shares[array_index],
+        empty_shares=empty_shares(plan),
     )
+
+
+def empty_shares(plan: ConversionPlan) -> tuple[int, ...]:
+    """The jobs of an array left with no shard (more jobs than output shards)."""
+    return tuple(i for i, share in enumerate(plan.shares) if not share)
 
 
 def _import_math_in_background() -> None:

@@ -74,6 +74,11 @@ class Output:
         if self.json_mode:
             self.emit_json({"ok": False, "error": message})
 
+    def warning(self, message: str) -> None:
+        """One line on stderr (not with ``--quiet``)."""
+        if not self.quiet:
+            self.err.print(Text.assemble(("warning:", "bold yellow"), " ", message), soft_wrap=True)
+
     def info(self, message: str) -> None:
         """A human result on stdout (not with ``--json`` or ``--quiet``)."""
         if not self.json_mode and not self.quiet:
