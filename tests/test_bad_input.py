@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+from w4a8conv.verify import verify_conversion
 
-from .conftest import LEGACY_TARGET
+from .conftest import LEGACY_TARGET, cli
 from .conftest import cli as run
 
 runner = CliRunner()
@@ -452,3 +453,84 @@ def test_a_nan_scale_anywhere_is_refused_before_any_shard_is_written(tmp_path, v
     assert code == 2 and f"tensor {name}: holds NaN or Inf" in stderr
     assert_refused(tmp_path, v1, name, "NaN or Inf")
     assert not list((tmp_path / "out").glob("*.safetensors*"))
+
+
+def test_hostile_inputs_get_one_line_and_exit_2_before_anything_is_written(source_checkpoints, tmp_path):
+    """A symlink loop, a shard whose name is not UTF-8 (no index), a 65 MiB index, group_size as a
+    string: one line naming the file, exit 2, nothing written."""
+    base = source_checkpoints["v1.0.0-per-channel"]
+    cases = {}
+
+    loop = tmp_path / "loop"
+    shutil.copytree(base, loop)
+    (loop / "a.json").symlink_to(loop / "b.json")
+    (loop / "b.json").symlink_to(loop / "a.json")
+    cases["loop"] = (loop, "a symbolic link loop")
+
+    single = tmp_path / "non-utf8"
+    single.mkdir()
+    tensors = {}
+    for shard in base.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    save_file(tensors, os.fsdecode(bytes(single) + b"/model-\xff.safetensors"))
+    shutil.copy(base / "quant_model_description.json", single)
+    cases["non-utf8"] = (single, "the file name is not UTF-8; rename it")
+
+    huge = tmp_path / "huge"
+    shutil.copytree(base, huge)
+    index = next(huge.glob("*.index.json"))
+    with open(index, "ab") as f:
+        f.write(b" " * (65 << 20))
+    cases["huge"] = (huge, "larger than 67108864 bytes; not a description, index or config")
+
+    string = tmp_path / "string"
+    shutil.copytree(base, string)
+    description = json.loads((string / "quant_model_description.json").read_text())
+    description["group_size"] = "0"
+    (string / "quant_model_description.json").write_text(json.dumps(description))
+    cases["string"] = (string, 'group_size is "0", a str; vllm-ascend reads an integer')
+
+    for name, (src, message) in cases.items():
+        out = tmp_path / f"out-{name}"
+        code, _, stderr = cli("convert", "--in", src, "--out", out)
+        assert code == 2 and message in stderr and stderr.count("\n") == 1, (name, stderr)
+        assert not out.exists(), name
+
+
+def test_an_input_directory_that_cannot_be_listed_is_one_line(source_checkpoints, tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-channel"], src)
+    listing = Path.iterdir
+
+    def refused(path):
+        if path == src:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "out")
+    assert code == 2 and f"{src}: cannot list the directory: Permission denied" in stderr and stderr.count("\n") == 1
+
+
+def test_a_hugging_face_cache_snapshot_is_read_as_it_is(source_checkpoints, tmp_path):
+    """`hf download` without --local-dir: snapshots/<rev>/ whose files link to ../../blobs/<hash>. Read as
+    it is; a link anywhere else is still refused, saying how to work round it."""
+    repo = tmp_path / "models--org--DeepSeek-W4A8"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(source_checkpoints["v1.0.0-per-channel"].rglob("*"))):
+        if path.is_file():
+            blob = blobs / f"blob{i}"
+            shutil.copy(path, blob)
+            link = snapshot / path.relative_to(source_checkpoints["v1.0.0-per-channel"])
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    code, _, stderr = cli("convert", "--in", snapshot, "--out", tmp_path / "out")
+    assert code == 0, stderr
+    assert verify_conversion(snapshot, tmp_path / "out").ok
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("x")
+    (snapshot / "notes.txt").symlink_to(outside)
+    code, _, stderr = cli("convert", "--in", snapshot, "--out", tmp_path / "out2")
+    assert code == 2 and "outside the checkpoint directory" in stderr and "cp -L" in stderr

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import torch
 
 _MODEL_DTYPES = ("bfloat16", "float16", "float32")
-MAX_JSON_BYTES = 1 << 30  # a DeepSeek-R1 description or index is about 20 MB
+# A DeepSeek-R1 mindie description or index is about 20 MB (about 230,000 tensor names); a JSON file
+# past this is no description, index or config, and reading it whole would cost its size in memory.
+MAX_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -96,11 +98,12 @@ def open_checkpoint(root: Path) -> Checkpoint:
     root = Path(root)
     if not root.is_dir():
         raise BadInputError(f"{root}: not a directory")
-    real_root = root.resolve()
+    roots = _allowed_roots(root)
+    listing = _list(root)
     config = None
     config_path = root / CONFIG_FILE
     if os.path.lexists(config_path):
-        config = _read_json(config_path, real_root)
+        config = _read_json(config_path, roots)
     config = config if isinstance(config, dict) else None
     # compressed-tensors: described by its config, unless a description is there too (then the planner
     # refuses the mix: which one the engine reads decides the processing)
@@ -109,27 +112,29 @@ def open_checkpoint(root: Path) -> Checkpoint:
         if (root / STATE_DIR).is_dir():
             raise BadInputError(unfinished_output(root))
         raise BadInputError(f"{root}: no {DESCRIPTION_FILE}, so this is not an msModelSlim checkpoint")
-    description = None if description_path is None else _read_description(description_path, real_root)
-    index_files = sorted(p for p in root.iterdir() if p.name.endswith(INDEX_SUFFIX))
+    description = None if description_path is None else _read_description(description_path, roots)
+    index_files = sorted(p for p in listing if p.name.endswith(INDEX_SUFFIX))
     if len(index_files) > 1:
         names = ", ".join(p.name for p in index_files)
         raise BadInputError(f"{root}: more than one safetensors index ({names}); keep the one that belongs")
     if index_files:
         index_path = index_files[0]
         prefix = index_path.name[: -len(INDEX_SUFFIX)]
-        shard_names = _read_index(index_path, real_root)
+        shard_names = _read_index(index_path, roots)
     else:
         index_path = None
-        files = sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors"))
+        files = sorted(p.name for p in listing if p.name.endswith(".safetensors"))
         if not files:
             raise BadInputError(f"{root}: no .safetensors files and no {'<prefix>' + INDEX_SUFFIX}")
+        for name in files:
+            _utf8_name(root / name)
         shard_names = {name: set() for name in files}
         prefix = files[0][: -len(".safetensors")] if len(files) == 1 else "model"
 
     shards: dict[str, ShardHeader] = {}
     tensors: dict[str, TensorInfo] = {}
     for name in sorted(shard_names):
-        path = _inside(root / name, real_root)
+        path = _inside(root / name, roots)
         if not os.path.lexists(path):
             raise BadInputError(f"{index_path or root}: names shard {name}, which does not exist")
         _regular_file(path)
@@ -158,7 +163,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
         skip.add(description_path.name)
     if served is not None:
         skip.add(CONFIG_FILE)
-    extra = _extra_files(root, real_root, skip, index_path is not None)
+    extra = _extra_files(root, roots, skip, index_path is not None)
     return Checkpoint(
         root=root,
         description=description,
@@ -182,9 +187,9 @@ def _regular_file(path: Path) -> None:
         raise BadInputError(f"{path}: not a regular file (a directory, FIFO or device); refusing to read it")
 
 
-def _read_json(path: Path, real_root: Path) -> Any:
+def _read_json(path: Path, roots: tuple[Path, ...]) -> Any:
     """A JSON file of the checkpoint: inside it, regular, at most MAX_JSON_BYTES, UTF-8."""
-    _regular_file(_inside(path, real_root))
+    _regular_file(_inside(path, roots))
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_JSON_BYTES + 1)
@@ -221,15 +226,15 @@ def _description_path(root: Path) -> Path | None:
     return None
 
 
-def _read_description(path: Path, real_root: Path) -> dict[str, Any]:
-    description = _read_json(path, real_root)
+def _read_description(path: Path, roots: tuple[Path, ...]) -> dict[str, Any]:
+    description = _read_json(path, roots)
     if not isinstance(description, dict):
         raise BadInputError(f"{path}: expected a JSON object mapping tensor names to quant types")
     return description
 
 
-def _read_index(index_path: Path, real_root: Path) -> dict[str, set[str]]:
-    index = _read_json(index_path, real_root)
+def _read_index(index_path: Path, roots: tuple[Path, ...]) -> dict[str, set[str]]:
+    index = _read_json(index_path, roots)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise BadInputError(f"{index_path}: no weight_map")
@@ -241,15 +246,50 @@ def _read_index(index_path: Path, real_root: Path) -> dict[str, set[str]]:
     return shard_names
 
 
-def _inside(path: Path, real_root: Path) -> Path:
-    """``path`` if it resolves inside the checkpoint, else refuse (never follow links out of it)."""
-    resolved = path.resolve()
-    if resolved != real_root and real_root not in resolved.parents:
-        raise BadInputError(f"{path}: is a link to {resolved}, outside the checkpoint directory; not following it")
+def _allowed_roots(root: Path) -> tuple[Path, ...]:
+    """Where the checkpoint's files may resolve to: inside it, and for a Hugging Face cache snapshot
+    (``hf download`` without ``--local-dir``: ``<repo>/snapshots/<rev>/`` whose files link to
+    ``../../blobs/<hash>``) that cache repository's ``blobs``."""
+    real = _resolve(root)
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real, (real.parent.parent / "blobs").resolve()
+    return (real,)
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a symbolic link loop
+        raise BadInputError(f"{path}: cannot resolve ({e}): a symbolic link loop? remove or replace the link") from None
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> Path:
+    """``path`` if it resolves inside the checkpoint (or its cache's blobs), else refuse: never follow
+    links out of it."""
+    resolved = _resolve(path)
+    if not any(resolved == root or root in resolved.parents for root in roots):
+        raise BadInputError(
+            f"{path}: is a link to {resolved}, outside the checkpoint directory; not following it (copy the "
+            "files in with `cp -L`, or download with `hf download --local-dir`)"
+        )
     return path
 
 
-def _extra_files(root: Path, real_root: Path, skip: set[str], index_exists: bool) -> list[Path]:
+def _list(root: Path) -> list[Path]:
+    try:
+        return sorted(root.iterdir())
+    except OSError as e:
+        raise BadInputError(f"{root}: cannot list the directory: {e.strerror}") from None
+
+
+def _utf8_name(path: Path) -> None:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadInputError(f"{path!s}: the file name is not UTF-8; rename it") from None
+
+
+def _extra_files(root: Path, roots: tuple[Path, ...], skip: set[str], index_exists: bool) -> list[Path]:
     """The other files to copy, in every subdirectory; one that cannot be read or copied is refused."""
 
     def unreadable(error: OSError) -> None:
@@ -266,7 +306,7 @@ def _extra_files(root: Path, real_root: Path, skip: set[str], index_exists: bool
             continue
         if os.path.isdir(path):
             continue  # a link to a directory: not followed, as before
-        _regular_file(_inside(path, real_root))
+        _regular_file(_inside(path, roots))
         if index_exists and len(rel.parts) == 1 and rel.name.endswith(".safetensors"):
             raise BadInputError(
                 f"{path}: a safetensors file the index does not name; its tensors would be copied beside the "

@@ -7,6 +7,7 @@ It never raises on a bad checkpoint: it collects every problem, so ``inspect`` c
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -102,7 +103,12 @@ def build_plan(
     elif group_sizes:
         group_size = group_sizes.pop()
         declared = ckpt.description.get("group_size")
-        if declared is not None and declared != group_size:
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, int)):
+            problems.append(
+                f"{description_path}: group_size is {json.dumps(declared)}, a {type(declared).__name__}; "
+                f"vllm-ascend reads an integer (the scale tensors' shapes give {group_size}): write {group_size}"
+            )
+        elif declared is not None and declared != group_size:
             problems.append(
                 f"{description_path}: group_size is {declared} but the scale tensors' shapes give {group_size}"
             )
