@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -298,3 +301,48 @@ def test_more_jobs_than_shards_warns_naming_the_empty_jobs(source_checkpoints, t
     report = json.loads(stdout)
     assert report["array_index"] == 0 and report["array_size"] == size and report["finalize_needed"] is True
     assert report["share_shards"] and report["empty_shares"] == [shards, shards + 1]
+
+
+def test_argument_errors_typer_catches_are_one_json_document_with_json():
+    for argv in (["convert", "--json", "--in", "x"], ["verify", "--json"], ["inspect", "--json", "--bogus", "x"]):
+        done = subprocess.run([sys.executable, "-m", "w4a8conv", *argv], capture_output=True, text=True)
+        assert done.returncode == 2, argv
+        report = json.loads(done.stdout)
+        assert report["ok"] is False and report["error"], argv
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_help_is_complete_at_80_columns_in_a_pipe():
+    """No word cut to fit a column, square brackets shown as they are, --json a flag, -V beside --version."""
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    for argv in ([], ["convert"], ["inspect"], ["verify"], ["finalize"], ["synthetic"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "w4a8conv", *argv, "--help"], capture_output=True, text=True, env=env
+        )
+        commands = done.stdout.split("Commands:")[1] if "Commands:" in done.stdout else ""
+        assert done.returncode == 0 and "…" not in done.stdout and "..." not in commands
+        assert all(len(line) <= 80 for line in done.stdout.splitlines()), argv
+    convert = subprocess.run(
+        [sys.executable, "-m", "w4a8conv", "convert", "-h"], capture_output=True, text=True, env=env
+    )
+    text = " ".join(convert.stdout.split())
+    assert "SLURM_ARRAY_TASK_ID (minus SLURM_ARRAY_TASK_MIN)" in text and "[auto|cpu|cuda|npu]" in text
+    assert "--json Print one JSON object" in text
+    top = subprocess.run([sys.executable, "-m", "w4a8conv", "-h"], capture_output=True, text=True, env=env).stdout
+    assert "-V, --version" in top
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.3, 0.8])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(source_checkpoints, tmp_path, delay):
+    """Start-up (Python importing the modules), parsing, or the conversion itself: one line, exit 130."""
+    src = source_checkpoints["v1.0.0-per-channel"]
+    command = [os.path.join(os.path.dirname(sys.executable), "w4a8conv"), "convert", "--in", str(src), "--out"]
+    process = subprocess.Popen([*command, str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    if process.returncode in (0, -signal.SIGINT):
+        pytest.skip("finished before the signal, or signalled before Python ran any of its code")
+    errors = [line for line in stderr.splitlines() if not line.startswith("[")]  # progress lines: "[  0.3s] ..."
+    assert process.returncode == 130 and len(errors) == 1 and errors[0].startswith("error: "), stderr
+    assert "SIGINT" in errors[0] and "Traceback" not in stderr

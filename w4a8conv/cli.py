@@ -1,6 +1,21 @@
 """The ``w4a8conv`` command line. Exit codes: 0 ok, 1 failure, 2 bad input."""
 
 import os
+import signal
+import sys
+
+
+def _stopped_while_starting(signum, frame) -> None:
+    """Ctrl-C (or SIGTERM) while the modules below are still importing: one line, nothing was written."""
+    sys.stderr.write(f"error: interrupted by {signal.Signals(signum).name} while starting; nothing was written\n")
+    os._exit(128 + signum)
+
+
+# Only when this process is the command (not a test or a library importing the module); main() puts
+# the handlers the conversion relies on in place.
+if os.path.basename(sys.argv[0]) in ("w4a8conv", "-m", "__main__.py"):
+    signal.signal(signal.SIGINT, _stopped_while_starting)
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
 
 # numpy's OpenBLAS starts a thread per core that spins while idle (docs/performance.md, "Measurements
 # behind the code"); nothing here calls BLAS. Set before numpy is first imported: the source registry
@@ -11,8 +26,6 @@ import contextlib
 import ctypes
 import functools
 import inspect as _inspect  # the `inspect` command below takes the plain name
-import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +33,7 @@ import typer
 
 from . import __version__
 from .devices import DEVICE_CHOICES
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, Terminated, exit_status
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Terminated, exit_status, interruption
 from .output import Output, human_bytes
 from .sources import SOURCE_NAMES, SOURCES
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
@@ -31,6 +44,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: complete at any width and in pipes (Rich cut words to fit its columns and read [..] as markup).
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -107,13 +122,13 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def main_callback(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version.")
+        bool, typer.Option("--version", "-V", callback=_version_callback, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """Inspect and convert msModelSlim W4A8_DYNAMIC checkpoints."""
 
 
-@app.command()
+@app.command(short_help="What a checkpoint is, who serves it, what is wrong (headers only).")
 @handle_errors
 def inspect(
     path: CheckpointArg,
@@ -217,7 +232,7 @@ def _refuse_renamed(old: str, new: str, value: object) -> None:
         )
 
 
-@app.command()
+@app.command(short_help="Convert a checkpoint into processed shards an engine loads as they are.")
 @handle_errors
 def convert(
     src: Annotated[Path, typer.Option("--in", help="Input checkpoint directory (never modified).", show_default=False)],
@@ -396,7 +411,7 @@ def _report(output: Output, result: dict, verification) -> None:
         raise typer.Exit(EXIT_FAILURE)
 
 
-@app.command()
+@app.command(short_help="Prove an output is a correct conversion of its source.")
 @handle_errors
 def verify(
     src: Annotated[Path, typer.Argument(help="The input checkpoint.", show_default=False)],
@@ -431,7 +446,7 @@ def verify(
         raise typer.Exit(EXIT_FAILURE)
 
 
-@app.command()
+@app.command(short_help="Publish a job array's output once every share is done.")
 @handle_errors
 def finalize(
     dst: Annotated[Path, typer.Argument(help="The output directory the jobs of an array wrote.", show_default=False)],
@@ -472,7 +487,7 @@ def finalize(
         output.info(f"finalized {dst}: {plan.summary.shards} shards, {plan.summary.modules} W4A8 modules")
 
 
-@app.command()
+@app.command(short_help="Write a synthetic DeepSeek-like W4A8_DYNAMIC checkpoint.")
 @handle_errors
 def synthetic(
     path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
@@ -544,14 +559,32 @@ def _terminate(signum, frame) -> None:
     raise Terminated(signum)
 
 
+def _usage_error(error: Exception) -> int:
+    """An argument error Typer caught: its usage text, or with ``--json`` one JSON object on stdout and
+    one line on stderr."""
+    if "--json" in sys.argv[1:]:
+        Output(json_mode=True).error(error.format_message())
+    else:
+        error.show()
+    return error.exit_code
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)  # a clean stop, as for Ctrl-C: one line, the work so far kept
     try:
-        app(prog_name="w4a8conv")  # also under `python -m w4a8conv`
+        code = app(prog_name="w4a8conv", standalone_mode=False)  # also under `python -m w4a8conv`
     except SystemExit as stop:
         code = stop.code
-    else:
-        code = 0
+    except (KeyboardInterrupt, Terminated) as stop:  # between commands' own handling: parsing, imports
+        name, code = interruption(stop)
+        Output(json_mode="--json" in sys.argv[1:]).error(f"interrupted by {name}; nothing was written")
+    except Exception as e:
+        if not (type(e).__module__.startswith("typer") and hasattr(e, "format_message")):
+            raise
+        code = _usage_error(e) if hasattr(e, "show") else EXIT_FAILURE
+    if code == EXIT_INTERRUPTED[signal.SIGINT] and not Output.said_an_error:  # Typer's own Ctrl-C: silent
+        Output(json_mode="--json" in sys.argv[1:]).error("interrupted by SIGINT; nothing was written")
     if "torch" not in sys.modules:
         sys.exit(code)
     # Unloading torch (its modules, then its libraries' C++ destructors) takes a noticeable part of a

@@ -68,8 +68,11 @@ class Output:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         sys.stdout.flush()
 
+    said_an_error = False  # this process printed an error line (main adds one where nothing else did)
+
     def error(self, message: str) -> None:
         """One line on stderr; with ``--json`` also a JSON object on stdout, so callers can parse it."""
+        Output.said_an_error = True
         self.err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
         if self.json_mode:
             self.emit_json({"ok": False, "error": message})
