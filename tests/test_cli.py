@@ -346,3 +346,34 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(source_checkpoints, tmp_path, 
     errors = [line for line in stderr.splitlines() if not line.startswith("[")]  # progress lines: "[  0.3s] ..."
     assert process.returncode == 130 and len(errors) == 1 and errors[0].startswith("error: "), stderr
     assert "SIGINT" in errors[0] and "Traceback" not in stderr
+
+
+def test_an_assumed_model_dtype_is_said_and_dtype_sets_it(source_checkpoints, tmp_path):
+    """msModelSlim's old API writes no config.json: the dtype the scales are rounded to is assumed, said
+    once on stderr, and --dtype sets it (recorded in the artifact contract the plugin checks)."""
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-group"], src)
+    (src / "config.json").unlink()
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "a")
+    assert code == 0 and "no config.json: assuming the model serves in bfloat16" in stderr and "--dtype" in stderr
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "b", "--dtype", "float16")
+    assert code == 0 and "assuming" not in stderr
+    section = json.loads((tmp_path / "b" / "quant_model_description.json").read_text())["w4a8conv"]
+    assert section["params_dtype"] == "float16"
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "c", "--dtype", "int8")
+    assert code == 2 and "--dtype int8: choose one of bfloat16, float16, float32" in stderr
+    report = json.loads(cli("inspect", src, "--json")[1])
+    assert report["params_dtype"].startswith("bfloat16 (assumed: no config.json")
+
+
+def test_the_same_words_and_numbers_for_the_same_things(tmp_path):
+    """synthetic, inspect and convert count the same bytes; the input is in_dir in every JSON; one shard
+    is "1 shard"; group size 0 reads per-channel."""
+    src = tmp_path / "src"
+    made = json.loads(cli("synthetic", src, "--layout", "v1.0.0-per-channel", "--shards", "1", "--json")[1])
+    inspected = json.loads(cli("inspect", src, "--json", "--target", "vllm-ascend-0.25")[1])
+    dry = json.loads(cli("convert", "--in", src, "--out", tmp_path / "o", "--dry-run", "--json")[1])
+    assert made["input_bytes"] == inspected["input_bytes"] == dry["input_bytes"]
+    assert inspected["in_dir"] == str(src) and dry["in_dir"] == str(src) and "path" not in inspected
+    code, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "o", "--dry-run", "--target", "vllm-ascend-0.25")
+    assert code == 0 and "(per-channel)" in stdout and "into 1 shard," in stdout

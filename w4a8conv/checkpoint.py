@@ -55,6 +55,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     served_config: dict[str, Any] | None = None
     description_path: Path | None = None
+    dtype: str | None = None  # --dtype: the model dtype, instead of config.json's
 
     @property
     def total_bytes(self) -> int:
@@ -75,11 +76,26 @@ class Checkpoint:
 
     @property
     def params_dtype_name(self) -> str:
-        """The model dtype a serving engine creates parameters in (config.json), bfloat16 if unset."""
+        """The model dtype a serving engine creates parameters in: ``--dtype``, else config.json's,
+        else bfloat16 (:attr:`dtype_assumed` says why)."""
+        if self.dtype is not None:
+            return self.dtype
         name = None
         if self.config:
             name = self.config.get("torch_dtype") or self.config.get("dtype")
         return name if name in _MODEL_DTYPES else "bfloat16"
+
+    @property
+    def dtype_assumed(self) -> str | None:
+        """Why the model dtype is assumed (no config.json, or no dtype it names), or None where it is known."""
+        if self.dtype is not None:
+            return None
+        if not self.config:
+            return f"no {CONFIG_FILE}"
+        name = self.config.get("torch_dtype") or self.config.get("dtype")
+        if name is None:
+            return f"{CONFIG_FILE} names no torch_dtype"
+        return None if name in _MODEL_DTYPES else f"{CONFIG_FILE}'s torch_dtype {name!r} is not a model dtype"
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -89,13 +105,17 @@ class Checkpoint:
 
 
 @holding_gc
-def open_checkpoint(root: Path) -> Checkpoint:
+def open_checkpoint(root: Path, dtype: str | None = None) -> Checkpoint:
     """Read a checkpoint directory's description, index and shard headers.
+
+    ``dtype``: the model dtype to convert for (``--dtype``), instead of config.json's.
 
     Raises:
         BadInputError: with a one-line message naming the file (and tensor) that is wrong.
     """
     root = Path(root)
+    if dtype is not None and dtype not in _MODEL_DTYPES:
+        raise BadInputError(f"--dtype {dtype}: choose one of {', '.join(_MODEL_DTYPES)}")
     if not root.is_dir():
         raise BadInputError(f"{root}: not a directory")
     roots = _allowed_roots(root)
@@ -174,6 +194,7 @@ def open_checkpoint(root: Path) -> Checkpoint:
         config=config,
         served_config=served,
         description_path=description_path,
+        dtype=dtype,
     )
 
 

@@ -34,7 +34,7 @@ import typer
 from . import __version__
 from .devices import DEVICE_CHOICES
 from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Terminated, exit_status, interruption
-from .output import Output, human_bytes
+from .output import Output, group_words, human_bytes, plural
 from .sources import SOURCE_NAMES, SOURCES
 from .targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
 
@@ -217,7 +217,7 @@ def _warn_empty_shares(output: Output, size: int, shards: int, empty: tuple[int,
     if empty:
         jobs = ", ".join(map(str, empty))
         output.warning(
-            f"--array-size {size} but the output has {shards} shard{'s' if shards != 1 else ''}: "
+            f"--array-size {size} but the output has {plural(shards, 'shard')}: "
             f"job{'s' if len(empty) != 1 else ''} {jobs} {'have' if len(empty) != 1 else 'has'} nothing to convert"
         )
 
@@ -294,6 +294,15 @@ def convert(
         bool,
         typer.Option(help="Read headers, plan and check both sides (input and --out): report, write nothing."),
     ] = False,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            metavar="[bfloat16|float16|float32]",
+            help="The dtype the model serves in (a W4A8 Linear's scales are rounded to it). Default: "
+            "config.json's torch_dtype, else bfloat16, with a warning saying so.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -313,7 +322,18 @@ def convert(
         )
     if dry_run:
         plan = plan_conversion(
-            src, dst, target, size, index, checksums, overwrite=overwrite, resume=resume, workers=workers, device=device
+            src,
+            dst,
+            target,
+            size,
+            index,
+            checksums,
+            overwrite=overwrite,
+            resume=resume,
+            workers=workers,
+            device=device,
+            dtype=dtype,
+            notice=output.warning,
         )
         _warn_empty_shares(output, size, len(plan.shards), empty_shares(plan))
         summary = plan.summary
@@ -322,10 +342,10 @@ def convert(
             report = {**summary.as_dict(), "target": plan.target, "in_dir": str(src), "out_dir": str(dst)}
             output.emit_json({"ok": True, "dry_run": True, **report, "share_shards": mine})
         else:
-            share = f"{len(mine)} of {summary.shards} shards" if size > 1 else f"{summary.shards} shards"
+            share = f"{len(mine)} of {plural(summary.shards, 'shard')}" if size > 1 else plural(summary.shards, "shard")
             output.info(
-                f"would convert a {summary.format} checkpoint (group size {summary.group_size}) for {plan.target}: "
-                f"{summary.modules} W4A8 modules into {share}, "
+                f"would convert a {summary.format} checkpoint ({group_words(summary.group_size)}) for {plan.target}: "
+                f"{plural(summary.modules, 'W4A8 module')} into {share}, "
                 f"{human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)}; nothing written"
             )
         return
@@ -345,6 +365,8 @@ def convert(
             checksums=checksums,
             progress=output.progress(),
             verify=checker,
+            dtype=dtype,
+            notice=output.warning,
         )
     # --resume of a finished output publishes nothing: verified as it stands
     verification = (checker.report or _verified(output, src, dst)) if checker else None
@@ -361,9 +383,10 @@ def convert(
         output.info(f"{result.out_dir} is already a complete conversion of {src}: nothing to do")
         return
     output.info(
-        f"converted {summary.format} checkpoint (group size {summary.group_size}) for {result.target}: "
-        f"{summary.modules} W4A8 modules, {summary.moe_layers} MoE layers / {summary.experts} experts, "
-        f"{summary.shards} shards, {human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)} "
+        f"converted {summary.format} checkpoint ({group_words(summary.group_size)}) for {result.target}: "
+        f"{plural(summary.modules, 'W4A8 module')}, {plural(summary.moe_layers, 'MoE layer')} / "
+        f"{plural(summary.experts, 'expert')}, "
+        f"{plural(summary.shards, 'shard')}, {human_bytes(summary.input_bytes)} -> {human_bytes(summary.output_bytes)} "
         f"in {result.seconds:.1f}s on {result.device}\n-> {result.out_dir}"
     )
 
@@ -484,7 +507,8 @@ def finalize(
     if plan is None:
         output.info(f"{dst} is already finalized; nothing to do")
     else:
-        output.info(f"finalized {dst}: {plan.summary.shards} shards, {plan.summary.modules} W4A8 modules")
+        summary = plan.summary
+        output.info(f"finalized {dst}: {plural(summary.shards, 'shard')}, {plural(summary.modules, 'W4A8 module')}")
 
 
 @app.command(short_help="Write a synthetic DeepSeek-like W4A8_DYNAMIC checkpoint.")
@@ -544,14 +568,17 @@ def synthetic(
     if size_gb is not None:
         spec = moe_layers_for(spec, layout, size_gb * 1e9)
     write_checkpoint(path, layout, spec)
-    size = sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+    from .checkpoint import open_checkpoint
+
+    size = open_checkpoint(path).total_bytes  # its shards, as inspect and convert count them
     if output.json_mode:
         output.emit_json(
             {"ok": True, "out_dir": str(path), "layout": layout, "moe_layers": spec.moe_layers, "input_bytes": size}
         )
     else:
         output.info(
-            f"wrote a synthetic {layout} checkpoint to {path}: {spec.moe_layers} MoE layers, {human_bytes(size)}"
+            f"wrote a synthetic {layout} checkpoint to {path}: {plural(spec.moe_layers, 'MoE layer')}, "
+            f"{human_bytes(size)} of shards"
         )
 
 

@@ -97,11 +97,19 @@ def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume:
 
 
 def prepare(
-    src: Path, target: str = DEFAULT_TARGET, array_size: int = 1, array_index: int = 0, checksums: bool = True
+    src: Path,
+    target: str = DEFAULT_TARGET,
+    array_size: int = 1,
+    array_index: int = 0,
+    checksums: bool = True,
+    dtype: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> tuple[Checkpoint, ConversionPlan]:
     """Read and plan ``src``, and read the scales of this share's modules; raise on the first problem
-    (``inspect`` lists them all)."""
-    ckpt = open_checkpoint(src)
+    (``inspect`` lists them all). ``notice`` hears what the user should know (an assumed model dtype)."""
+    ckpt = open_checkpoint(src, dtype)
+    if ckpt.dtype_assumed is not None and notice is not None:
+        notice(dtype_notice(ckpt))
     if TOOL_SECTION in ckpt.description:
         raise BadInputError(f"{src}: already processed by w4a8conv; nothing to convert")
     plan = build_plan(ckpt, target, array_size, checksums)
@@ -111,6 +119,13 @@ def prepare(
         raise BadInputError(plan.problems[0] + suffix)
     check_scales_are_finite(m for shard in _my_shards(plan, array_index) for m in shard.modules)
     return ckpt, plan
+
+
+def dtype_notice(ckpt: Checkpoint) -> str:
+    return (
+        f"{ckpt.root}: {ckpt.dtype_assumed}: assuming the model serves in {ckpt.params_dtype_name} (a W4A8 "
+        "Linear's scales are rounded to it, and the plugin refuses another serving dtype); --dtype sets it"
+    )
 
 
 def convert_checkpoint(
@@ -127,6 +142,8 @@ def convert_checkpoint(
     checksums: bool = True,
     progress: Progress | None = None,
     verify: Callable[[Path], Any] | None = None,
+    dtype: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
 
@@ -149,6 +166,8 @@ def convert_checkpoint(
         progress: receives progress reports.
         verify: with ``array_size == 1``, checks the output before its description is published
             (see :func:`~w4a8conv.jobs.finalize`); a failed check publishes nothing.
+        dtype: the model dtype (``bfloat16``, ``float16``, ``float32``) instead of config.json's.
+        notice: hears what the user should know (an assumed model dtype).
 
     Returns:
         A summary of what was converted. With ``array_size > 1`` the output is complete only
@@ -166,7 +185,7 @@ def convert_checkpoint(
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
-    ckpt, plan = prepare(src, target, array_size, array_index, checksums)
+    ckpt, plan = prepare(src, target, array_size, array_index, checksums, dtype, notice)
     torch_device = resolve_device(device)
     share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
@@ -271,6 +290,8 @@ def plan_conversion(
     resume: bool = False,
     workers: int = 1,
     device: str = "cpu",
+    dtype: str | None = None,
+    notice: Callable[[str], None] | None = None,
 ) -> ConversionPlan:
     """What :func:`convert_checkpoint` would do, with every check it makes before writing, on both sides:
     the arguments (``--workers``, ``--device`` on this machine...), the input (headers, and the scales'
@@ -279,7 +300,7 @@ def plan_conversion(
     src, dst = Path(src), Path(dst)
     _check_arguments(array_size, array_index, overwrite, resume, workers)
     check_paths(src, dst)
-    plan = prepare(src, target, array_size, array_index, checksums)[1]
+    plan = prepare(src, target, array_size, array_index, checksums, dtype, notice)[1]
     resolve_device(device)
     if not check_output(dst, plan, overwrite=overwrite, resume=resume):
         mine = _my_shards(plan, array_index)

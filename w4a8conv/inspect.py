@@ -52,7 +52,9 @@ class InspectReport:
     not_checked: list[str] = field(default_factory=list)  # what convert checks and inspect does not
 
     def as_dict(self) -> dict:
-        return {"ok": not self.problems, **asdict(self)}
+        """``in_dir`` for the path, as every command's JSON names its input."""
+        fields = asdict(self)
+        return {"ok": not self.problems, "in_dir": fields.pop("path"), **fields}
 
 
 # convert (and --dry-run) read every W4A8 scale and refuse NaN or Inf; inspect reads headers only.
@@ -143,7 +145,8 @@ def _common(path: Path | str, ckpt: Checkpoint) -> dict:
     return {
         "path": str(path),
         "version": ckpt.description.get("version"),
-        "params_dtype": ckpt.params_dtype_name,
+        "params_dtype": ckpt.params_dtype_name
+        + (f" (assumed: {ckpt.dtype_assumed}; convert --dtype sets it)" if ckpt.dtype_assumed else ""),
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
         "input_bytes": ckpt.total_bytes,

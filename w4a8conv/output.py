@@ -32,6 +32,16 @@ def human_value(value: object) -> str:
     return str(value)
 
 
+def plural(count: int, word: str) -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def group_words(group_size: int | None) -> str:
+    """How a group size reads: ``per-channel`` for 0, as everywhere else in the tool."""
+    return "per-channel" if group_size == 0 else f"group size {group_size}"
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
