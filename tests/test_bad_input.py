@@ -534,3 +534,25 @@ def test_a_hugging_face_cache_snapshot_is_read_as_it_is(source_checkpoints, tmp_
     (snapshot / "notes.txt").symlink_to(outside)
     code, _, stderr = cli("convert", "--in", snapshot, "--out", tmp_path / "out2")
     assert code == 2 and "outside the checkpoint directory" in stderr and "cp -L" in stderr
+
+
+def test_a_file_of_the_input_that_cannot_be_read_is_found_before_writing(source_checkpoints, tmp_path, monkeypatch):
+    """A tokenizer file nobody may read (root reads everything here: the open is refused for the test)."""
+    import builtins
+
+    from w4a8conv import checkpoint
+
+    src = tmp_path / "src"
+    shutil.copytree(source_checkpoints["v1.0.0-per-channel"], src)
+    locked = src / "tokenizer_config.json"
+    real_open = builtins.open
+
+    def refusing(path, *args, **kwargs):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", refusing, raising=False)
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "out")
+    assert code == 2 and f"{locked}: cannot read: Permission denied" in stderr
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,12 +217,27 @@ def test_ci_progress_lines(source_checkpoints, tmp_path):
         source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console), target=LEGACY_TARGET
     )
     lines = console.export_text().splitlines()
-    assert len(lines) == 4 and all("wrote quant_model_weight_w4a8_dynamic-0000" in line for line in lines)
-    assert "30/30 modules" in lines[-1]
+    assert "converting started: 0 B of" in lines[0] and "0/30 modules" in lines[0]
+    assert len(lines) == 6 and all("wrote quant_model_weight_w4a8_dynamic-0000" in line for line in lines[1:5])
+    assert "converting ended" in lines[-1] and "30/30 modules" in lines[-1]
     console = Console(record=True, width=200)
     verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))
     text = console.export_text()
     assert "converting" in text and "30/30 modules" in text.splitlines()[-1]
+
+
+def test_a_long_step_that_reports_nothing_still_gets_progress_lines(tmp_path):
+    """The clock: a module (or a verification) that takes longer than the interval is not silent in a CI log."""
+    console = Console(record=True, width=200)
+    progress = LineProgress(console, "verifying", interval=0.05)
+    progress.start(100, 1)
+    time.sleep(0.3)
+    progress.update("module", "m", 100)
+    progress.finish()
+    lines = console.export_text().splitlines()
+    assert lines[0].startswith("[") and "verifying started" in lines[0]
+    assert sum(line.endswith("MB/s") and "] verifying:" in line for line in lines) >= 3
+    assert "verifying ended: 100 B of 100 B read, 1/1 modules" in lines[-1]
 
 
 def test_the_old_api_mindie_save_is_read_as_written(tmp_path, source_checkpoints):
@@ -255,4 +271,5 @@ def test_dry_run_names_an_output_it_cannot_create(source_checkpoints, tmp_path, 
     parent.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and real_access(path, mode))
     code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", parent / "a" / "out", "--dry-run")
-    assert code == 1 and stderr == f"error: {parent / 'a'}: permission denied\n"
+    out = parent / "a" / "out"
+    assert code == 2 and stderr == f"error: --out {out}: cannot be written: {parent / 'a'}: permission denied\n"

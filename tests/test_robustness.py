@@ -157,7 +157,17 @@ def test_read_only_output(source_checkpoints, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "mkdir", read_only)
     code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out")
-    assert code == 1 and "read-only file system; choose an --out on a writable filesystem" in stderr
+    assert code == 2 and "read-only file system; choose an --out on a writable filesystem" in stderr
+    assert stderr.startswith(f"error: --out {tmp_path / 'out'}: cannot be written: ") and stderr.count("\n") == 1
+
+
+def test_an_out_under_a_file_is_bad_input(source_checkpoints, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for extra in ((), ("--dry-run",)):
+        code, _, stderr = cli(
+            "convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "file" / "out", *extra
+        )
+        assert code == 2 and f"{tmp_path / 'file'} is a file, so no directory can be made there" in stderr
 
 
 def test_every_writer_takes_the_directory_lock(source_checkpoints, tmp_path):

@@ -337,5 +337,10 @@ def _extra_files(root: Path, roots: tuple[Path, ...], skip: set[str], index_exis
             str(rel).encode("utf-8")
         except UnicodeEncodeError:
             raise BadInputError(f"{root / rel!s}: the file name is not UTF-8; rename it") from None
+        try:  # copied at the end of a conversion: an unreadable one is found now, before anything is written
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot read: {e.strerror}; it would be missing from the output") from None
         extra.append(rel)
     return extra

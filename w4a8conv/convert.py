@@ -84,6 +84,9 @@ def check_paths(src: Path, dst: Path) -> None:
         raise BadInputError(f"--out {dst}: must not be, contain or lie inside --in {src}")
     if dst.exists() and not dst.is_dir():
         raise BadInputError(f"--out {dst}: exists and is not a directory")
+    parent = nearest_existing(dst)
+    if not parent.is_dir():
+        raise BadInputError(f"--out {dst}: {parent} is a file, so no directory can be made there")
 
 
 def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume: bool, workers: int) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .canary import canary_chunks, canary_path, canary_sources, with_digest, without_digest
-from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError
+from .errors import EXIT_FAILURE, BadInputError, W4A8ConvError, describe_os_error
 from .names import CANARY_FILE, CONFIG_FILE, DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
 from .plan import ConversionPlan, fingerprint_of
 from .safetensors_io import sha256_file
@@ -129,9 +129,10 @@ def start_share(
     lock_name = f"lock-{array_index}-of-{plan.array_size}"
     if _check_directory(dst, plan, overwrite, resume):
         return None
-    dst.mkdir(parents=True, exist_ok=True)
-    real_directory(state, dst)
-    locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
+    with _unusable_out(dst):
+        dst.mkdir(parents=True, exist_ok=True)
+        real_directory(state, dst)
+        locks = [_lock(state / DIRECTORY_LOCK, dst, shared=is_array)]
     try:
         locks.append(_lock(state / lock_name, dst))
         with _plan_lock(state / PLAN_LOCK):
@@ -156,8 +157,19 @@ def check_output(dst: Path, plan: ConversionPlan, overwrite: bool = False, resum
         return True
     if (dst / STATE_DIR / JOB_FILE).is_file() and not overwrite:
         _check_job_file(dst, plan, resume)
-    _check_writable(dst / STATE_DIR if dst.exists() else dst)
+    with _unusable_out(dst):
+        _check_writable(dst / STATE_DIR if dst.exists() else dst)
     return False
+
+
+@contextlib.contextmanager
+def _unusable_out(dst: Path) -> Iterator[None]:
+    """An --out that cannot be created or written (a read-only filesystem, no permission) is bad input,
+    found before anything is written (exit 2), in the real run and the dry run alike."""
+    try:
+        yield
+    except OSError as e:
+        raise BadInputError(f"--out {dst}: cannot be written: {describe_os_error(e)}") from None
 
 
 def _check_directory(dst: Path, plan: ConversionPlan, overwrite: bool, resume: bool) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -183,25 +184,46 @@ class Progress:
 
 
 class LineProgress(Progress):
-    """Quiet progress for CI logs: a line per output shard written, and one at least every
-    ``interval`` seconds, so a CI job that kills silent steps sees it working."""
+    """Progress for CI logs: a line when the work starts, one per output shard written, one at least
+    every ``interval`` seconds whatever the work is doing (a clock thread, so a long module or a
+    verification that writes no shard is not silent), and one when it ends."""
 
     def __init__(self, console: Console, label: str = "converting", interval: float | None = None):
         self.console, self.label = console, label
         self.interval = PROGRESS_INTERVAL if interval is None else interval
+        self._stop = threading.Event()
+        self._clock: threading.Thread | None = None
 
     def start(self, total_bytes: int, total_modules: int) -> None:
         self.total_bytes, self.total_modules = total_bytes, total_modules
         self.done_bytes = self.done_modules = 0
         self.started = self.last_line = time.monotonic()
+        self._line(f"{self.label} started")
+        if self.interval > 0:
+            self._stop.clear()
+            self._clock = threading.Thread(target=self._tick, name="progress-clock", daemon=True)
+            self._clock.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            if time.monotonic() - self.last_line >= self.interval:
+                self._line(self.label)
 
     def update(self, event: str, name: str, nbytes: int) -> None:
         self.done_bytes += nbytes
         self.done_modules += event == "module"
         if event == "shard":
             self._line(f"wrote {name}")
-        elif time.monotonic() - self.last_line >= self.interval:
+        elif self.interval <= 0:
             self._line(self.label)
+
+    def finish(self) -> None:
+        if self._clock is not None:
+            self._stop.set()
+            self._clock.join()
+            self._clock = None
+        if hasattr(self, "started"):
+            self._line(f"{self.label} ended")
 
     def _line(self, what: str) -> None:
         self.last_line = time.monotonic()
