@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import save_file
 
 from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
-from .safetensors_io import read_header
 from .sources import get_source
 
 LEGACY_SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"  # what `synthetic` named shards before issue 16
@@ -260,19 +259,24 @@ def write_checkpoint(
     types: dict[str, str] = {}
     files: list[tuple[Path, list[str]]] = []
     pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total_bytes = 0  # counted as tensors come: summing the pending ones each time was quadratic
 
     def flush() -> None:
+        nonlocal pending_bytes, total_bytes
         temp = path / f"shard-{len(files)}.tmp"
         save_file(pending, str(temp), metadata={"format": "pt"})
         files.append((temp, list(pending)))
+        total_bytes += pending_bytes
         pending.clear()
+        pending_bytes = 0
 
     for block in blocks:
         tensors, block_types = build_tensors(spec, layout, block)
         types.update(block_types)
         for name in sorted(tensors, key=natural_key):
             pending[name] = tensors[name].contiguous()
-            if sum(map(_nbytes, pending.values())) >= shard_bytes:
+            pending_bytes += _nbytes(pending[name])
+            if pending_bytes >= shard_bytes:
                 flush()
     if pending:
         flush()
@@ -284,9 +288,8 @@ def write_checkpoint(
         file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
         temp.rename(path / file_name)
         weight_map.update(dict.fromkeys(names, file_name))
-    total = sum(read_header(path / f).tensors[name].nbytes for name, f in weight_map.items())
     index = {
-        "metadata": {"total_size": total},
+        "metadata": {"total_size": total_bytes},
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
     }
     (path / f"{prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
