@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from w4a8conv.safetensors_io import read_header
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
@@ -96,3 +99,57 @@ def test_synthetic_time_is_linear_in_its_size(tmp_path):
     code, _, stderr = cli("synthetic", tmp_path / "s", "--size-gb", "0.02", "-q")
     assert code == 0, stderr
     assert time.monotonic() - started < 30
+
+
+def test_size_gb_alone_is_deepseek_shaped_and_explicit_options_win(tmp_path, monkeypatch):
+    from w4a8conv import synthetic
+
+    chosen = []
+    monkeypatch.setattr(synthetic, "moe_layers_for", lambda spec, layout, nbytes: spec)
+    monkeypatch.setattr(synthetic, "write_checkpoint", lambda path, layout, spec, progress=None: chosen.append(spec))
+    monkeypatch.setattr("w4a8conv.checkpoint.open_checkpoint", lambda path: type("C", (), {"total_bytes": 0})())
+    assert cli("synthetic", tmp_path / "a", "--size-gb", "2", "--layout", "v1.0.0-per-group")[0] == 0
+    assert cli("synthetic", tmp_path / "b", "--size-gb", "64", "--hidden", "256")[0] == 0
+    first, second = chosen
+    assert (first.hidden, first.intermediate, first.group_size, first.experts) == (7168, 2048, 256, 16)
+    assert (second.hidden, second.experts) == (256, 256)
+    assert first.mtp_layers == 0 and not first.quarot
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--size-gb", "1", "--moe-layers", "3"), "--moe-layers with --size-gb: --size-gb chooses the number"),
+        (("--experts", "0"), "--experts 0: must be positive"),
+        (("--shards", "-1"), "--shards -1: must be positive"),
+        (("--size-gb", "0"), "--size-gb 0.0: must be positive"),
+    ],
+)
+def test_synthetic_errors_name_the_option(tmp_path, args, message):
+    code, _, stderr = cli("synthetic", tmp_path / "s", *args)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+
+
+def test_an_interrupted_synthetic_run_leaves_nothing_a_rerun_trips_on(tmp_path, monkeypatch):
+    """Written beside the target and renamed at the end; files get the usual mode, as convert's."""
+    from w4a8conv import synthetic
+
+    real = synthetic.build_tensors
+    calls = []
+
+    def interrupted(spec, layout, layer=None):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(spec, layout, layer)
+
+    monkeypatch.setattr(synthetic, "build_tensors", interrupted)
+    code, _, stderr = cli("synthetic", tmp_path / "s")
+    assert code == 130 and not (tmp_path / "s").exists()
+    monkeypatch.undo()
+    code, _, stderr = cli("synthetic", tmp_path / "s")
+    assert code == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "s").rglob("*") if p.is_file()} == {oct(0o666 & ~mask)}

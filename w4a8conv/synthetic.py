@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
+from .output import Progress
 from .sources import get_source
 
 LEGACY_SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"  # what `synthetic` named shards before issue 16
@@ -135,16 +138,34 @@ def _write_old_api_save(path: Path, prefix: str, files: list, types: dict[str, s
     return path
 
 
+def _kind(spec: SyntheticSpec, block: int | None) -> str:
+    if block is None:
+        return "outside"
+    if block < spec.dense_layers:
+        return "dense"
+    return "moe" if block < spec.dense_layers + spec.moe_layers else "mtp"
+
+
+def block_bytes(spec: SyntheticSpec, layout: str) -> dict[int | None, int]:
+    """The shard bytes of every block (``None``: the tensors outside the layers); every dense, MoE or MTP
+    layer has the same size as the others of its kind, so one of each is generated to measure."""
+    blocks = [None, *_all_layers(spec, layout)]
+    measured: dict[str, int] = {}
+    for block in blocks:
+        kind = _kind(spec, block)
+        if kind not in measured:
+            measured[kind] = sum(_nbytes(t) for t in build_tensors(spec, layout, block)[0].values())
+    return {block: measured[_kind(spec, block)] for block in blocks}
+
+
 def moe_layers_for(spec: SyntheticSpec, layout: str, nbytes: float) -> SyntheticSpec:
     """``spec`` with as many MoE layers as make about ``nbytes`` of shards (at least one)."""
     from dataclasses import replace
 
-    def size(block: int | None) -> int:
-        return sum(_nbytes(t) for t in build_tensors(spec, layout, block)[0].values())
-
-    fixed = size(None) + sum(size(layer) for layer in range(spec.dense_layers))
-    fixed += sum(size(layer) for layer in _all_layers(spec, layout)[len(_decoder_layers(spec)) :])  # MTP
-    per_layer = size(spec.dense_layers)
+    one = replace(spec, moe_layers=1)
+    sizes = block_bytes(one, layout)
+    per_layer = sizes[spec.dense_layers]
+    fixed = sum(sizes.values()) - per_layer
     return replace(spec, moe_layers=max(1, round((nbytes - fixed) / per_layer)))
 
 
@@ -238,24 +259,54 @@ def _add_mla_attention(spec, source, prefix: str, truth: dict, gen: torch.Genera
 
 
 def write_checkpoint(
-    path: Path | str, layout: str, spec: SyntheticSpec | None = None, shard_bytes: int | None = None
+    path: Path | str,
+    layout: str,
+    spec: SyntheticSpec | None = None,
+    shard_bytes: int | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write a synthetic msModelSlim W4A8_DYNAMIC checkpoint of ``layout`` into directory ``path``.
 
     One decoder layer is generated at a time and shards are cut every ``shard_bytes`` (default: the
     size split into ``spec.shards``), so layers span shards and memory stays at about one shard.
+    Everything is written into a temporary directory beside ``path`` and renamed into place at the
+    end: an interrupted run leaves only that (removed by the next run), never a half checkpoint.
 
     Example:
         >>> write_checkpoint(tmp_path / "ds-mindie", "mindie")  # doctest: +SKIP
     """
     spec = spec or SyntheticSpec()
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.parent / f".{final.name}.synthetic-partial"
+    shutil.rmtree(path, ignore_errors=True)  # a run interrupted before
+    path.mkdir()
+    _write(path, layout, spec, shard_bytes, progress or Progress())
+    for file in path.rglob("*"):
+        if file.is_file():
+            file.chmod(_FILE_MODE)  # safetensors writes 0600; convert's files are 0644 (less the umask)
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    path.rename(final)
+    return final
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None, progress: Progress) -> None:
     source = get_source(layout)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     blocks = [None, *_all_layers(spec, layout)]
+    sizes = block_bytes(spec, layout)
     if shard_bytes is None:
-        total = sum(_nbytes(t) for block in blocks for t in build_tensors(spec, layout, block)[0].values())
-        shard_bytes = math.ceil(total / spec.shards)
+        shard_bytes = math.ceil(sum(sizes.values()) / spec.shards)
+    progress.start(sum(sizes.values()), len(blocks))
     types: dict[str, str] = {}
     files: list[tuple[Path, list[str]]] = []
     pending: dict[str, torch.Tensor] = {}
@@ -269,6 +320,7 @@ def write_checkpoint(
         total_bytes += pending_bytes
         pending.clear()
         pending_bytes = 0
+        progress.update("shard", f"shard {len(files)}", 0)
 
     for block in blocks:
         tensors, block_types = build_tensors(spec, layout, block)
@@ -278,11 +330,13 @@ def write_checkpoint(
             pending_bytes += _nbytes(pending[name])
             if pending_bytes >= shard_bytes:
                 flush()
+        progress.update("module", f"layer {block}", sizes[block])
     if pending:
         flush()
     prefix = shard_prefix(layout, spec)
     if _old_api_save(layout, spec):
-        return _write_old_api_save(path, prefix, files, types)
+        _write_old_api_save(path, prefix, files, types)
+        return
     weight_map = {}
     for n, (temp, names) in enumerate(files, start=1):
         file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
@@ -315,7 +369,7 @@ def write_checkpoint(
     (path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6}))
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     if source.described_by_config:
-        return path
+        return
     tensor_types = dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))
     layout_keys = source.synthetic_description(spec.group_size)
     if spec.style == "legacy" or not source.packed_on_disk:  # the old API: the type first
@@ -338,4 +392,3 @@ def write_checkpoint(
         }
     # Last: a directory with a description is complete (as the converter treats its output).
     (path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
-    return path
