@@ -297,10 +297,6 @@ def held_tensors(layer: torch.nn.Module, unread: tuple[str, ...] = ()) -> dict[s
     return {k: v for k, v in held.items() if not k.endswith(UNREAD) and k not in unread}
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
-
-
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
