@@ -377,3 +377,14 @@ def test_the_same_words_and_numbers_for_the_same_things(tmp_path):
     assert inspected["in_dir"] == str(src) and dry["in_dir"] == str(src) and "path" not in inspected
     code, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "o", "--dry-run", "--target", "vllm-ascend-0.25")
     assert code == 0 and "(per-channel)" in stdout and "into 1 shard," in stdout
+
+
+def test_quiet_hides_progress_never_the_error_line(source_checkpoints, tmp_path):
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    assert cli("convert", "--in", src, "--out", out, "-q")[0] == 0
+    code, stdout, stderr = cli("convert", "--in", src, "--out", out, "-q")
+    assert (
+        code == 2
+        and stdout == ""
+        and stderr == f"error: --out {out}: holds a finished conversion; pass --overwrite to replace it\n"
+    )

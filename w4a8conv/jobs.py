@@ -259,7 +259,7 @@ def _saved_fingerprint(path: Path) -> str:
         # Before the plan had a fingerprint (w4a8conv 0.1.0 up to 2026-11-28) job.json was plain JSON.
         raise BadInputError(
             f"{path}: not a conversion plan of this w4a8conv (an earlier version's, or damaged); "
-            "finish that conversion with the version that started it, or choose a new --out"
+            "finish that conversion with the version that started it, or choose a new --out (or pass --overwrite)"
         )
     return fingerprint
 
