@@ -131,7 +131,9 @@ def verify_conversion(
     out_types = tensor_types(description)
     report.modules_total = len(prefixes)
     chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
-    progress.start(sum(h.file_size for h in headers.values()) + source.total_bytes, len(chosen))
+    # What is read: every output file the manifest lists is hashed (shards, index, canary...), then the source.
+    hashed = [dst / name for name in output_files(dst) if (dst / name).is_file() and not (dst / name).is_symlink()]
+    progress.start(sum(path.stat().st_size for path in hashed) + source.total_bytes, len(chosen))
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
