@@ -152,6 +152,40 @@ def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) ->
     return summarize(runs, size)
 
 
+def bench_synthetic(data: Path, size_gb: float, repeats: int) -> dict:
+    """`w4a8conv synthetic --size-gb` (DeepSeek-shaped, per-channel) against `dd` writing as many bytes,
+    each timed until its bytes are on disk (fsync / sync), medians of ``repeats``."""
+    target = data / "synthetic-bench"
+    written, runs, dd_runs = 0, [], []
+    for _ in range(repeats):
+        shutil.rmtree(target, ignore_errors=True)
+        command = [CLI, "synthetic", str(target), "--size-gb", str(size_gb), "--layout", "v1.0.0-per-channel", "-q"]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        os.sync()
+        runs.append(time.perf_counter() - started)
+        written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        shutil.rmtree(target)
+        blocks = max(1, written >> 24)
+        os.sync()
+        started = time.perf_counter()
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={target}.dd", "bs=16M", f"count={blocks}", "conv=fsync", "status=none"],
+            check=True,
+        )
+        dd_runs.append(time.perf_counter() - started)
+        Path(f"{target}.dd").unlink()
+    synthetic_s, dd_s = statistics.median(runs), statistics.median(dd_runs)
+    return {
+        "bytes": written,
+        "synthetic_seconds": round(synthetic_s, 2),
+        "synthetic_gb_per_s": round(written / synthetic_s / 1e9, 3),
+        "dd_seconds": round(dd_s, 2),
+        "dd_gb_per_s": round((max(1, written >> 24) << 24) / dd_s / 1e9, 3),
+        "fraction_of_dd": round((written / synthetic_s) / ((max(1, written >> 24) << 24) / dd_s), 2),
+    }
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -331,6 +365,9 @@ def main() -> None:
     parser.add_argument(
         "--planning", action="store_true", help="also time inspect / --dry-run on a header-only DeepSeek-R1"
     )
+    parser.add_argument(
+        "--synthetic", action="store_true", help="also time `w4a8conv synthetic --size-gb` against dd (same bytes)"
+    )
     args = parser.parse_args()
 
     args.data.mkdir(parents=True, exist_ok=True)
@@ -367,6 +404,8 @@ def main() -> None:
         results["flat"]["growth"] = round(rss["4x"]["convert"]["peak_rss_mb"] / rss["1x"]["convert"]["peak_rss_mb"], 3)
     if args.planning:
         results["planning"] = bench_planning(args.data, args.repeats)
+    if args.synthetic:
+        results["synthetic"] = bench_synthetic(args.data, args.size_gb, args.repeats)
     (args.data / "results.json").write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))
@@ -432,6 +471,12 @@ def print_table(results: dict) -> None:
             f"header-only DeepSeek-R1 (223k tensors): inspect {p['inspect']['seconds']} s "
             f"({p['inspect']['peak_rss_mb']} MB), convert --dry-run {p['dry_run']['seconds']} s "
             f"({p['dry_run']['peak_rss_mb']} MB)"
+        )
+    if "synthetic" in results:
+        y = results["synthetic"]
+        Console().print(
+            f"synthetic: {y['bytes'] / 1e9:.2f} GB in {y['synthetic_seconds']} s ({y['synthetic_gb_per_s']} GB/s); "
+            f"dd: {y['dd_seconds']} s ({y['dd_gb_per_s']} GB/s); {y['fraction_of_dd']} of dd's rate"
         )
     if "flat" in results:
         f = results["flat"]
