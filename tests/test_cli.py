@@ -388,3 +388,20 @@ def test_quiet_hides_progress_never_the_error_line(source_checkpoints, tmp_path)
         and stdout == ""
         and stderr == f"error: --out {out}: holds a finished conversion; pass --overwrite to replace it\n"
     )
+
+
+def test_a_failed_convert_verify_publishes_nothing_and_says_resume(source_checkpoints, tmp_path, monkeypatch):
+    from w4a8conv import verify as verify_module
+    from w4a8conv.verify.report import VerifyReport
+
+    def failing(src, dst, **options):
+        report = VerifyReport()
+        report.problem(f"{dst}/x.safetensors: sha256 differs")
+        return report
+
+    monkeypatch.setattr(verify_module, "verify_conversion", failing)
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--verify")
+    assert code == 1 and "not finalized, the verification failed" in stderr
+    assert f"`w4a8conv convert --in {src.resolve()} --out {out} --resume --verify`" in stderr
+    assert not (out / "quant_model_description.json").exists()

@@ -46,15 +46,23 @@ VERIFY_FAILED = "verify-failed.json"
 class VerificationFailed(W4A8ConvError):
     """``finalize --verify`` found the output differs from its source: nothing was published."""
 
-    def __init__(self, dst: Path, report: Any):
+    def __init__(self, dst: Path, plan: ConversionPlan, report: Any):
         self.report = report
         first = report.problems[0] if report.problems else "no problem named"
         super().__init__(
             f"{dst}: not finalized, the verification failed ({len(report.problems)} problems; first: {first}); "
-            f"the output stays unfinished: delete what is named and rerun the array tasks that wrote it "
-            f"(--array-index), or convert again into a new directory; then `w4a8conv finalize {dst} --verify SRC`",
+            f"{_after_a_failed_verification(dst, plan)}",
             EXIT_FAILURE,
         )
+
+
+def _after_a_failed_verification(dst: Path, plan: ConversionPlan) -> str:
+    """What to do once ``--verify`` found an output that differs from its source: the output stays unfinished."""
+    if plan.array_size == 1:
+        redo = f"`w4a8conv convert --in {plan.source} --out {dst} --resume --verify` redoes them and checks again"
+    else:
+        redo = f"rerun the array tasks that wrote them (--array-index), then `w4a8conv finalize {dst} --verify SRC`"
+    return f"it stays unfinished: delete the files named; {redo}; or convert again into a new directory"
 
 
 class JobShare:
@@ -381,9 +389,8 @@ def _finalize_locked(dst: Path, plan: ConversionPlan, verify: Callable[[Path], A
     failed = state / VERIFY_FAILED
     if verify is None and failed.is_file():
         raise W4A8ConvError(
-            f"{dst}: `finalize --verify` found it differs from its source ({_first_problem(failed)}); it stays "
-            f"unfinished: delete what is named and rerun the array tasks that wrote it (--array-index), or convert "
-            f"again into a new directory; then `w4a8conv finalize {dst} --verify SRC`",
+            f"{dst}: `finalize --verify` found it differs from its source ({_first_problem(failed)}); "
+            f"{_after_a_failed_verification(dst, plan)}",
             EXIT_FAILURE,
         )
     n = plan.array_size
@@ -435,7 +442,7 @@ def _finalize_locked(dst: Path, plan: ConversionPlan, verify: Callable[[Path], A
         report = verify(state / DESCRIPTION_FILE)
         if not report.ok:
             write_json(failed, {"problems": list(report.problems[:20]), "count": len(report.problems)})
-            raise VerificationFailed(dst, report)
+            raise VerificationFailed(dst, plan, report)
         os.replace(state / DESCRIPTION_FILE, dst / DESCRIPTION_FILE)
     else:
         write_atomic(dst / DESCRIPTION_FILE, description_bytes)  # last: its presence means complete
