@@ -405,3 +405,14 @@ def test_a_failed_convert_verify_publishes_nothing_and_says_resume(source_checkp
     assert code == 1 and "not finalized, the verification failed" in stderr
     assert f"`w4a8conv convert --in {src.resolve()} --out {out} --resume --verify`" in stderr
     assert not (out / "quant_model_description.json").exists()
+
+
+def test_importing_the_cli_elsewhere_leaves_the_signal_handlers_alone():
+    """Only the command itself turns Ctrl-C during start-up into one line: a test runner (`python -m
+    pytest`, whose __main__.py is not ours) or a library importing w4a8conv.cli keeps Python's own."""
+    code = (
+        "import sys, signal; sys.argv = ['/venv/lib/site-packages/pytest/__main__.py']; import w4a8conv.cli; "
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "True", done.stderr

@@ -13,7 +13,8 @@ def _stopped_while_starting(signum, frame) -> None:
 
 # Only when this process is the command (not a test or a library importing the module); main() puts
 # the handlers the conversion relies on in place.
-if os.path.basename(sys.argv[0]) in ("w4a8conv", "-m", "__main__.py"):
+_COMMAND = os.path.basename(sys.argv[0]) == "w4a8conv" or sys.argv[0].endswith(os.path.join("w4a8conv", "__main__.py"))
+if _COMMAND:
     signal.signal(signal.SIGINT, _stopped_while_starting)
     signal.signal(signal.SIGTERM, _stopped_while_starting)
 
