@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from w4a8conv.safetensors_io import read_header
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
@@ -134,16 +135,14 @@ def test_an_interrupted_synthetic_run_leaves_nothing_a_rerun_trips_on(tmp_path, 
     """Written beside the target and renamed at the end; files get the usual mode, as convert's."""
     from w4a8conv import synthetic
 
-    real = synthetic.build_tensors
-    calls = []
+    real = synthetic.block_groups
 
-    def interrupted(spec, layout, layer=None):
-        calls.append(layer)
-        if len(calls) == 3:
+    def interrupted(spec, layout, layer=None, shape_only=False):
+        if layer == 1 and not shape_only:  # while writing the second layer: shards are open
             raise KeyboardInterrupt
-        return real(spec, layout, layer)
+        return real(spec, layout, layer, shape_only)
 
-    monkeypatch.setattr(synthetic, "build_tensors", interrupted)
+    monkeypatch.setattr(synthetic, "block_groups", interrupted)
     code, _, stderr = cli("synthetic", tmp_path / "s")
     assert code == 130 and not (tmp_path / "s").exists()
     monkeypatch.undo()
@@ -153,3 +152,52 @@ def test_an_interrupted_synthetic_run_leaves_nothing_a_rerun_trips_on(tmp_path, 
     mask = os.umask(0)
     os.umask(mask)
     assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "s").rglob("*") if p.is_file()} == {oct(0o666 & ~mask)}
+
+
+def test_fast_random_values_are_in_range_and_reproducible():
+    from w4a8conv.synthetic_random import FastRandom
+
+    values = FastRandom(3).int4(256, 512)
+    assert values.dtype == torch.int8 and int(values.min()) == -8 and int(values.max()) == 7
+    counts = torch.bincount((values.flatten().long() + 8), minlength=16)
+    assert counts.min() > 0.9 * values.numel() / 16  # uniform over the 16 values
+    assert torch.equal(FastRandom(3).int4(256, 512), values) and not torch.equal(FastRandom(4).int4(256, 512), values)
+    weights = FastRandom(3).bf16(1000).float()
+    assert torch.isfinite(weights).all() and float(weights.abs().min()) >= 2**-7 and float(weights.abs().max()) < 2**-3
+    assert (weights < 0).any() and (weights > 0).any()
+
+
+def test_the_same_seed_writes_the_same_bytes(tmp_path):
+    spec = SyntheticSpec(hidden=256, intermediate=128, experts=4, group_size=64, seed=5)
+    a = write_checkpoint(tmp_path / "a", "v1.0.0-per-group", spec)
+    b = write_checkpoint(tmp_path / "b", "v1.0.0-per-group", spec)
+    c = write_checkpoint(tmp_path / "c", "v1.0.0-per-group", SyntheticSpec(**{**spec.__dict__, "seed": 6}))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    shards = [f for f in files if f.suffix == ".safetensors" and "-of-" in f.name]
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in shards)
+
+
+def test_a_layer_is_generated_a_projection_at_a_time():
+    """Memory stays at about one projection: a layer of 256 DeepSeek experts is 11 GB in mindie."""
+    from w4a8conv.synthetic import block_groups
+
+    spec = SyntheticSpec(hidden=7168, intermediate=2048, experts=256, group_size=256, mtp_layers=0, quarot=False)
+    groups = list(block_groups(spec, "mindie", spec.dense_layers, shape_only=True))
+    largest = max(sum(t.numel() * t.element_size() for t in group.values()) for group, _ in groups)
+    assert len(groups) > 3 * 256 and largest <= 7168 * 7168 * 2  # the largest: kv_b_proj, bf16 [hidden, hidden]
+
+
+def test_shards_are_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from w4a8conv.synthetic import build_tensors
+
+    spec = SyntheticSpec(shards=3)
+    src = write_checkpoint(tmp_path / "s", "v1.0.0-per-channel", spec)
+    loaded = {}
+    for shard in src.glob("*-of-*.safetensors"):
+        loaded.update(load_file(shard))
+    expected, _ = build_tensors(spec, "v1.0.0-per-channel", 1)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())

@@ -127,8 +127,9 @@ def test_verify_recomputes_a_mindie_bias_to_the_last_bits(source_checkpoints, tm
     out = convert_checkpoint(src, tmp_path / "out", checksums=False, target=LEGACY_TARGET).out_dir
     name = "model.layers.0.self_attn.o_proj.scale_bias"
     info = _tensor(out, name)
-    value = np.fromfile(info.path, dtype=np.float32, count=1, offset=info.begin)[0]
-    _write_at(info.path, info.begin, np.float32(change(value)).tobytes())
+    values = np.fromfile(info.path, dtype=np.float32, count=info.nbytes // 4, offset=info.begin)
+    largest = int(np.abs(values).argmax())  # a bias near 0 is below the bound's steps: change the largest
+    _write_at(info.path, info.begin + 4 * largest, np.float32(change(values[largest])).tobytes())
     code, stdout, _ = cli("verify", src, out)
     assert code == 1 and "model.layers.0.self_attn.o_proj.scale_bias: differs from 8 * sum(w * s)" in stdout
 

@@ -615,7 +615,7 @@ def synthetic(
     )
     if size_gb is not None:
         spec = moe_layers_for(spec, layout, size_gb * 1e9)
-    progress = output.progress("writing")
+    progress = output.progress("writing", done="written", units="layers")
     try:
         write_checkpoint(path, layout, spec, progress=progress)
     finally:

@@ -163,11 +163,14 @@ class Output:
             listed = f"the first {len(report.problems)} listed with --json"
             self.out.print(f"  ... and {report.problems_total - len(shown)} more problems ({listed})", markup=False)
 
-    def progress(self, label: str = "converting") -> Progress:
-        """Progress on stderr: a Rich bar on a terminal, a line per shard in logs, none with ``--quiet``."""
+    def progress(self, label: str = "converting", done: str = "read", units: str = "modules") -> Progress:
+        """Progress on stderr: a Rich bar on a terminal, a line per shard in logs, none with ``--quiet``.
+        ``done`` says what happened to the bytes counted, ``units`` what the modules are."""
         if self.quiet:
             return Progress()
-        return RichProgress(self.err, label) if self.interactive else LineProgress(self.err, label)
+        if self.interactive:
+            return RichProgress(self.err, label, units)
+        return LineProgress(self.err, label, done=done, units=units)
 
 
 class Progress:
@@ -188,8 +191,15 @@ class LineProgress(Progress):
     every ``interval`` seconds whatever the work is doing (a clock thread, so a long module or a
     verification that writes no shard is not silent), and one when it ends."""
 
-    def __init__(self, console: Console, label: str = "converting", interval: float | None = None):
-        self.console, self.label = console, label
+    def __init__(
+        self,
+        console: Console,
+        label: str = "converting",
+        interval: float | None = None,
+        done: str = "read",
+        units: str = "modules",
+    ):
+        self.console, self.label, self.done, self.units = console, label, done, units
         self.interval = PROGRESS_INTERVAL if interval is None else interval
         self._stop = threading.Event()
         self._clock: threading.Thread | None = None
@@ -229,8 +239,9 @@ class LineProgress(Progress):
         self.last_line = time.monotonic()
         elapsed = max(self.last_line - self.started, 1e-9)
         self.console.print(
-            f"[{elapsed:7.1f}s] {what}: {human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)} read, "
-            f"{self.done_modules}/{self.total_modules} modules, {self.done_bytes / elapsed / 1e6:.0f} MB/s",
+            f"[{elapsed:7.1f}s] {what}: {human_bytes(self.done_bytes)} of {human_bytes(self.total_bytes)} "
+            f"{self.done}, {self.done_modules}/{self.total_modules} {self.units}, "
+            f"{self.done_bytes / elapsed / 1e6:.0f} MB/s",
             markup=False,
             highlight=False,
             soft_wrap=True,
@@ -240,8 +251,8 @@ class LineProgress(Progress):
 class RichProgress(Progress):
     """A live bar with bytes, rate, modules and ETA."""
 
-    def __init__(self, console: Console, label: str = "converting"):
-        self.label = label
+    def __init__(self, console: Console, label: str = "converting", units: str = "modules"):
+        self.label, self.units = label, units
         self.bar = RichBar(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -254,13 +265,13 @@ class RichProgress(Progress):
 
     def start(self, total_bytes: int, total_modules: int) -> None:
         self.total_modules, self.done_modules, self.done_shards = total_modules, 0, 0
-        self.task = self.bar.add_task(self.label, total=total_bytes, modules=f"0/{total_modules} modules")
+        self.task = self.bar.add_task(self.label, total=total_bytes, modules=f"0/{total_modules} {self.units}")
         self.bar.start()
 
     def update(self, event: str, name: str, nbytes: int) -> None:
         self.done_modules += event == "module"
         self.done_shards += event == "shard"
-        modules = f"{self.done_modules}/{self.total_modules} modules"
+        modules = f"{self.done_modules}/{self.total_modules} {self.units}"
         if self.done_shards:
             modules += f", {self.done_shards} shards written"
         self.bar.update(self.task, advance=nbytes, modules=modules)

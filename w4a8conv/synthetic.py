@@ -13,8 +13,9 @@ import json
 import math
 import os
 import shutil
-import zlib
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from safetensors.torch import save_file
 
 from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
 from .output import Progress
+from .safetensors_io import OutputEntry, ShardWriter, dtype_name
 from .sources import get_source
+from .synthetic_random import FastRandom, Random, ShapeOnly, TorchRandom, seed_of
 
 LEGACY_SHARD_PREFIX = "quant_model_weight_w8a8_dynamic"  # what `synthetic` named shards before issue 16
 # Style "msmodelslim" writes what msModelSlim 26.1 does: its CLI's ascend_v1 saver for 1.0.0 weights,
@@ -56,7 +59,7 @@ class SyntheticSpec:
     shards: int = 4  # with the MTP layer, enough that MoE layers span shards
     w4a8_linear: bool = True  # q_b_proj (q_proj) / o_proj as W4A8 Linear (per-group layouts only)
     seed: int = 0
-    style: str = "msmodelslim"  # see STYLES
+    style: str = "msmodelslim"  # see STYLES; "legacy" also keeps the old writer's torch draws
     mtp_layers: int = 1  # DeepSeek's multi-token-prediction layer: experts named like W4A8's, typed W8A8_DYNAMIC
     quarot: bool = True  # msModelSlim's QuaRot: a global rotation in optional/quarot.safetensors
 
@@ -109,33 +112,36 @@ def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> l
     return out
 
 
+def _random_source(spec: SyntheticSpec, key: object, shape_only: bool = False) -> Random:
+    """The values of one block or projection: reproducible from the model seed and ``key``."""
+    if shape_only:
+        return ShapeOnly()
+    kind = TorchRandom if spec.style == "legacy" else FastRandom
+    return kind(seed_of(spec.seed, key))
+
+
+def _truth(spec: SyntheticSpec, prefix: str, n: int, k: int, row_parallel: bool, shape_only: bool) -> W4A8Truth:
+    random = _random_source(spec, prefix, shape_only)
+    values = random.int4(n, k)
+    weight_scale = random.uniform(0.02, 0.001, n, 1)
+    second = random.uniform(1.5, 0.25, n, k // spec.group_size)
+    return W4A8Truth(values, weight_scale, second, row_parallel)
+
+
 def w4a8_truth(
     spec: SyntheticSpec, layout: str = "mindie", layers: Iterable[int] | None = None
 ) -> dict[str, W4A8Truth]:
     """The int4 values and scales of every W4A8 projection, identical for every layout."""
-    result = {}
-    for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, _decoder_layers(spec) if layers is None else layers):
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{prefix}".encode()))
-        values = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-        weight_scale = torch.rand(n, 1, generator=gen) * 0.02 + 0.001
-        second = torch.rand(n, k // spec.group_size, generator=gen) * 1.5 + 0.25
-        result[prefix] = W4A8Truth(values, weight_scale, second, row_parallel)
-    return result
+    layers = _decoder_layers(spec) if layers is None else layers
+    return {
+        prefix: _truth(spec, prefix, n, k, row_parallel, False)
+        for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, layers)
+    }
 
 
 def _old_api_save(layout: str, spec: SyntheticSpec) -> bool:
     """msModelSlim's old llm_ptq API saving mindie without ``part_file_size``: one file, as it writes it."""
     return layout == "mindie" and spec.style != "legacy" and spec.shards == 1
-
-
-def _write_old_api_save(path: Path, prefix: str, files: list, types: dict[str, str]) -> Path:
-    """One weight file, no index, no config.json, the description named after the quant type."""
-    (temp, _), *more = files
-    assert not more, "one file, so one shard"
-    temp.rename(path / f"{prefix}.safetensors")
-    description = {"model_quant_type": "W4A8_DYNAMIC", **dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))}
-    (path / "quant_model_description_w4a8_dynamic.json").write_text(json.dumps(description, indent=2))
-    return path
 
 
 def _kind(spec: SyntheticSpec, block: int | None) -> str:
@@ -146,16 +152,50 @@ def _kind(spec: SyntheticSpec, block: int | None) -> str:
     return "moe" if block < spec.dense_layers + spec.moe_layers else "mtp"
 
 
+@dataclass(frozen=True)
+class _Planned:
+    entry: OutputEntry
+    quant_type: str
+
+
+class _BlockPlans:
+    """Every block's tensors (name, dtype, shape, type) in the order shards are cut, naturally sorted.
+
+    Every dense, MoE or MTP layer has the tensors of the others of its kind under its own number, so
+    one of each kind is built, in shape only, and renamed for the rest."""
+
+    def __init__(self, spec: SyntheticSpec, layout: str) -> None:
+        self.spec, self.layout = spec, layout
+        self._first: dict[str, tuple[int | None, list[_Planned]]] = {}
+
+    def __call__(self, block: int | None) -> list[_Planned]:
+        kind = _kind(self.spec, block)
+        if kind not in self._first:
+            tensors, types = build_tensors(self.spec, self.layout, block, shape_only=True)
+            planned = [
+                _Planned(OutputEntry(name, dtype_name(t.dtype), tuple(t.shape)), types[name])
+                for name, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0]))
+            ]
+            self._first[kind] = (block, planned)
+        first, planned = self._first[kind]
+        if block == first:
+            return planned
+        old, new = f"model.layers.{first}.", f"model.layers.{block}."
+        renamed = []
+        for p in planned:
+            assert p.entry.name.startswith(old), p.entry.name
+            entry = OutputEntry(new + p.entry.name[len(old) :], p.entry.dtype, p.entry.shape)
+            renamed.append(_Planned(entry, p.quant_type))
+        return renamed
+
+    def nbytes(self, block: int | None) -> int:
+        return sum(p.entry.nbytes for p in self(block))
+
+
 def block_bytes(spec: SyntheticSpec, layout: str) -> dict[int | None, int]:
-    """The shard bytes of every block (``None``: the tensors outside the layers); every dense, MoE or MTP
-    layer has the same size as the others of its kind, so one of each is generated to measure."""
-    blocks = [None, *_all_layers(spec, layout)]
-    measured: dict[str, int] = {}
-    for block in blocks:
-        kind = _kind(spec, block)
-        if kind not in measured:
-            measured[kind] = sum(_nbytes(t) for t in build_tensors(spec, layout, block)[0].values())
-    return {block: measured[_kind(spec, block)] for block in blocks}
+    """The shard bytes of every block (``None``: the tensors outside the layers), from their shapes."""
+    plans = _BlockPlans(spec, layout)
+    return {block: plans.nbytes(block) for block in [None, *_all_layers(spec, layout)]}
 
 
 def moe_layers_for(spec: SyntheticSpec, layout: str, nbytes: float) -> SyntheticSpec:
@@ -173,89 +213,91 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+Group = tuple[dict[str, "torch.Tensor"], str]  # tensors of one projection (or a few small ones), their type
+
+
 def build_tensors(
-    spec: SyntheticSpec, layout: str, layer: int | None = None
+    spec: SyntheticSpec, layout: str, layer: int | None = None, shape_only: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of one decoder layer (or, with ``layer=None``, those outside the layers) and their types."""
-    source = get_source(layout)
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{spec.seed}:{layer}".encode()))
-    h, i, e = spec.hidden, spec.intermediate, spec.experts
+    """The tensors of one decoder layer (or, with ``layer=None``, those outside the layers) and their
+    types; with ``shape_only``, meta tensors of their shapes and dtypes."""
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
-
-    def add(group: dict[str, torch.Tensor], quant_type: str) -> None:
+    for group, quant_type in block_groups(spec, layout, layer, shape_only):
         tensors.update(group)
         types.update(dict.fromkeys(group, quant_type))
-
-    def bf16(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(torch.bfloat16)
-
-    if layer is None:
-        add({"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT")
-        add({"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT")
-        return tensors, types
-    truth = w4a8_truth(spec, layout, [layer])
-    for prefix, t in truth.items():
-        add(
-            source.synthetic_tensors(prefix, t.values, t.weight_scale, t.weight_scale_second, t.row_parallel), W4A8_TYPE
-        )
-    base = f"model.layers.{layer}"
-    add({f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT")
-    if spec.style == "legacy":
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if f"{base}.self_attn.{proj}" not in truth:
-                add(source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, gen), "W8A8_DYNAMIC")
-    else:
-        _add_mla_attention(spec, source, f"{base}.self_attn", truth, gen, add)
-    if layer < spec.dense_layers:
-        for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
-            add(source.synthetic_w8a8(f"{base}.mlp.{proj}", n, k, gen), "W8A8_DYNAMIC")
-        return tensors, types
-    # DeepSeek's router bias: fp32 in the legacy style, in the model dtype as msModelSlim leaves it
-    router = bf16(e, h)
-    bias = torch.randn(e, generator=gen)
-    add({f"{base}.mlp.gate.weight": router}, "FLOAT")
-    add({f"{base}.mlp.gate.e_score_correction_bias": bias if spec.style == "legacy" else bias.bfloat16()}, "FLOAT")
-    for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-        add(source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, gen), "W8A8_DYNAMIC")
-    if layer not in _decoder_layers(spec):  # an MTP layer: W8A8 experts under W4A8-like names, and its own parts
-        for expert in range(e):
-            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-                add(source.synthetic_w8a8(f"{base}.mlp.experts.{expert}.{proj}", n, k, gen), "W8A8_DYNAMIC")
-        add({f"{base}.{name}.weight": bf16(h) for name in ("enorm", "hnorm", "shared_head.norm")}, "FLOAT")
-        add({f"{base}.eh_proj.weight": bf16(h, 2 * h)}, "FLOAT")
     return tensors, types
 
 
-def _add_mla_attention(spec, source, prefix: str, truth: dict, gen: torch.Generator, add) -> None:
+def block_groups(
+    spec: SyntheticSpec, layout: str, layer: int | None = None, shape_only: bool = False
+) -> Iterator[Group]:
+    """:func:`build_tensors`' tensors a projection at a time, so a layer of 256 experts (gigabytes) is
+    never held whole. The draws from the block's random source keep the order they always had."""
+    source = get_source(layout)
+    random = _random_source(spec, layer, shape_only)
+    h, i, e = spec.hidden, spec.intermediate, spec.experts
+    bf16 = random.bf16
+    if layer is None:
+        yield {"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT"
+        yield {"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT"
+        return
+    w4a8 = _w4a8_prefixes(spec, layout, [layer])
+    for prefix, n, k, row_parallel in w4a8:
+        t = _truth(spec, prefix, n, k, row_parallel, shape_only)
+        tensors = source.synthetic_tensors(prefix, t.values, t.weight_scale, t.weight_scale_second, t.row_parallel)
+        yield tensors, W4A8_TYPE
+    quantized = {prefix for prefix, *_ in w4a8}
+    base = f"model.layers.{layer}"
+    yield {f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT"
+    if spec.style == "legacy":
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if f"{base}.self_attn.{proj}" not in quantized:
+                yield source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, random), "W8A8_DYNAMIC"
+    else:
+        yield from _mla_attention(spec, source, f"{base}.self_attn", quantized, random)
+    if layer < spec.dense_layers:
+        for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
+            yield source.synthetic_w8a8(f"{base}.mlp.{proj}", n, k, random), "W8A8_DYNAMIC"
+        return
+    # DeepSeek's router bias: fp32 in the legacy style, in the model dtype as msModelSlim leaves it
+    router = bf16(e, h)
+    bias = random.normal(e)
+    yield {f"{base}.mlp.gate.weight": router}, "FLOAT"
+    yield {f"{base}.mlp.gate.e_score_correction_bias": bias if spec.style == "legacy" else bias.bfloat16()}, "FLOAT"
+    for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+        yield source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, random), "W8A8_DYNAMIC"
+    if layer not in _decoder_layers(spec):  # an MTP layer: W8A8 experts under W4A8-like names, and its own parts
+        for expert in range(e):
+            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                yield source.synthetic_w8a8(f"{base}.mlp.experts.{expert}.{proj}", n, k, random), "W8A8_DYNAMIC"
+        yield {f"{base}.{name}.weight": bf16(h) for name in ("enorm", "hnorm", "shared_head.norm")}, "FLOAT"
+        yield {f"{base}.eh_proj.weight": bf16(h, 2 * h)}, "FLOAT"
+
+
+def _mla_attention(spec, source, prefix: str, quantized: set[str], random: Random) -> Iterator[Group]:
     """DeepSeek's multi-head latent attention as msModelSlim quantizes it: W8A8 static projections (with
     input_scale, input_offset, deq_scale and quant_bias; deq_scale stays fp32 for a bf16 model), kv_b_proj
     and the norms left in bf16. A compressed-tensors checkpoint holds its W8A8 (dynamic) under the same names."""
     h = spec.hidden
     for proj in MLA_PROJECTIONS:
         name = f"{prefix}.{proj}"
-        if name in truth:
+        if name in quantized:
             continue
         if proj == "kv_b_proj" and not source.described_by_config:
-            add({f"{name}.weight": torch.randn(h, h, generator=gen).to(torch.bfloat16)}, "FLOAT")
+            yield {f"{name}.weight": random.bf16(h, h)}, "FLOAT"
         elif source.described_by_config:
-            add(source.synthetic_w8a8(name, h, h, gen), "W8A8_DYNAMIC")
+            yield source.synthetic_w8a8(name, h, h, random), "W8A8_DYNAMIC"
         else:
-            add(
-                {
-                    f"{name}.weight": torch.randint(-128, 128, (h, h), generator=gen, dtype=torch.int8),
-                    f"{name}.quant_bias": torch.randint(-1000, 1000, (h,), generator=gen, dtype=torch.int32),
-                    f"{name}.input_scale": torch.rand(1, generator=gen) * 0.05,
-                    f"{name}.input_offset": torch.zeros(1),
-                    f"{name}.deq_scale": torch.rand(h, generator=gen) * 1e-4,
-                },
-                "W8A8",
-            )
-    norms = {
-        f"{prefix}.{norm}.weight": torch.randn(h, generator=gen).to(torch.bfloat16)
-        for norm in ("q_a_layernorm", "kv_a_layernorm")
-    }
-    add(norms, "FLOAT")
+            static = {
+                f"{name}.weight": random.int8(h, h),
+                f"{name}.quant_bias": random.int32(-1000, 1000, h),
+                f"{name}.input_scale": random.uniform(0.05, 0, 1),
+                f"{name}.input_offset": torch.zeros(1),
+                f"{name}.deq_scale": random.uniform(1e-4, 0, h),
+            }
+            yield static, "W8A8"
+    yield {f"{prefix}.{norm}.weight": random.bf16(h) for norm in ("q_a_layernorm", "kv_a_layernorm")}, "FLOAT"
 
 
 def write_checkpoint(
@@ -300,48 +342,112 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def _cut_shards(plans: _BlockPlans, blocks: list[int | None], shard_bytes: int) -> list[list[_Planned]]:
+    """Tensors in order, a new shard each time one reaches ``shard_bytes``: layers span shards."""
+    shards: list[list[_Planned]] = []
+    current: list[_Planned] = []
+    current_bytes = 0
+    for block in blocks:
+        for planned in plans(block):
+            current.append(planned)
+            current_bytes += planned.entry.nbytes
+            if current_bytes >= shard_bytes:
+                shards.append(current)
+                current, current_bytes = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+# Tensors generated but not yet on disk: the next ones are generated while the disk takes these.
+WRITE_BACKLOG_BYTES = 64 << 20
+
+
+class _BackgroundWrites:
+    """Calls run in order on one thread; :meth:`submit` waits while ``limit`` bytes are queued."""
+
+    def __init__(self, limit: int = WRITE_BACKLOG_BYTES) -> None:
+        self.limit, self.queued = limit, 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="synthetic-write")
+        self.waiting: deque[tuple[Future, int]] = deque()
+
+    def submit(self, nbytes: int, call, *args) -> None:
+        while self.waiting and (self.queued + nbytes > self.limit or self.waiting[0][0].done()):
+            self._wait_oldest()
+        self.waiting.append((self.pool.submit(call, *args), nbytes))
+        self.queued += nbytes
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self.waiting.popleft()
+        self.queued -= nbytes
+        future.result()  # a write's error surfaces here
+
+    def drain(self) -> None:
+        while self.waiting:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ShardFiles:
+    """The planned shards, each opened at its first tensor and finished (fsynced, renamed) at its last."""
+
+    def __init__(self, path: Path, names: list[str], shards: list[list[_Planned]], progress: Progress) -> None:
+        self.path, self.names, self.shards, self.progress = path, names, shards, progress
+        self.shard_of = {p.entry.name: k for k, planned in enumerate(shards) for p in planned}
+        self.left = [len(planned) for planned in shards]
+        self.writers: dict[int, ShardWriter] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        k = self.shard_of[name]
+        writer = self.writers.get(k)
+        if writer is None:
+            entries = [p.entry for p in self.shards[k]]
+            # as save_file lays them out: the legacy style's files stay byte for byte what they were
+            writer = ShardWriter(
+                self.path / self.names[k], entries, {"format": "pt"}, checksum=False, as_save_file=True
+            )
+            self.writers[k] = writer
+        writer.write_tensor(name, tensor)
+        self.progress.update("copy", name, _nbytes(tensor))
+        self.left[k] -= 1
+        if not self.left[k]:
+            self.writers.pop(k).finish()
+            self.progress.update("shard", self.names[k], 0)
+
+
 def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None, progress: Progress) -> None:
     source = get_source(layout)
     blocks = [None, *_all_layers(spec, layout)]
-    sizes = block_bytes(spec, layout)
-    if shard_bytes is None:
-        shard_bytes = math.ceil(sum(sizes.values()) / spec.shards)
-    progress.start(sum(sizes.values()), len(blocks))
-    types: dict[str, str] = {}
-    files: list[tuple[Path, list[str]]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = total_bytes = 0  # counted as tensors come: summing the pending ones each time was quadratic
-
-    def flush() -> None:
-        nonlocal pending_bytes, total_bytes
-        temp = path / f"shard-{len(files)}.tmp"
-        save_file(pending, str(temp), metadata={"format": "pt"})
-        files.append((temp, list(pending)))
-        total_bytes += pending_bytes
-        pending.clear()
-        pending_bytes = 0
-        progress.update("shard", f"shard {len(files)}", 0)
-
-    for block in blocks:
-        tensors, block_types = build_tensors(spec, layout, block)
-        types.update(block_types)
-        for name in sorted(tensors, key=natural_key):
-            pending[name] = tensors[name].contiguous()
-            pending_bytes += _nbytes(pending[name])
-            if pending_bytes >= shard_bytes:
-                flush()
-        progress.update("module", f"layer {block}", sizes[block])
-    if pending:
-        flush()
+    plans = _BlockPlans(spec, layout)
+    total_bytes = sum(plans.nbytes(block) for block in blocks)
+    shards = _cut_shards(plans, blocks, shard_bytes or math.ceil(total_bytes / spec.shards))
     prefix = shard_prefix(layout, spec)
     if _old_api_save(layout, spec):
-        _write_old_api_save(path, prefix, files, types)
+        names = [f"{prefix}.safetensors"]
+    else:
+        names = [f"{prefix}-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)]
+    files = _ShardFiles(path, names, shards, progress)
+    progress.start(total_bytes, len(blocks) - 1)
+    writes = _BackgroundWrites()
+    try:
+        for block in blocks:
+            for tensors, _ in block_groups(spec, layout, block):
+                for name, tensor in tensors.items():
+                    writes.submit(_nbytes(tensor), files.write, name, tensor)
+            if block is not None:
+                writes.submit(0, progress.update, "module", f"layer {block}", 0)
+        writes.drain()
+    finally:
+        writes.close()
+    types = {p.entry.name: p.quant_type for planned in shards for p in planned}
+    types = dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))
+    if _old_api_save(layout, spec):  # one weight file, no index, no config.json, the description named for the type
+        description = {"model_quant_type": "W4A8_DYNAMIC", **types}
+        (path / "quant_model_description_w4a8_dynamic.json").write_text(json.dumps(description, indent=2))
         return
-    weight_map = {}
-    for n, (temp, names) in enumerate(files, start=1):
-        file_name = f"{prefix}-{n:05d}-of-{len(files):05d}.safetensors"
-        temp.rename(path / file_name)
-        weight_map.update(dict.fromkeys(names, file_name))
+    weight_map = {p.entry.name: names[k] for k, planned in enumerate(shards) for p in planned}
     index = {
         "metadata": {"total_size": total_bytes},
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
@@ -370,7 +476,7 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     if source.described_by_config:
         return
-    tensor_types = dict(sorted(types.items(), key=lambda kv: natural_key(kv[0])))
+    tensor_types = types
     layout_keys = source.synthetic_description(spec.group_size)
     if spec.style == "legacy" or not source.packed_on_disk:  # the old API: the type first
         description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC", **layout_keys, **tensor_types}

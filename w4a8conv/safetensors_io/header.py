@@ -203,19 +203,28 @@ class OutputEntry:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
+# The order in which safetensors.save_file (0.4 to 0.8) lays tensors out: by dtype as here, then by name.
+SAVE_FILE_DTYPE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16")
+SAVE_FILE_DTYPE_ORDER += ("F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL")
+
+
 def layout_header(
-    entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None
+    entries: Iterable[OutputEntry], metadata: dict[str, str] | None = None, as_save_file: bool = False
 ) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Lay out a safetensors file: the header bytes (length prefix included) and each tensor's range.
 
     Tensors keep the order given (the order they are produced in), so a file fills front to back
     and its checksum can follow the writes. The format allows no gaps, so to start every tensor
     aligned to its item size, those whose size is not a multiple of 8 bytes go last, by descending
-    item size (as ``safetensors.save_file`` orders all of them).
+    item size. With ``as_save_file``, every tensor goes where ``safetensors.save_file`` puts it, so
+    the file is byte for byte the one it writes (widest dtypes first: aligned too).
     """
     entries = list(entries)
-    ordered = [e for e in entries if e.nbytes % 8 == 0]
-    ordered += sorted((e for e in entries if e.nbytes % 8), key=lambda e: -ITEMSIZE[e.dtype])
+    if as_save_file:
+        ordered = sorted(entries, key=lambda e: (SAVE_FILE_DTYPE_ORDER.index(e.dtype), e.name))
+    else:
+        ordered = [e for e in entries if e.nbytes % 8 == 0]
+        ordered += sorted((e for e in entries if e.nbytes % 8), key=lambda e: -ITEMSIZE[e.dtype])
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = metadata

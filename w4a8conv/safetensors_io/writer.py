@@ -77,6 +77,7 @@ class ShardWriter:
         metadata: the header's ``__metadata__``.
         direct_io: write large tensors with O_DIRECT where the filesystem takes it.
         checksum: compute the file's sha256.
+        as_save_file: lay the tensors out as ``safetensors.save_file`` does (see :func:`.layout_header`).
     """
 
     def __init__(
@@ -86,11 +87,12 @@ class ShardWriter:
         metadata: dict[str, str] | None = None,
         direct_io: bool = True,
         checksum: bool = True,
+        as_save_file: bool = False,
     ):
         entries = list(entries)
         self.path = path
         self.partial_path = path.with_name(path.name + ".partial")
-        header, self.ranges = layout_header(entries, metadata)
+        header, self.ranges = layout_header(entries, metadata, as_save_file)
         self._pending = set(self.ranges)
         self._entries = {e.name: e for e in entries}
         self.size = len(header) + sum(e.nbytes for e in entries)

@@ -106,14 +106,15 @@ class SourceLayout:
         (``weight_scale [out, 1]``, ``weight_scale_second [out, in/g]``)."""
         raise NotImplementedError
 
-    def synthetic_w8a8(self, prefix: str, n: int, k: int, gen: torch.Generator) -> dict:
+    def synthetic_w8a8(self, prefix: str, n: int, k: int, random) -> dict:
         """A W8A8_DYNAMIC projection as this layout's tool writes it: msModelSlim's int8 weight, fp32
-        ``weight_scale`` and zero ``weight_offset`` ``[out, 1]``."""
+        ``weight_scale`` and zero ``weight_offset`` ``[out, 1]``; ``random``: a
+        :mod:`w4a8conv.synthetic_random` source."""
         import torch
 
         return {
-            f"{prefix}.weight": torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8),
-            f"{prefix}.weight_scale": torch.rand(n, 1, generator=gen) * 0.01,
+            f"{prefix}.weight": random.int8(n, k),
+            f"{prefix}.weight_scale": random.uniform(0.01, 0, n, 1),
             f"{prefix}.weight_offset": torch.zeros(n, 1),
         }
 

@@ -112,10 +112,10 @@ class CompressedTensorsLayout(MindieLayout):
 
         return {f"{prefix}.weight": values.clone(), f"{prefix}.weight_scale": weight_scale.to(torch.bfloat16)}
 
-    def synthetic_w8a8(self, prefix: str, n: int, k: int, gen) -> dict:
+    def synthetic_w8a8(self, prefix: str, n: int, k: int, random) -> dict:
         import torch
 
-        tensors = super().synthetic_w8a8(prefix, n, k, gen)
+        tensors = super().synthetic_w8a8(prefix, n, k, random)
         del tensors[f"{prefix}.weight_offset"]  # LLM-Compressor writes no offsets for symmetric schemes
         tensors[f"{prefix}.weight_scale"] = tensors[f"{prefix}.weight_scale"].to(torch.bfloat16)  # the model dtype
         return tensors
