@@ -559,7 +559,14 @@ def synthetic(
         int | None,
         typer.Option(help="Group size of the per-group layouts. Default 32; with --size-gb 256.", show_default=False),
     ] = None,
-    shards: Annotated[int, typer.Option(help="Safetensors shards to cut it into.")] = 4,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Safetensors shards to cut it into. Default 4; with --size-gb one per 4 GB (at least 4), about "
+            "the shard size of a real 400 GB checkpoint.",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -587,6 +594,8 @@ def synthetic(
     if dense_layers < 0:
         raise BadInputError(f"--dense-layers {dense_layers}: must be 0 or more")
     scaled = size_gb is not None  # DeepSeek-shaped, scaled to the size
+    if shards is None:
+        shards = max(4, round(size_gb / 4)) if scaled else 4
     hidden = hidden if hidden is not None else (7168 if scaled else 128)
     intermediate = intermediate if intermediate is not None else (2048 if scaled else 64)
     if group_size is None:  # DeepSeek's 256 at scale, or the largest that divides the shapes given
