@@ -39,10 +39,11 @@ from .jobs import (
     written_in_full,
 )
 from .names import TOOL_SECTION
-from .output import Progress
-from .plan import ConversionPlan, OutputShard, PlanSummary, Projection
+from .plan import ConversionPlan, OutputShard, PlanSummary
 from .planner import SHARD_METADATA, build_plan
 from .preflight import check_scales_are_finite
+from .progress import Progress
+from .projection import Projection
 from .read_ahead import ReadAhead
 from .safetensors_io import ShardWriter, read_tensor, reads_direct
 from .targets import DEFAULT_TARGET

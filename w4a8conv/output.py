@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .names import PROCESSED_FORMAT
+from .progress import Progress
 
 
 def human_value(value: object) -> str:
@@ -171,19 +172,6 @@ class Output:
         if self.interactive:
             return RichProgress(self.err, label, units)
         return LineProgress(self.err, label, done=done, units=units)
-
-
-class Progress:
-    """What the converter reports to; this base reports nothing."""
-
-    def start(self, total_bytes: int, total_modules: int) -> None:
-        pass
-
-    def update(self, event: str, name: str, nbytes: int) -> None:
-        """``event``: ``copy`` / ``module`` per unit done (``nbytes`` read), ``shard`` per output file done."""
-
-    def finish(self) -> None:
-        pass
 
 
 class LineProgress(Progress):

@@ -31,7 +31,8 @@ from .names import (
     natural_key,
     tensor_entries,
 )
-from .plan import ConversionPlan, MoELayer, OutputShard, Projection, shard_entries
+from .plan import ConversionPlan, MoELayer, OutputShard, shard_entries
+from .projection import Projection
 from .safetensors_io import TensorInfo, layout_header
 from .sources import ModuleHeaders, detect_source
 from .targets import DEFAULT_TARGET, TARGETS, ServingTarget, get_target

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import BadInputError
-from .plan import Projection
+from .projection import Projection
 from .safetensors_io import TensorInfo
 from .safetensors_io.syscalls import read_exactly
 

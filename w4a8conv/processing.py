@@ -13,7 +13,7 @@ import torch
 from .errors import BadInputError
 from .names import ZERO_ROLES
 from .packing import pack_int4_to_int32
-from .plan import Projection
+from .projection import Projection
 from .targets import DEFAULT_TARGET, ServingTarget, get_target
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from .names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
-from .output import Progress
+from .progress import Progress
 from .safetensors_io import OutputEntry, ShardWriter, dtype_name
 from .sources import get_source
 from .synthetic_random import FastRandom, Random, ShapeOnly, TorchRandom, seed_of

@@ -15,7 +15,7 @@ from ..safetensors_io import OutputEntry
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import Projection
+    from ..projection import Projection
     from ..sources.base import Int4Packer
 
 

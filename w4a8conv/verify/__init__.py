@@ -37,7 +37,7 @@ from ..names import (
     TOOL_SECTION,
     W4A8_TYPE,
 )
-from ..output import Progress
+from ..progress import Progress
 from ..safetensors_io import TensorInfo
 from . import modules as module_checks
 from .arrays import source_layout, sources

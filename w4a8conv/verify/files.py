@@ -21,7 +21,7 @@ from ..names import (
     STATE_DIR,
     TOOL_SECTION,
 )
-from ..output import Progress
+from ..progress import Progress
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, sha256_file
 from ..sources import SourceLayout
 from ..targets import TARGETS
