@@ -53,7 +53,7 @@ from typing import NamedTuple
 import bench_inputs
 from bench_inputs import HIDDEN, INTER, ensure_checkpoint, write_header_only_deepseek
 
-from w4a8conv.sources import SOURCE_NAMES, get_source
+from w4a8conv.formats.sources import SOURCE_NAMES, get_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(ROOT / ".venv/bin/w4a8conv")
@@ -298,7 +298,7 @@ def measure_costs(repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from w4a8conv.packing import int4_pair_rows_to_int32_words, pack_int4_to_int32
+    from w4a8conv.formats.packing import int4_pair_rows_to_int32_words, pack_int4_to_int32
 
     code = "import time; t = time.process_time(); import torch; print(time.process_time() - t)"
     imports = [

@@ -36,9 +36,9 @@ def measure_once(out: Path, layout: str, hidden: int, intermediate: int, group_s
     from vllm_ascend.quantization.methods import registry
 
     from tests.engine.harness import Serving, build, patch_engine, stock_description
-    from w4a8conv import vllm_plugin
     from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
-    from w4a8conv.vllm_plugin import canary
+    from w4a8conv.serving import vllm_plugin
+    from w4a8conv.serving.vllm_plugin import canary_check as canary
 
     patch_engine(setattr)
     vllm_plugin.register()
@@ -82,7 +82,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     sys.path.insert(0, str(ROOT))
-    from w4a8conv.convert import convert_checkpoint
+    from w4a8conv.converting.convert import convert_checkpoint
     from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
     spec = SyntheticSpec(

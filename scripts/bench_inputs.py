@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from w4a8conv.sources import get_source
+from w4a8conv.formats.sources import get_source
 
 HIDDEN, INTER, GROUP, EXPERTS = 7168, 2048, 256, 16
 

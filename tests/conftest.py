@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
-from w4a8conv.sources import SOURCE_NAMES
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.formats.sources import SOURCE_NAMES
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 # tests/engine needs the real vLLM and vllm-ascend: `make test-engine` runs it in a venv of its own.

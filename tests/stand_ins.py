@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from w4a8conv.vllm_plugin import canary
+from w4a8conv.serving.vllm_plugin import canary_check as canary
 
 from .upstream_reference import emulate_int4pack
 

@@ -425,7 +425,7 @@ def test_a_subdirectory_that_cannot_be_read_is_refused(tmp_path, mindie, monkeyp
 
 
 def test_a_description_larger_than_the_cap_is_refused(tmp_path, mindie, monkeypatch):
-    monkeypatch.setattr("w4a8conv.checkpoint.MAX_JSON_BYTES", 1000)
+    monkeypatch.setattr("w4a8conv.reading.checkpoint.MAX_JSON_BYTES", 1000)
     code, _, stderr = run("inspect", mindie)
     assert code == 2 and "quant_model_description.json: larger than 1000 bytes" in stderr
 
@@ -540,7 +540,7 @@ def test_a_file_of_the_input_that_cannot_be_read_is_found_before_writing(source_
     """A tokenizer file nobody may read (root reads everything here: the open is refused for the test)."""
     import builtins
 
-    from w4a8conv import checkpoint
+    from w4a8conv.reading import checkpoint
 
     src = tmp_path / "src"
     shutil.copytree(source_checkpoints["v1.0.0-per-channel"], src)

@@ -17,9 +17,9 @@ import pytest
 import tomllib
 from typer.testing import CliRunner
 
-from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.planner import build_plan
+from w4a8conv.planning.planner import build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
 
 from .conftest import LEGACY_TARGET, cli
 
@@ -180,7 +180,7 @@ def test_results_on_stdout_progress_on_stderr_json_or_not(source_checkpoints, tm
 
 
 def test_verify_progress_says_verifying(source_checkpoints, converted_checkpoints, monkeypatch):
-    monkeypatch.setattr("w4a8conv.output.PROGRESS_INTERVAL", 0.0)
+    monkeypatch.setattr("w4a8conv.cli.output.PROGRESS_INTERVAL", 0.0)
     code, _, stderr = cli("verify", source_checkpoints["mindie"], converted_checkpoints["mindie"])
     assert code == 0 and "verifying: " in stderr and "convert" not in stderr
 
@@ -251,7 +251,7 @@ def test_resume_of_a_finished_output_says_it_is_complete(source_checkpoints, tmp
 
 
 def test_finalize_of_an_interrupted_single_conversion_says_convert_resume(source_checkpoints, tmp_path, monkeypatch):
-    from w4a8conv import convert as convert_module
+    from w4a8conv.converting import convert as convert_module
 
     src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
 

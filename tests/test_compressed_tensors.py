@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.formats.sources import get_source
 from w4a8conv.names import DESCRIPTION_FILE
+from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.safetensors_io import read_header
-from w4a8conv.sources import get_source
 from w4a8conv.verify import verify_conversion
 
 from .conftest import cli
@@ -124,8 +124,8 @@ def test_a_row_whose_bias_the_engine_would_round_is_refused():
 
 def test_the_bias_is_the_exact_integer_sum_times_the_scale(converted_checkpoints, source_checkpoints):
     """8 * s * sum(w) per chunk, with no rounding at all, for w13 (one chunk) and w2 (16 chunks)."""
-    from w4a8conv.runtime import ProcessedCheckpoint
     from w4a8conv.safetensors_io import read_tensor
+    from w4a8conv.serving.runtime import ProcessedCheckpoint
 
     src = open_checkpoint(source_checkpoints[LAYOUT])
     out = ProcessedCheckpoint(converted_checkpoints[LAYOUT])
@@ -158,7 +158,7 @@ def test_verify_catches_one_ulp_in_a_bias(tmp_path, source_checkpoints, converte
 def test_the_bias_equals_mains_fp32_sum_on_every_rank_for_scales_of_any_magnitude(tp):
     """main sums 8 * w * s over each rank's input slice in fp32; ours is stored in 16 chunks and the rank's
     chunks are summed with upstream's expression. Scales from 1e-30 to 1e30: the same bits everywhere."""
-    from w4a8conv.scales import sum_scale_bias_chunks
+    from w4a8conv.formats.scales import sum_scale_bias_chunks
 
     gen = torch.Generator().manual_seed(tp)
     out_features, in_features = 64, 7168

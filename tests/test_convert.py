@@ -15,14 +15,14 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
-from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.cli.output import LineProgress
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.formats.sources import get_source
 from w4a8conv.names import PREPACKED_TYPE
-from w4a8conv.output import LineProgress
-from w4a8conv.planner import build_plan
-from w4a8conv.runtime import ProcessedCheckpoint
+from w4a8conv.planning.planner import build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.safetensors_io import read_header
-from w4a8conv.sources import get_source
+from w4a8conv.serving.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 

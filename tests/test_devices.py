@@ -10,13 +10,13 @@ import types
 import pytest
 import torch
 
-from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.devices import resolve_device
+from w4a8conv.converting.devices import resolve_device
+from w4a8conv.converting.npu import npu_pack_int4_to_int32
+from w4a8conv.converting.processing import process_projection
 from w4a8conv.errors import BadInputError
-from w4a8conv.npu import npu_pack_int4_to_int32
-from w4a8conv.packing import pack_int4_to_int32
-from w4a8conv.planner import build_plan
-from w4a8conv.processing import process_projection
+from w4a8conv.formats.packing import pack_int4_to_int32
+from w4a8conv.planning.planner import build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.safetensors_io import read_tensor
 
 from .upstream_reference import emulate_int4pack
@@ -99,8 +99,8 @@ def test_npu_path_processes_every_projection_identically(stand_in, source_checkp
 def test_planning_does_not_import_torch():
     """inspect and the planning before a conversion run without torch (it loads in the background)."""
     code = (
-        "import sys, w4a8conv.cli, w4a8conv.inspect, w4a8conv.convert, w4a8conv.planner; "
-        "from w4a8conv.devices import resolve_device; resolve_device('cpu'); "
+        "import sys, w4a8conv.cli, w4a8conv.planning.inspect, w4a8conv.converting.convert, w4a8conv.planning.planner; "
+        "from w4a8conv.converting.devices import resolve_device; resolve_device('cpu'); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from w4a8conv.filesystems import direct_io_by_default, filesystem_type
+from w4a8conv.reading.filesystems import direct_io_by_default, filesystem_type
 
 MOUNTINFO = r"""22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
 30 22 0:26 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw
@@ -36,12 +36,12 @@ def test_the_deepest_mount_holding_the_path_names_the_filesystem(path, expected)
 
 
 def test_unknown_without_mountinfo(monkeypatch, tmp_path):
-    monkeypatch.setattr("w4a8conv.filesystems.MOUNTINFO", tmp_path / "missing")
+    monkeypatch.setattr("w4a8conv.reading.filesystems.MOUNTINFO", tmp_path / "missing")
     assert filesystem_type(tmp_path) is None
     assert not direct_io_by_default(tmp_path)
 
 
 @pytest.mark.parametrize(("fstype", "direct"), [("ext4", True), ("xfs", True), ("nfs4", False), ("fuse.sshfs", False)])
 def test_direct_writes_by_default_only_on_local_filesystems(monkeypatch, tmp_path, fstype, direct):
-    monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: fstype)
+    monkeypatch.setattr("w4a8conv.reading.filesystems.filesystem_type", lambda path: fstype)
     assert direct_io_by_default(tmp_path) is direct

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from .conftest import LEGACY_TARGET

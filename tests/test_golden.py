@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.formats.sources import SOURCE_NAMES
 from w4a8conv.names import CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
-from w4a8conv.sources import SOURCE_NAMES
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from .conftest import LEGACY_TARGET
@@ -109,6 +109,6 @@ def test_weights_processed_in_row_blocks_give_the_same_bytes(case, tmp_path, mon
     spec_name, layout = case.split("/")
     src = write_checkpoint(tmp_path / "src", layout, SPECS[spec_name])
     whole = convert_checkpoint(src, tmp_path / "whole", workers=3, target=LEGACY_TARGET).out_dir
-    monkeypatch.setattr("w4a8conv.convert.BLOCK_BYTES", 2048)
+    monkeypatch.setattr("w4a8conv.converting.convert.BLOCK_BYTES", 2048)
     dst = convert_checkpoint(src, tmp_path / "out", workers=3, target=LEGACY_TARGET).out_dir
     assert _digests(dst) == _digests(whole)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
-from w4a8conv.sources import get_source
+from w4a8conv.formats.sources import get_source
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from .conftest import LEGACY_TARGET, SPEC, cli

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.names import STATE_DIR
 
 from .conftest import LEGACY_TARGET, cli

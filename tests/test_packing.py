@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from w4a8conv.packing import (
+from w4a8conv.formats.packing import (
     int4_pair_rows_to_int32_words,
     int4_range_violation,
     pack_int4_pairs_along_rows,
@@ -13,7 +13,7 @@ from w4a8conv.packing import (
     unpack_int4_pairs_along_rows,
     unpack_int32_words,
 )
-from w4a8conv.sources.v1_per_group import pack_pairs
+from w4a8conv.formats.sources.v1_per_group import pack_pairs
 
 
 def test_pack_pairs_golden_bytes():

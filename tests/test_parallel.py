@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
-from w4a8conv.jobs import finalize
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.converting.jobs import finalize
 from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR
-from w4a8conv.planner import assign_shares, build_plan
-from w4a8conv.read_ahead import ReadAhead
+from w4a8conv.planning.planner import assign_shares, build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
+from w4a8conv.reading.read_ahead import ReadAhead
 from w4a8conv.safetensors_io import STAGING, TensorInfo, staging, writer
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
@@ -63,7 +63,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(
     monkeypatch.setattr(writer, "STAGED_COPY_BYTES", 8192)
     monkeypatch.setattr(writer, "RETAINED_BYTES", 64 * 1024)
     hinted: list[TensorInfo] = []
-    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", hinted.extend)
+    monkeypatch.setattr("w4a8conv.reading.read_ahead.prefetch", hinted.extend)
 
     def direct(kind: str) -> list[tuple[str, int, int]]:
         return [(path, offset, length) for k, path, offset, length in direct_io_calls if k == kind]
@@ -85,7 +85,7 @@ def test_direct_writes_give_the_same_bytes_as_the_page_cache(
     assert not direct_io_calls
     assert tree_bytes(tmp_path / "direct") == tree_bytes(tmp_path / "buffered")
     # On a filesystem not known to stream direct writes well, the page cache is the default ...
-    monkeypatch.setattr("w4a8conv.filesystems.filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr("w4a8conv.reading.filesystems.filesystem_type", lambda path: "nfs4")
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "nfs-default"), "--json"])
     assert result.exit_code == 0 and not direct_io_calls
     summary = json.loads(result.stdout)
@@ -244,7 +244,7 @@ def _units(sizes: list[int]) -> list[list[TensorInfo]]:
 
 def test_read_ahead_hints_each_later_unit_once_and_stays_within_its_window(monkeypatch):
     hinted: list[str] = []
-    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    monkeypatch.setattr("w4a8conv.reading.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
     read_ahead = ReadAhead(_units([10] * 20), window=30)
     ran = []
     read_ahead.around(0, ran.append, 0)
@@ -263,7 +263,7 @@ def test_read_ahead_hints_each_later_unit_once_and_stays_within_its_window(monke
 
 def test_read_ahead_hints_a_unit_larger_than_its_window(monkeypatch):
     hinted: list[str] = []
-    monkeypatch.setattr("w4a8conv.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
+    monkeypatch.setattr("w4a8conv.reading.read_ahead.prefetch", lambda infos: hinted.extend(i.name for i in infos))
     read_ahead = ReadAhead(_units([1, 500, 1, 1]), window=30)
     read_ahead.around(0, lambda: None)
     assert hinted == ["t1"]
@@ -277,7 +277,7 @@ def test_two_arrays_into_one_directory_never_mix(many_shards, single_run, tmp_pa
     paused at each step between checking the directory and writing its plan while a task of B runs.
     Exactly one plan is ever created; the other array's task is refused before it writes anything, and
     what is left converts and verifies as the winner's single run."""
-    from w4a8conv import jobs
+    from w4a8conv.converting import jobs
     from w4a8conv.errors import BadInputError
 
     other = write_checkpoint(tmp_path / "other", "v1.0.0-per-group", SyntheticSpec(shards=5, seed=3))

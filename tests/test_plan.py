@@ -11,14 +11,14 @@ from dataclasses import replace
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.converting.jobs import JOB_FILE, read_plan
 from w4a8conv.errors import BadInputError
-from w4a8conv.jobs import JOB_FILE, read_plan
 from w4a8conv.names import STATE_DIR
-from w4a8conv.plan import ConversionPlan, fingerprint_of
-from w4a8conv.planner import build_plan
+from w4a8conv.planning.plan import ConversionPlan, fingerprint_of
+from w4a8conv.planning.planner import build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
 
 from .conftest import LEGACY_TARGET, cli
 

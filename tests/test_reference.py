@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from w4a8conv import reference
-from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.runtime import load_linear, load_moe
+from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.safetensors_io import read_header
+from w4a8conv.serving import reference
+from w4a8conv.serving.runtime import load_linear, load_moe
 from w4a8conv.synthetic import w4a8_truth
 from w4a8conv.verify import VerifyReport, verify_conversion
 from w4a8conv.verify.numeric import numeric_checks

@@ -11,20 +11,20 @@ import typer
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from w4a8conv import sources, targets
-from w4a8conv.checkpoint import open_checkpoint
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.errors import BadInputError
+from w4a8conv.formats import sources, targets
+from w4a8conv.formats.packing import pack_int4_to_int32
+from w4a8conv.formats.sources import SOURCE_NAMES, get_source
+from w4a8conv.formats.sources.mindie import MindieLayout
+from w4a8conv.formats.targets import DEFAULT_TARGET, TARGET_NAMES, get_target
+from w4a8conv.formats.targets.vllm_ascend_023 import VllmAscend023
 from w4a8conv.names import DESCRIPTION_FILE, TOOL_SECTION
-from w4a8conv.packing import pack_int4_to_int32
-from w4a8conv.planner import build_plan
+from w4a8conv.planning.planner import build_plan
+from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.safetensors_io import read_tensor
-from w4a8conv.sources import SOURCE_NAMES, get_source
-from w4a8conv.sources.mindie import MindieLayout
 from w4a8conv.synthetic import w4a8_truth
-from w4a8conv.targets import DEFAULT_TARGET, TARGET_NAMES, get_target
-from w4a8conv.targets.vllm_ascend_023 import VllmAscend023
 from w4a8conv.verify import verify_conversion
 
 from .conftest import LEGACY_TARGET, SPEC

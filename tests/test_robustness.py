@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.names import STATE_DIR
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
@@ -235,10 +235,10 @@ def test_open_files_do_not_grow_with_the_shard_count(tmp_path):
 # small enough that the test's tensors exceed it: what is left to grow with a tensor is what must not.
 _CONVERT_WITH_BLOCK = (
     "import sys\n"
-    "import w4a8conv.convert\n"
+    "import w4a8conv.converting.convert\n"
     "from w4a8conv.safetensors_io import staging, writer\n"
     "if sys.argv[1] != 'default':\n"
-    "    w4a8conv.convert.BLOCK_BYTES = writer.RETAINED_BYTES = int(sys.argv[1])\n"
+    "    w4a8conv.converting.convert.BLOCK_BYTES = writer.RETAINED_BYTES = int(sys.argv[1])\n"
     "    staging.STAGING = staging.StagingPool(int(sys.argv[1]))\n"
     "from w4a8conv.cli import main\n"
     "sys.argv = ['w4a8conv', *sys.argv[2:]]\n"

@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from w4a8conv.scales import (
+from w4a8conv.formats.scales import (
     decode_int64_to_fp32,
     encode_fp32_bits_as_int64,
     linear_antiquant_scale,

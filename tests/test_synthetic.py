@@ -65,7 +65,7 @@ def test_the_legacy_style_is_what_synthetic_wrote_before(tmp_path):
 
 def test_per_group_with_one_group_per_row_converts(tmp_path):
     """msModelSlim writes per-group weights whose group is a whole row (weight_scale_second [out, 1])."""
-    from w4a8conv.convert import convert_checkpoint
+    from w4a8conv.converting.convert import convert_checkpoint
     from w4a8conv.verify import verify_conversion
 
     from .conftest import LEGACY_TARGET
@@ -108,7 +108,7 @@ def test_size_gb_alone_is_deepseek_shaped_and_explicit_options_win(tmp_path, mon
     chosen = []
     monkeypatch.setattr(synthetic, "moe_layers_for", lambda spec, layout, nbytes: spec)
     monkeypatch.setattr(synthetic, "write_checkpoint", lambda path, layout, spec, progress=None: chosen.append(spec))
-    monkeypatch.setattr("w4a8conv.checkpoint.open_checkpoint", lambda path: type("C", (), {"total_bytes": 0})())
+    monkeypatch.setattr("w4a8conv.reading.checkpoint.open_checkpoint", lambda path: type("C", (), {"total_bytes": 0})())
     assert cli("synthetic", tmp_path / "a", "--size-gb", "2", "--layout", "v1.0.0-per-group")[0] == 0
     assert cli("synthetic", tmp_path / "b", "--size-gb", "64", "--hidden", "256")[0] == 0
     first, second = chosen
@@ -155,7 +155,7 @@ def test_an_interrupted_synthetic_run_leaves_nothing_a_rerun_trips_on(tmp_path, 
 
 
 def test_fast_random_values_are_in_range_and_reproducible():
-    from w4a8conv.synthetic_random import FastRandom
+    from w4a8conv.synthetic.random_values import FastRandom
 
     values = FastRandom(3).int4(256, 512)
     assert values.dtype == torch.int8 and int(values.min()) == -8 and int(values.max()) == 7

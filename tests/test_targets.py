@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from w4a8conv.cli import app
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.formats.targets import DEFAULT_TARGET, TARGET_NAMES
 from w4a8conv.names import DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
-from w4a8conv.targets import DEFAULT_TARGET, TARGET_NAMES
 from w4a8conv.verify import verify_conversion
 
 from .conftest import cli
@@ -97,7 +97,7 @@ def test_an_output_records_its_contract_and_inspect_shows_it(converted_checkpoin
 
 def test_readers_refuse_a_format_they_do_not_know_and_read_format_1(tmp_path, source_checkpoints):
     from w4a8conv.errors import BadInputError
-    from w4a8conv.runtime import ProcessedCheckpoint
+    from w4a8conv.serving.runtime import ProcessedCheckpoint
 
     out = convert_checkpoint(source_checkpoints["mindie"], tmp_path / "out", target="vllm-ascend-0.23").out_dir
     _edit_section(out, format_version=3)

@@ -1,4 +1,4 @@
-"""A converted checkpoint, loaded by w4a8conv.runtime, equals what stock vllm-ascend computes at load.
+"""A converted checkpoint, loaded by w4a8conv.serving.runtime, equals what stock vllm-ascend computes at load.
 
 Packed weights and int64 scales bit for bit; biases to fp32 rounding.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from w4a8conv.runtime import ProcessedCheckpoint, load_linear, load_moe
-from w4a8conv.sources import get_source
+from w4a8conv.formats.sources import get_source
+from w4a8conv.serving.runtime import ProcessedCheckpoint, load_linear, load_moe
 from w4a8conv.synthetic import w4a8_truth
 
 from .conftest import SPEC
@@ -97,8 +97,8 @@ def test_runtime_refuses_impossible_tp(converted_checkpoints):
 
 def test_truth_is_recovered_from_processed_tensors(converted_checkpoints, layout):
     """Unpack the int32 words and decode the int64 scales: the original int4 values and scales come back."""
-    from w4a8conv.packing import unpack_int32_words
-    from w4a8conv.scales import decode_int64_to_fp32
+    from w4a8conv.formats.packing import unpack_int32_words
+    from w4a8conv.formats.scales import decode_int64_to_fp32
 
     truth = w4a8_truth(SPEC, layout)
     ckpt = ProcessedCheckpoint(converted_checkpoints[layout])

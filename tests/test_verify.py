@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from w4a8conv.convert import convert_checkpoint
-from w4a8conv.jobs import finalize
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.converting.jobs import finalize
+from w4a8conv.formats.sources import get_source
 from w4a8conv.names import CANARY_FILE, DESCRIPTION_FILE, MANIFEST_FILE, TOOL_SECTION
 from w4a8conv.safetensors_io import read_header, staging
-from w4a8conv.sources import get_source
 from w4a8conv.verify import verify_conversion
 
 from .conftest import LEGACY_TARGET, cli

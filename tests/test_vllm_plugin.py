@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from w4a8conv import vllm_plugin
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.names import CANARY_FILE, CANARY_SKIP_ENV, PREPACKED_TYPE
-from w4a8conv.runtime import ProcessedCheckpoint
+from w4a8conv.serving import vllm_plugin
+from w4a8conv.serving.runtime import ProcessedCheckpoint
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import stand_ins
@@ -152,7 +152,7 @@ def test_register_without_vllm_ascend_is_a_no_op():
 def test_entry_point_is_declared():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"]["vllm.general_plugins"]["w4a8conv"] == "w4a8conv.vllm_plugin:register"
+    assert project["entry-points"]["vllm.general_plugins"]["w4a8conv"] == "w4a8conv.serving.vllm_plugin:register"
     assert "vllm-ascend" in project["optional-dependencies"]
 
 

@@ -3,7 +3,7 @@
 It follows ``vllm_ascend/quantization/methods/w4a8.py`` step by step (load into parameters of the
 upstream dtypes and shapes, transpose, encode with numpy, pack), on the unconverted checkpoint.
 The two torch_npu packing operators are emulated here bit by bit, in a way unrelated to
-``w4a8conv.packing``, so agreement between the two is evidence, not a tautology.
+``w4a8conv.formats.packing``, so agreement between the two is evidence, not a tautology.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.reading.checkpoint import open_checkpoint
 
 
 def emulate_int4pack(values: torch.Tensor) -> torch.Tensor:

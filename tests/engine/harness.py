@@ -18,7 +18,7 @@ from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 from vllm_ascend.quantization import method_adapters
 from vllm_ascend.quantization.methods import w4a8
 
-from w4a8conv.checkpoint import open_checkpoint
+from w4a8conv.reading.checkpoint import open_checkpoint
 
 
 class Serving:

@@ -22,12 +22,12 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumn
 from vllm_ascend.quantization import method_adapters
 from vllm_ascend.quantization.methods import registry, w4a8
 
-from w4a8conv import vllm_plugin
-from w4a8conv.checkpoint import open_checkpoint
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
+from w4a8conv.reading.checkpoint import open_checkpoint
+from w4a8conv.serving import vllm_plugin
+from w4a8conv.serving.vllm_plugin import canary_check as canary
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
-from w4a8conv.vllm_plugin import canary
 
 from . import harness
 from .harness import LoaderOnlyFusedMoE, Serving, build, patch_engine

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from w4a8conv.convert import convert_checkpoint
+from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.names import DESCRIPTION_FILE, STATE_DIR
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion

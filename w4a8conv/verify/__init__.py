@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import open_checkpoint, unfinished_output
+from ..converting.jobs import has_manifest
 from ..errors import BadInputError
-from ..jobs import has_manifest
 from ..names import (
     CONFIG_FILE,
     DESCRIPTION_FILE,
@@ -38,6 +37,7 @@ from ..names import (
     W4A8_TYPE,
 )
 from ..progress import Progress
+from ..reading.checkpoint import open_checkpoint, unfinished_output
 from ..safetensors_io import TensorInfo
 from . import modules as module_checks
 from .arrays import source_layout, sources
@@ -89,7 +89,7 @@ def verify_conversion(
         dst: the converted checkpoint.
         sample: fraction of W4A8 modules (and of files for the checksums) to check; 1.0 checks all.
         seed: chooses the sample (and the random activations of ``numeric``).
-        numeric: also run the CPU reference of the Ascend operators (``w4a8conv.reference``) on the
+        numeric: also run the CPU reference of the Ascend operators (``w4a8conv.serving.reference``) on the
             output's tensors with random int8 activations, and compare with a float computation
             from the source's int4 values and scales, for every checked Linear and MoE layer.
         progress: receives a report per file hashed, tensor compared and module checked.

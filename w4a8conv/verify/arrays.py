@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..formats.sources import ModuleHeaders, SourceLayout, detect_source
 from ..names import SOURCE_ROLES
 from ..safetensors_io import TensorInfo, read_array
-from ..sources import ModuleHeaders, SourceLayout, detect_source
 
 _NUMPY = {"I8": np.int8, "I32": np.int32, "I64": np.int64, "F32": np.float32, "F16": np.float16, "F64": np.float64}
 

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import BadInputError
+from ..formats.sources import SourceLayout
+from ..formats.targets import TARGETS
 from ..names import (
     FORMAT_VERSION,
     INDEX_SUFFIX,
@@ -23,8 +25,6 @@ from ..names import (
 )
 from ..progress import Progress
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, sha256_file
-from ..sources import SourceLayout
-from ..targets import TARGETS
 from .report import VerifyReport
 
 _COMPARE_CHUNK = 16 << 20  # bytes of a pass-through tensor compared at a time
@@ -55,7 +55,7 @@ def check_description_keys(
     report: VerifyReport,
 ) -> None:
     """The keys a loader reads besides the types: the source's own, with the group size and layout its
-    first W4A8 module implies (vllm-ascend reads ``group_size``; :mod:`w4a8conv.runtime` the section's
+    first W4A8 module implies (vllm-ascend reads ``group_size``; :mod:`w4a8conv.serving.runtime` the section's
     size and layout)."""
     try:
         weight = src[f"{prefix}.weight"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import __version__
-from ..canary import canary_chunks, canary_path, canary_sources, digest_of, with_digest
-from ..checkpoint import Checkpoint
+from ..converting.jobs import has_manifest, json_bytes
 from ..errors import BadInputError
-from ..jobs import has_manifest, json_bytes
+from ..formats.canary import canary_chunks, canary_path, canary_sources, digest_of, with_digest
 from ..names import CONFIG_FILE, DESCRIPTION_FILE, FORMAT_VERSION, TOOL_SECTION
-from ..planner import SHARD_METADATA, build_plan
+from ..planning.planner import SHARD_METADATA, build_plan
+from ..reading.checkpoint import Checkpoint
 from ..safetensors_io import TensorInfo, layout_header
 from .files import regular_file
 from .report import VerifyReport

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..formats.sources.oracle import SourceArrays
 from ..names import MOE_EXPERT, ZERO_ROLES
 from ..safetensors_io import TensorInfo
-from ..sources.oracle import SourceArrays
 from .arrays import array, round_to, source_layout, source_scales
 from .report import VerifyReport
 

@@ -1,6 +1,6 @@
 """``verify --numeric``: the CPU reference of the Ascend W4A8 operators against a float computation.
 
-The reference (``w4a8conv.reference``) runs on the output's tensors with random int8 activations; the
+The reference (``w4a8conv.serving.reference``) runs on the output's tensors with random int8 activations; the
 float computation starts from the source's int4 values and scales.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats.sources.oracle import dequantized
 from ..names import MOE_PROJECTIONS
-from ..sources.oracle import dequantized
 from .arrays import source_module
 from .modules import kernel_scale
 from .report import VerifyReport
@@ -31,8 +31,8 @@ _LAYER_TOLERANCE = 5e-2
 def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: VerifyReport) -> None:
     import torch
 
-    from .. import reference
-    from ..runtime import ProcessedCheckpoint
+    from ..serving import reference
+    from ..serving.runtime import ProcessedCheckpoint
 
     ckpt = ProcessedCheckpoint(dst)
     params_dtype = section.get("params_dtype", "bfloat16")
@@ -90,7 +90,7 @@ def _check_matmul(what, values, scale, tensors, fused: str, slot: int, rng, repo
     """One expert's w13 or w2 alone against the float computation from the source."""
     import torch
 
-    from .. import reference
+    from ..serving import reference
 
     x, pts = _activations(rng, values.shape[1])
     got = reference.w4a8_matmul(

@@ -1,0 +1,108 @@
+"""What the plugin checks before it serves a checkpoint: the artifact contract against the engine.
+
+Each refusal is one ``ValueError`` line naming what was expected and what was found, at model load,
+rather than wrong numbers later.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ...names import DESCRIPTION_FILE, PREPACKED_TYPE, SCALE_BIAS_CHUNKS, TOOL_SECTION, format_problem
+from .log import log
+
+
+def checkpoint_section() -> dict[str, Any]:
+    """The ``w4a8conv`` section of the checkpoint vLLM is loading (read as upstream reads the description)."""
+    from vllm.config import get_current_vllm_config
+
+    description = get_current_vllm_config().quant_config.quant_description
+    section = description.get(TOOL_SECTION) if isinstance(description, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(
+            f"w4a8conv: tensors are typed {PREPACKED_TYPE} but {DESCRIPTION_FILE} has no '{TOOL_SECTION}' section; "
+            "convert the checkpoint again"
+        )
+    problem = format_problem(section)
+    if problem is not None:
+        raise ValueError(f"w4a8conv: {DESCRIPTION_FILE}: {problem}")
+    return section
+
+
+def check_engine_release(version: str | None) -> None:
+    """Refuse a vllm-ascend release outside the range the checkpoint's processing mirrors.
+
+    A development build (a git checkout of main or of a release branch) reports a version counted
+    from the last tag on its history (0.19.1rc2.devN for main late in 2026), which says nothing about
+    the code: it is let through with a warning, and what the code exposes decides.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    section = checkpoint_section()
+    releases = section.get("engine_releases")
+    if releases is None:  # format 1 recorded none
+        return
+    try:
+        installed = Version(version) if version else None
+    except InvalidVersion:
+        installed = None
+    if installed is None or installed.is_devrelease or installed.local:
+        _warn_unchecked_release(version, releases)
+        return
+    if installed not in SpecifierSet(releases, prereleases=True):
+        raise ValueError(
+            f"w4a8conv: this checkpoint was converted for {section.get('target')} (vllm-ascend {releases}), "
+            f"found vllm-ascend {version}; convert it again with a --target for this release"
+        )
+
+
+@functools.cache
+def _warn_unchecked_release(version: str | None, releases: str) -> None:
+    log.warning(
+        "w4a8conv: vllm-ascend %s is a development build or unversioned; the checkpoint's releases %s not checked",
+        version,
+        releases,
+    )
+
+
+def check_serving_dtype(params_dtype: torch.dtype) -> None:
+    """Refuse to serve in another dtype than the one the checkpoint's scales were rounded to."""
+    recorded = checkpoint_section().get("params_dtype")
+    found = str(params_dtype).removeprefix("torch.")
+    if found != recorded:
+        raise ValueError(
+            f"w4a8conv: this checkpoint was converted for dtype {recorded} (its W4A8 scales are rounded to it), "
+            f"but the server runs {found}; serve it with --dtype {recorded}, or convert it again"
+        )
+
+
+def check_moe_tensor_parallel(tp_size: int, what: str = "MoE tensor-parallel size") -> None:
+    """Refuse a (MoE) tensor-parallel size that does not split the stored scale_bias chunks evenly."""
+    if tp_size < 1 or SCALE_BIAS_CHUNKS % tp_size:
+        sizes = ", ".join(str(n) for n in range(1, SCALE_BIAS_CHUNKS + 1) if SCALE_BIAS_CHUNKS % n == 0)
+        raise ValueError(
+            f"w4a8conv: {what} must divide the checkpoint's {SCALE_BIAS_CHUNKS} scale_bias chunks "
+            f"({sizes}), found {tp_size}; use one of those or --enable-expert-parallel"
+        )
+
+
+def check_groups_per_rank(group_size: int, intermediate_per_rank: int, tp_size: int) -> None:
+    """Refuse per-group weights at a MoE tensor-parallel size whose input slice of down_proj is not a whole
+    number of groups (stock vllm-ascend fails there with a reshape error; DeepSeek-R1 at tp 16 is one)."""
+    if group_size <= 0 or intermediate_per_rank % group_size == 0:
+        return
+    intermediate = intermediate_per_rank * tp_size
+    working = [
+        n
+        for n in range(1, SCALE_BIAS_CHUNKS + 1)
+        if SCALE_BIAS_CHUNKS % n == 0 and intermediate % n == 0 and (intermediate // n) % group_size == 0
+    ]
+    raise ValueError(
+        f"w4a8conv: per-group W4A8 with group_size {group_size} at MoE tensor-parallel size {tp_size} gives each "
+        f"rank {intermediate_per_rank} of moe_intermediate {intermediate} for down_proj, not a whole number of groups; "
+        f"use MoE tensor-parallel size {', '.join(map(str, working)) or '1'} or --enable-expert-parallel"
+    )
