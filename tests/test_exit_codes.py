@@ -1,4 +1,4 @@
-"""One table of error to exit code, followed by every command (README: exit codes)."""
+"""One table of error to exit code, followed by every command (docs/errors.md)."""
 
 from __future__ import annotations
 

@@ -340,14 +340,14 @@ def test_two_arrays_into_one_directory_never_mix(many_shards, single_run, tmp_pa
         assert tree_bytes(out) == tree_bytes(single_run)
 
 
-def test_the_readme_kubernetes_indexed_job_gives_the_single_run_bytes(many_shards, single_run, tmp_path):
-    """The README's Indexed Job, pod by pod: each runs the YAML's command with the JOB_COMPLETION_INDEX
+def test_the_documented_kubernetes_indexed_job_gives_the_single_run_bytes(many_shards, single_run, tmp_path):
+    """docs/job-arrays.md's Indexed Job, pod by pod: each runs the YAML's command with the JOB_COMPLETION_INDEX
     Kubernetes sets (no completion count is set: --array-size is the Job's completions); then finalize."""
     import re
     import shlex
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    job = readme.split("Kubernetes Indexed Job:")[1].split("```yaml\n")[1].split("```")[0]
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "job-arrays.md").read_text()
+    job = guide.split("Kubernetes Indexed Job:")[1].split("```yaml\n")[1].split("```")[0]
     completions = int(re.search(r"completions: (\d+)", job)[1])
     command = re.search(r"args:\n\s+- (w4a8conv convert .*?)\s+#", job, flags=re.S)[1]
     out = tmp_path / "out"

@@ -1,5 +1,5 @@
-"""The README's Slurm example on a real single-node Slurm (``make test-slurm``): the array script and
-its submission, copied from README.md, give the bytes of a single-process conversion; and the four ways
+"""The Slurm example of docs/job-arrays.md on a real single-node Slurm (``make test-slurm``): the array script and
+its submission, copied from that page, give the bytes of a single-process conversion; and the four ways
 it went wrong before (two arrays into one directory, a failed ``finalize --verify``, rerunning one task,
 a dependency that never fires after a retry)."""
 
@@ -21,18 +21,18 @@ from w4a8conv.verify import verify_conversion
 
 from .cluster import Cluster, missing_programs
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+GUIDE = Path(__file__).resolve().parents[2] / "docs" / "job-arrays.md"
 SRC, OUT = "/models/DeepSeek-R1-W4A8", "/models/DeepSeek-R1-W4A8-prepacked"
 
 
-def readme_blocks() -> list[str]:
-    """The README's bash blocks of the Slurm section, in order: the script, the submission, the rerun."""
-    section = README.read_text().split("Slurm: the array script")[1].split("Kubernetes Indexed Job:")[0]
+def guide_blocks() -> list[str]:
+    """The bash blocks of the Slurm section, in order: the script, the submission, the rerun."""
+    section = GUIDE.read_text().split("Slurm: the array script")[1].split("Kubernetes Indexed Job:")[0]
     return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
 
 
 def adapted(block: str, src: Path, out: Path) -> str:
-    """A README block for this machine: its paths, one CPU per task."""
+    """A block of the guide for this machine: its paths, one CPU per task."""
     text = block.replace(OUT, str(out)).replace(SRC, str(src))
     return text.replace("--workers 8", "--workers 1").replace("--cpus-per-task=8", "--cpus-per-task=1")
 
@@ -63,8 +63,8 @@ def checkpoints(tmp_path_factory):
 
 
 def submit_readme(cluster: Cluster, src: Path, out: Path, work: Path, script_prefix: str = "") -> tuple[str, str]:
-    """Write the README's convert.sbatch and run its submission block: (array job, finalize job)."""
-    script, submission, _ = readme_blocks()
+    """Write the guide's convert.sbatch and run its submission block: (array job, finalize job)."""
+    script, submission, _ = guide_blocks()
     text = adapted(script, src, out)
     if script_prefix:  # after the #SBATCH lines, which must come first
         lines = text.splitlines()
@@ -93,7 +93,7 @@ def test_two_arrays_into_one_directory_never_mix(cluster, checkpoints, tmp_path)
     array's tasks convert; every task of the other is refused (exit 2); the result is the winner's."""
     src, other, single = checkpoints
     out = tmp_path / "out"
-    script = adapted(readme_blocks()[0], src, out)
+    script = adapted(guide_blocks()[0], src, out)
     (tmp_path / "a.sbatch").write_text(script)
     (tmp_path / "b.sbatch").write_text(script.replace(str(src), str(other)))
     a = cluster.sbatch(str(tmp_path / "a.sbatch"), cwd=tmp_path)
@@ -119,7 +119,7 @@ def test_a_failed_finalize_verify_publishes_nothing(cluster, checkpoints, tmp_pa
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01  # same size: its share still looks done
     shard.write_bytes(bytes(data))
-    _, submission, _ = readme_blocks()
+    _, submission, _ = guide_blocks()
     finalize_command = re.search(r'"(w4a8conv finalize .*?)"', adapted(submission, src, out), flags=re.S)[1]
     final = cluster.sbatch("--wrap", finalize_command, cwd=tmp_path)
     assert cluster.wait(final)[final] == ("FAILED", "1:0")
@@ -132,14 +132,14 @@ def test_a_failed_finalize_verify_publishes_nothing(cluster, checkpoints, tmp_pa
 def _script(work: Path, src: Path, out: Path) -> Path:
     path = work / "convert.sbatch"
     work.mkdir(parents=True, exist_ok=True)
-    path.write_text(adapted(readme_blocks()[0], src, out))
+    path.write_text(adapted(guide_blocks()[0], src, out))
     return path
 
 
 def test_a_failed_task_rerun_as_the_readme_says_then_finalize(cluster, checkpoints, tmp_path):
-    """Task 2 fails once (a flaky node). An afterok finalize never starts; the README's afterany one
+    """Task 2 fails once (a flaky node). An afterok finalize never starts; the guide's afterany one
     runs and refuses the missing share; `sbatch --array=2 convert.sbatch` is refused rather than
-    converting share 0; the README's requeue and finalize again give the single run's bytes."""
+    converting share 0; the guide's requeue and finalize again give the single run's bytes."""
     src, _, single = checkpoints
     out, work = tmp_path / "out", tmp_path / "work"
     flaky = (
@@ -156,7 +156,7 @@ def test_a_failed_task_rerun_as_the_readme_says_then_finalize(cluster, checkpoin
     reason = cluster.run("squeue", "-h", "-j", never, "-o", "%r").stdout.strip()
     assert reason == "DependencyNeverSatisfied"
     cluster.run("scancel", never)
-    _, _, rerun = readme_blocks()
+    _, _, rerun = guide_blocks()
     commands = f"set -e\njob={array}\n" + adapted(rerun, src, out) + "\n"
     done = subprocess.run(["bash", "-c", commands], cwd=work, env=cluster.env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

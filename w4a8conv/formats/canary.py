@@ -29,8 +29,8 @@ _SCALAR = (str, int, float, bool, type(None))
 def engine_description(description: Mapping[str, Any], group_size: int | None) -> dict[str, Any]:
     """The description keys an engine reads for the unconverted checkpoint: the source's top-level
     scalars, with the group size its scale shapes give (users of the old API add it by hand)."""
-    keys = {k: v for k, v in description.items() if k not in tensor_entries(dict(description))}
-    kept = {k: v for k, v in keys.items() if isinstance(v, _SCALAR)}
+    per_tensor = tensor_entries(dict(description))  # once: per key it made planning quadratic in the tensors
+    kept = {k: v for k, v in description.items() if k not in per_tensor and isinstance(v, _SCALAR)}
     if group_size is not None:
         kept["group_size"] = group_size
     return dict(sorted(kept.items()))

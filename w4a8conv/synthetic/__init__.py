@@ -1,4 +1,5 @@
-"""Tiny synthetic msModelSlim checkpoints in every layout, for the demo and the tests.
+"""Synthetic msModelSlim checkpoints in every layout: tiny for the demo and the tests, or DeepSeek-shaped
+at any size for benchmarks, streamed to disk a projection at a time.
 
 A DeepSeek-like model: dense layers first, then MoE layers whose routed experts are W4A8_DYNAMIC,
 attention and shared experts W8A8_DYNAMIC, router and norms FLOAT. Every source layout is written

@@ -85,9 +85,6 @@ class FastRandom:
 class ShapeOnly:
     """Meta tensors: every shape and dtype of a layer, no values, no memory."""
 
-    def __init__(self, seed: int = 0) -> None:
-        pass
-
     @staticmethod
     def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device="meta")
