@@ -8,7 +8,6 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
 import typer
 
@@ -21,7 +20,7 @@ GROUP = typer.main.get_command(app)
 GLOBAL = {opt for param in GROUP.params for opt in (*param.opts, *param.secondary_opts)} | {"-h", "--help"}
 
 
-def _options(command: click.Command) -> set[str]:
+def _options(command) -> set[str]:
     return GLOBAL | {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
 
 
@@ -41,7 +40,10 @@ def _invocations(text: str) -> list[list[str]]:
     found = []
     for line in _code(text):
         for match in re.finditer(r"(?:^|[\s\"'(])w4a8conv((?:\s+[^\s\"'|;&)]+)*)", line):
-            found.append(match.group(1).split())
+            args = match.group(1).split()
+            # In prose ("no w4a8conv target ...") only a known command is an invocation.
+            if match.start() == 0 or (args and (args[0] in GROUP.commands or args[0].startswith("-"))):
+                found.append(args)
         words = line.split()
         if len(words) > 1 and words[0] in GROUP.commands and words[1].startswith("-"):
             found.append(words)
