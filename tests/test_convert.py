@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -224,6 +225,8 @@ def test_ci_progress_lines(source_checkpoints, tmp_path):
     verify_conversion(source_checkpoints["mindie"], tmp_path / "out", progress=LineProgress(console, interval=0))
     text = console.export_text()
     assert "converting" in text and "30/30 modules" in text.splitlines()[-1]
+    done, total = re.search(r": (\S+ \S+) of (\S+ \S+) read", text.splitlines()[-1]).groups()
+    assert done == total  # a full verify reads what its total says, no more and no less
 
 
 def test_a_long_step_that_reports_nothing_still_gets_progress_lines(tmp_path):

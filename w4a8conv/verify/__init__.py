@@ -133,7 +133,10 @@ def verify_conversion(
     chosen = prefixes if sample >= 1 else rng.sample(prefixes, max(1, math.ceil(sample * len(prefixes))))
     # What is read: every output file the manifest lists is hashed (shards, index, canary...), then the source.
     hashed = [dst / name for name in output_files(dst) if (dst / name).is_file() and not (dst / name).is_symlink()]
-    progress.start(sum(path.stat().st_size for path in hashed) + source.total_bytes, len(chosen))
+    # ...and the source's tensors: the pass-through ones and those of the modules checked (not its headers).
+    source_bytes = sum(info.nbytes for name, info in source.tensors.items() if name not in consumed)
+    source_bytes += sum(info.nbytes for prefix in chosen for _, info in sources(prefix, source.tensors))
+    progress.start(sum(path.stat().st_size for path in hashed) + source_bytes, len(chosen))
     if set(out_types) != set(out_tensors):
         extra = sorted(set(out_types) ^ set(out_tensors))[:1]
         report.problem(f"{dst / DESCRIPTION_FILE}: types and tensors differ, e.g. {extra[0]}")
