@@ -67,6 +67,7 @@ def reference() -> str:
     lines = [
         "# Command-line reference",
         "",
+        "What you get here: every command, argument and option, with its default, as `w4a8conv COMMAND -h` says it.",
         "Generated from the app by `scripts/cli_reference.py` (`make docs`); a test fails when it is stale.",
         "Every command takes `-h` / `--help`; `python -m w4a8conv` is the same as `w4a8conv`.",
         "",

@@ -118,10 +118,7 @@ def test_every_anchor_link_names_a_heading():
 @pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda p: p.name)
 def test_every_page_starts_with_what_a_reader_gets(page):
     first = page.read_text().split("\n\n")[1]
-    if page.name == "cli.md":
-        assert first.startswith("Generated from the app")
-    else:
-        assert first.startswith("What you get here:"), first
+    assert first.startswith("What you get here:"), first
 
 
 def test_the_readme_first_screen_has_install_first_conversion_and_serving():
