@@ -157,14 +157,18 @@ def bench_synthetic(data: Path, size_gb: float, repeats: int) -> dict:
     """`w4a8conv synthetic --size-gb` (DeepSeek-shaped, per-channel) against `dd` writing as many bytes,
     each timed until its bytes are on disk (fsync / sync), medians of ``repeats``."""
     target = data / "synthetic-bench"
-    written, runs, dd_runs = 0, [], []
+    written, runs, dd_runs, peaks = 0, [], [], []
     for _ in range(repeats):
         shutil.rmtree(target, ignore_errors=True)
         command = [CLI, "synthetic", str(target), "--size-gb", str(size_gb), "--layout", "v1.0.0-per-channel", "-q"]
         started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"failed: {' '.join(command)}")
         os.sync()
         runs.append(time.perf_counter() - started)
+        peaks.append(usage.ru_maxrss * 1024)
         written = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         shutil.rmtree(target)
         blocks = max(1, written >> 24)
@@ -184,6 +188,7 @@ def bench_synthetic(data: Path, size_gb: float, repeats: int) -> dict:
         "dd_seconds": round(dd_s, 2),
         "dd_gb_per_s": round((max(1, written >> 24) << 24) / dd_s / 1e9, 3),
         "fraction_of_dd": round((written / synthetic_s) / ((max(1, written >> 24) << 24) / dd_s), 2),
+        "synthetic_peak_rss_mb": round(statistics.median(peaks) / 1e6, 1),
     }
 
 
@@ -478,7 +483,8 @@ def print_table(results: dict) -> None:
         y = results["synthetic"]
         Console().print(
             f"synthetic: {y['bytes'] / 1e9:.2f} GB in {y['synthetic_seconds']} s ({y['synthetic_gb_per_s']} GB/s); "
-            f"dd: {y['dd_seconds']} s ({y['dd_gb_per_s']} GB/s); {y['fraction_of_dd']} of dd's rate"
+            f"dd: {y['dd_seconds']} s ({y['dd_gb_per_s']} GB/s); {y['fraction_of_dd']} of dd's rate; "
+            f"synthetic's peak RSS {y['synthetic_peak_rss_mb']} MB"
         )
     if "flat" in results:
         f = results["flat"]
