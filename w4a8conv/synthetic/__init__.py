@@ -169,7 +169,8 @@ class _BlockPlans:
         self.spec, self.layout = spec, layout
         self._first: dict[str, tuple[int | None, list[_Planned]]] = {}
 
-    def __call__(self, block: int | None) -> list[_Planned]:
+    def _template(self, block: int | None) -> tuple[int | None, list[_Planned]]:
+        """The first block of ``block``'s kind and its planned tensors, built in shape only once."""
         kind = _kind(self.spec, block)
         if kind not in self._first:
             tensors, types = build_tensors(self.spec, self.layout, block, shape_only=True)
@@ -178,7 +179,10 @@ class _BlockPlans:
                 for name, t in sorted(tensors.items(), key=lambda kv: natural_key(kv[0]))
             ]
             self._first[kind] = (block, planned)
-        first, planned = self._first[kind]
+        return self._first[kind]
+
+    def __call__(self, block: int | None) -> list[_Planned]:
+        first, planned = self._template(block)
         if block == first:
             return planned
         old, new = f"model.layers.{first}.", f"model.layers.{block}."
@@ -190,7 +194,8 @@ class _BlockPlans:
         return renamed
 
     def nbytes(self, block: int | None) -> int:
-        return sum(p.entry.nbytes for p in self(block))
+        """Its kind's bytes: sizes need no renaming (which costs 0.3 s over a 400 GB model)."""
+        return sum(p.entry.nbytes for p in self._template(block)[1])
 
 
 def block_bytes(spec: SyntheticSpec, layout: str) -> dict[int | None, int]:
