@@ -11,7 +11,7 @@ import w4a8conv
 PACKAGE = Path(w4a8conv.__file__).parent
 # Bottom first. Layers on one line may not import each other.
 LAYERS = [
-    {"errors", "names", "progress", "__init__"},
+    {"errors", "names", "experts", "progress", "__init__"},
     {"safetensors_io"},
     {"formats"},
     {"reading"},

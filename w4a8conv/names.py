@@ -28,10 +28,9 @@ PROCESSED_FORMAT = "processed"  # what inspect calls a w4a8conv output
 
 SCALE_BIAS_CHUNKS = 16  # msModelSlim's input chunks of a row-parallel scale_bias
 MAX_MOE_TP = 16  # vllm-ascend's MoE tensor-parallel limit, set by those chunks
-# Row-parallel projections: tensor parallelism splits their input dim, so scale_bias keeps chunks.
-ROW_PARALLEL = frozenset({"down_proj", "o_proj", "out_proj", "dense_4h_to_h", "wo"})
-MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-MOE_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+# Row-parallel projections: tensor parallelism splits their input dim, so scale_bias keeps chunks
+# (w2: an expert's or a shared expert's down projection where w1/w2/w3 name them).
+ROW_PARALLEL = frozenset({"down_proj", "o_proj", "out_proj", "dense_4h_to_h", "wo", "w2"})
 # The tensors of one W4A8 projection in a source checkpoint, by role (``<prefix>.<role>``).
 SOURCE_ROLES = (
     "weight",

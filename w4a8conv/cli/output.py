@@ -125,6 +125,7 @@ class Output:
                     else ""
                 ),
             ),
+            ("experts", report.experts_naming or "-"),
             ("other quant types", ", ".join(f"{k}: {v}" for k, v in report.other_quant_types.items()) or "-"),
             ("params dtype", report.params_dtype),
             ("shards / tensors", f"{report.shards} / {report.tensors}"),

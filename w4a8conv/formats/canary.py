@@ -19,7 +19,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..names import CANARY_FILE, MOE_EXPERT, ROW_PARALLEL, natural_key, tensor_entries
+from ..experts import parse_expert
+from ..names import CANARY_FILE, ROW_PARALLEL, natural_key, tensor_entries
 from ..safetensors_io import OutputEntry, TensorInfo, layout_header
 
 CANARY_METADATA = {"format": "pt", "w4a8conv": "canary: source tensors, not weights to load"}
@@ -43,20 +44,20 @@ def canary_spec(modules: Iterable, engine_keys: Mapping[str, Any]) -> dict[str, 
     ``modules``: the plan's projections, in plan order.
     """
     modules = list(modules)
-    experts = [(m, MOE_EXPERT.match(m.prefix)) for m in modules if m.is_moe]
+    experts = [(m, parse_expert(m.prefix)) for m in modules if m.is_moe]
     linears = [m for m in modules if not m.is_moe]
     if not experts and not linears:
         return None
     spec: dict[str, Any] = {"file": CANARY_FILE, "moe_layer": None, "expert": None, "linear": None}
     tensors: list[str] = []
     if experts:
-        first_layer = min((match["layer"] for _, match in experts), key=natural_key)
-        expert = min(int(match["expert"]) for _, match in experts if match["layer"] == first_layer)
+        first_layer = min((name.layer for _, name in experts), key=natural_key)
+        expert = min(name.expert for _, name in experts if name.layer == first_layer)
         spec["moe_layer"], spec["expert"] = first_layer, expert
         tensors += [
             info.name
-            for m, match in experts
-            if match["layer"] == first_layer and int(match["expert"]) == expert
+            for m, name in experts
+            if name.layer == first_layer and name.expert == expert
             for info in m.sources.values()
         ]
     if linears:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..experts import describe_naming, parse_expert
 from ..formats.targets import DEFAULT_TARGET
 from ..names import (
     DESCRIPTION_FILE,
-    MOE_EXPERT,
     PREPACKED_TYPE,
     PROCESSED_FORMAT,
     TOOL_SECTION,
@@ -39,6 +39,7 @@ class InspectReport:
     moe_layers: int
     experts: int
     experts_per_layer: int | list[int]
+    experts_naming: str | None  # e.g. "w1/w2/w3, DeepSeek-V4 naming, MTP layer included"
     hidden_size: int | None
     moe_intermediate_size: int | None
     other_quant_types: dict[str, int]
@@ -108,6 +109,11 @@ def inspect_checkpoint(path: Path | str, target: str | None = None) -> InspectRe
         moe_layers=summary.moe_layers,
         experts=summary.experts,
         experts_per_layer=experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
+        experts_naming=describe_naming(
+            [layer.prefix for layer in plan.moe_layers],
+            {parse_expert(p.prefix).naming for p in plan.modules if p.is_moe},
+            _decoder_layers(ckpt),
+        ),
         hidden_size=hidden or None,
         moe_intermediate_size=intermediate or None,
         other_quant_types=dict(plan.other_quant_types),
@@ -141,6 +147,14 @@ def _canary_summary(section: dict) -> dict:
     return {"canary": f"{canary.get('file')}: {', '.join(held)} (sha256 {digest}...)"}
 
 
+def _decoder_layers(ckpt: Checkpoint) -> int | None:
+    """config.json's decoder layer count (an MoE layer numbered past it is an MTP layer), if it says."""
+    config = ckpt.config if isinstance(ckpt.config, dict) else {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layers = text.get("num_hidden_layers")
+    return layers if isinstance(layers, int) and not isinstance(layers, bool) else None
+
+
 def _common(path: Path | str, ckpt: Checkpoint) -> dict:
     return {
         "path": str(path),
@@ -159,6 +173,7 @@ def _processed(ckpt: Checkpoint) -> dict:
     types = tensor_entries(ckpt.description)
     problems: list[str] = []
     layers: dict[str, set[int]] = {}
+    namings = set()
     modules = linear = 0
     other: dict[str, int] = {}
     for name, quant_type in types.items():
@@ -171,9 +186,10 @@ def _processed(ckpt: Checkpoint) -> dict:
         modules += 1
         if name not in ckpt.tensors:
             problems.append(f"{ckpt.root / DESCRIPTION_FILE}: lists tensor {name}, which no shard holds")
-        match = MOE_EXPERT.match(name[: -len(".weight")])
-        if match:
-            layers.setdefault(match["layer"], set()).add(int(match["expert"]))
+        expert = parse_expert(name[: -len(".weight")])
+        if expert is not None:
+            layers.setdefault(expert.layer, set()).add(expert.expert)
+            namings.add(expert.naming)
         else:
             linear += 1
     if not modules:
@@ -190,6 +206,7 @@ def _processed(ckpt: Checkpoint) -> dict:
         "moe_layers": len(layers),
         "experts": sum(len(experts) for experts in layers.values()),
         "experts_per_layer": experts_per_layer[0] if len(experts_per_layer) == 1 else experts_per_layer,
+        "experts_naming": describe_naming(sorted(layers), namings, _decoder_layers(ckpt)),
         "hidden_size": None,
         "moe_intermediate_size": None,
         "other_quant_types": dict(sorted(other.items())),

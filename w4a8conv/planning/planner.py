@@ -12,6 +12,7 @@ import math
 from dataclasses import replace
 
 from .. import __version__
+from ..experts import ROLES, parse_expert
 from ..formats.canary import canary_spec
 from ..formats.projection import Projection
 from ..formats.sources import ModuleHeaders, detect_source
@@ -22,8 +23,6 @@ from ..names import (
     FORMAT_VERSION,
     INDEX_SUFFIX,
     MANIFEST_FILE,
-    MOE_EXPERT,
-    MOE_PROJECTIONS,
     PREPACKED_TYPE,
     SCALE_BIAS_CHUNKS,
     SOURCE_ROLES,
@@ -200,10 +199,9 @@ def _module_headers(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Modul
             )
         else:
             group_size = in_features // groups
-    match = MOE_EXPERT.match(prefix)
     return ModuleHeaders(
         prefix=prefix,
-        proj_name=match["proj"] if match else prefix.rsplit(".", 1)[-1],
+        proj_name=prefix.rsplit(".", 1)[-1],
         sources=sources,
         out_features=out_features,
         in_features=in_features,
@@ -228,7 +226,7 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
         )
     projection = Projection(
         prefix=prefix,
-        is_moe=MOE_EXPERT.match(prefix) is not None,
+        is_moe=parse_expert(prefix) is not None,
         layout=layout,
         out_features=module.out_features,
         in_features=module.in_features,
@@ -252,19 +250,26 @@ def _plan_projection(ckpt: Checkpoint, prefix: str, problems: list[str]) -> Proj
 
 def _moe_layers(projections: list[Projection], problems: list[str]) -> list[MoELayer]:
     by_layer: dict[str, dict[int, dict[str, Projection]]] = {}
+    namings: dict[str, set[str]] = {}
     for p in projections:
-        match = MOE_EXPERT.match(p.prefix)
-        if match:
-            by_layer.setdefault(match["layer"], {}).setdefault(int(match["expert"]), {})[match["proj"]] = p
+        name = parse_expert(p.prefix)
+        if name is not None:
+            by_layer.setdefault(name.layer, {}).setdefault(name.expert, {})[name.role] = p
+            namings.setdefault(name.layer, set()).add(name.naming.label)
     layers: list[MoELayer] = []
     for layer_prefix, experts in sorted(by_layer.items(), key=lambda kv: natural_key(kv[0])):
+        if len(namings[layer_prefix]) > 1:
+            problems.append(f"{layer_prefix}: experts mix the namings {' and '.join(sorted(namings[layer_prefix]))}")
+            continue
         shapes = set()
         for expert, projs in sorted(experts.items()):
-            missing = [name for name in MOE_PROJECTIONS if name not in projs]
+            missing = [role for role in ROLES if role not in projs]
             if missing:
-                problems.append(f"{layer_prefix}.{expert}: W4A8 expert lacks {', '.join(missing)}")
+                naming = parse_expert(next(iter(projs.values())).prefix).naming
+                lacks = ", ".join(naming.name_of(role) for role in missing)
+                problems.append(f"{layer_prefix}.{expert}: W4A8 expert lacks {lacks}")
                 continue
-            gate, up, down = (projs[name] for name in MOE_PROJECTIONS)
+            gate, up, down = (projs[role] for role in ROLES)
             shapes.add(
                 (
                     gate.in_features,

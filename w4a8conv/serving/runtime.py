@@ -10,7 +10,6 @@ The results have the names, dtypes and shapes vllm-ascend 0.23 holds after
 from __future__ import annotations
 
 import json
-import re
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -18,13 +17,13 @@ import torch
 from safetensors import safe_open
 
 from ..errors import BadInputError
+from ..experts import ExpertNaming, parse_expert
 from ..formats.scales import sum_scale_bias_chunks
 from ..formats.sources import get_source
 from ..names import (
     DESCRIPTION_FILE,
     INDEX_SUFFIX,
     MAX_MOE_TP,
-    MOE_PROJECTIONS,
     TOOL_SECTION,
     format_problem,
 )
@@ -79,11 +78,21 @@ class ProcessedCheckpoint:
         return out
 
     def experts(self, prefix: str) -> list[int]:
-        pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.gate_proj\.weight$")
-        found = sorted(int(m[1]) for m in map(pattern.match, self.weight_map) if m)
+        """The experts' numbers under ``prefix`` (whose gate projection the checkpoint holds)."""
+        return sorted(self._experts(prefix)[0])
+
+    def _experts(self, prefix: str) -> tuple[set[int], ExpertNaming]:
+        found: dict[int, ExpertNaming] = {}
+        for name in self.weight_map:
+            expert = parse_expert(name[: -len(".weight")]) if name.endswith(".weight") else None
+            if expert is not None and expert.layer == prefix and expert.role == "gate":
+                found[expert.expert] = expert.naming
+        namings = set(found.values())
         if not found:
             raise BadInputError(f"{self.path}: no experts under {prefix}")
-        return found
+        if len(namings) > 1:
+            raise BadInputError(f"{self.path}: experts under {prefix} mix the namings of {len(namings)} families")
+        return set(found), namings.pop()
 
     def load_moe(
         self,
@@ -96,7 +105,8 @@ class ProcessedCheckpoint:
         """The fused MoE tensors of one layer for one tensor-parallel rank.
 
         Args:
-            prefix: the experts' prefix, e.g. ``model.layers.3.mlp.experts``.
+            prefix: the experts' prefix, e.g. ``model.layers.3.mlp.experts`` (``layers.3.ffn.experts``
+                for DeepSeek-V4: the checkpoint's own names, whichever naming of ``w4a8conv.experts``).
             tp_size: MoE tensor-parallel size; 1 for expert parallelism (every expert whole).
             tp_rank: this rank, ``0 <= tp_rank < tp_size``.
             device: where the tensors are loaded.
@@ -111,7 +121,9 @@ class ProcessedCheckpoint:
         """
         if not 1 <= tp_size <= MAX_MOE_TP or not 0 <= tp_rank < tp_size:
             raise BadInputError(f"tp_size {tp_size} / tp_rank {tp_rank}: need 1 <= tp_size <= 16, 0 <= rank < size")
-        available = self.experts(prefix)
+        numbers, naming = self._experts(prefix)
+        available = sorted(numbers)
+        gate, up, down = naming.gate, naming.up, naming.down
         missing = sorted(set(experts or []) - set(available))
         if missing:
             raise BadInputError(f"{self.path}: no expert {missing[0]} under {prefix}")
@@ -120,31 +132,27 @@ class ProcessedCheckpoint:
         names = [
             f"{prefix}.{e}.{proj}.{role}"
             for e in experts
-            for proj in MOE_PROJECTIONS
+            for proj in (gate, up, down)
             for role in ("weight", "weight_scale", "scale_bias")
         ]
         t = self.tensors(names, device)
         w13, w2, s13, s2, b13, b2 = [], [], [], [], [], []
         for e in experts:
             p = f"{prefix}.{e}"
-            inter = t[f"{p}.gate_proj.scale_bias"].shape[0]
+            inter = t[f"{p}.{gate}.scale_bias"].shape[0]
             cols = _rank_range(inter, tp_size, tp_rank, 8, f"{p}: moe_intermediate {inter}")
-            w13.append(
-                torch.cat(
-                    [t[f"{p}.{x}.weight"][:, cols.start // 8 : cols.stop // 8] for x in ("gate_proj", "up_proj")], -1
-                )
-            )
-            s13.append(torch.cat([t[f"{p}.{x}.weight_scale"][:, cols] for x in ("gate_proj", "up_proj")], -1))
-            b13.append(torch.cat([t[f"{p}.{x}.scale_bias"][cols] for x in ("gate_proj", "up_proj")]))
-            w2.append(t[f"{p}.down_proj.weight"][cols])
+            w13.append(torch.cat([t[f"{p}.{x}.weight"][:, cols.start // 8 : cols.stop // 8] for x in (gate, up)], -1))
+            s13.append(torch.cat([t[f"{p}.{x}.weight_scale"][:, cols] for x in (gate, up)], -1))
+            b13.append(torch.cat([t[f"{p}.{x}.scale_bias"][cols] for x in (gate, up)]))
+            w2.append(t[f"{p}.{down}.weight"][cols])
             if per_group:
                 g = self.group_size
                 _rank_range(inter, tp_size, tp_rank, g, f"{p}: moe_intermediate {inter} with group_size {g}")
-                s2.append(t[f"{p}.down_proj.weight_scale"][cols.start // g : cols.stop // g])
+                s2.append(t[f"{p}.{down}.weight_scale"][cols.start // g : cols.stop // g])
             else:
-                s2.append(t[f"{p}.down_proj.weight_scale"])
-            chunks = t[f"{p}.down_proj.scale_bias"]
-            mine = _rank_range(chunks.shape[1], tp_size, tp_rank, 1, f"{p}.down_proj.scale_bias chunks")
+                s2.append(t[f"{p}.{down}.weight_scale"])
+            chunks = t[f"{p}.{down}.scale_bias"]
+            mine = _rank_range(chunks.shape[1], tp_size, tp_rank, 1, f"{p}.{down}.scale_bias chunks")
             b2.append(chunks[:, mine])
         w13_scale = torch.stack(s13)
         return {

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..experts import parse_expert
 from ..formats.sources.oracle import SourceArrays
-from ..names import MOE_EXPERT, ZERO_ROLES
+from ..names import ZERO_ROLES
 from ..safetensors_io import TensorInfo
 from .arrays import array, round_to, source_layout, source_scales
 from .report import VerifyReport
 
 
 def is_moe(prefix: str) -> bool:
-    return MOE_EXPERT.match(prefix) is not None
+    return parse_expert(prefix) is not None
 
 
 def kernel_scale(prefix: str, scale: np.ndarray, second: np.ndarray | None, params_dtype: str) -> np.ndarray:

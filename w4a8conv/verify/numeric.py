@@ -6,13 +6,12 @@ float computation starts from the source's int4 values and scales.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 
+from ..experts import ROLES, parse_expert
 from ..formats.sources.oracle import dequantized
-from ..names import MOE_PROJECTIONS
 from .arrays import source_module
 from .modules import kernel_scale
 from .report import VerifyReport
@@ -37,10 +36,12 @@ def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: Ve
     ckpt = ProcessedCheckpoint(dst)
     params_dtype = section.get("params_dtype", "bfloat16")
     layers: dict[str, set[int]] = {}
+    naming_of = {}
     for prefix in prefixes:
-        match = re.match(r"(.+\.experts)\.(\d+)\.", prefix + ".")
-        if match:
-            layers.setdefault(match[1], set()).add(int(match[2]))
+        expert = parse_expert(prefix)
+        if expert is not None:
+            layers.setdefault(expert.layer, set()).add(expert.expert)
+            naming_of[expert.layer] = expert.naming
             continue
         values, scale, second = source_module(prefix, src)
         x, pts = _activations(rng, values.shape[1])
@@ -51,11 +52,11 @@ def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: Ve
         chosen = sorted(experts)[:_NUMERIC_EXPERTS]
         values, kernel = {}, {}
         for e in chosen:
-            for proj in MOE_PROJECTIONS:
-                prefix = f"{layer}.{e}.{proj}"
+            for role in ROLES:
+                prefix = f"{layer}.{e}.{naming_of[layer].name_of(role)}"
                 v, s1, s2 = source_module(prefix, src)
-                values[(e, proj)], kernel[(e, proj)] = v, kernel_scale(prefix, s1, s2, params_dtype)
-        hidden = values[(chosen[0], "gate_proj")].shape[1]
+                values[(e, role)], kernel[(e, role)] = v, kernel_scale(prefix, s1, s2, params_dtype)
+        hidden = values[(chosen[0], "gate")].shape[1]
         x, pts = _activations(rng, hidden)
         top_k = min(2, len(chosen))
         slots = np.stack([rng.permutation(len(chosen))[:top_k] for _ in range(_NUMERIC_TOKENS)])
@@ -64,19 +65,19 @@ def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: Ve
         for t in range(_NUMERIC_TOKENS):
             for slot, weight in zip(slots[t], weights[t], strict=True):
                 e = chosen[slot]
-                g = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "gate_proj")], kernel[(e, "gate_proj")])
-                u = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "up_proj")], kernel[(e, "up_proj")])
+                g = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "gate")], kernel[(e, "gate")])
+                u = _float_matmul(x[t : t + 1], pts[t : t + 1], values[(e, "up")], kernel[(e, "up")])
                 act = g / (1 + np.exp(-g)) * u
                 q_scale = np.maximum(np.abs(act).max(-1), 1e-12) / 127.0
                 q = np.clip(np.round(act / q_scale[:, None]), -128, 127)
-                expected[t] += weight * _float_matmul(q, q_scale, values[(e, "down_proj")], kernel[(e, "down_proj")])[0]
+                expected[t] += weight * _float_matmul(q, q_scale, values[(e, "down")], kernel[(e, "down")])[0]
         tensors = ckpt.load_moe(layer, experts=chosen)
         for slot, e in enumerate(chosen):  # each matmul alone: tight, a wrong bias or scale shows
-            gate_up = (e, "gate_proj"), (e, "up_proj")
+            gate_up = (e, "gate"), (e, "up")
             w13_values = np.concatenate([values[key] for key in gate_up])
             w13_scale = np.concatenate([kernel[key] for key in gate_up])
             _check_matmul(f"{layer}.{e} w13", w13_values, w13_scale, tensors, "w13", slot, rng, report)
-            down = (e, "down_proj")
+            down = (e, "down")
             _check_matmul(f"{layer}.{e} w2", values[down], kernel[down], tensors, "w2", slot, rng, report)
         got = reference.moe(
             torch.from_numpy(x), torch.from_numpy(pts), torch.from_numpy(slots), torch.from_numpy(weights), tensors

@@ -29,12 +29,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ...names import CANARY_FILE, CANARY_SKIP_ENV, INDEX_SUFFIX, MOE_PROJECTIONS, ROW_PARALLEL
+from ...experts import ROLE_OF
+from ...names import CANARY_FILE, CANARY_SKIP_ENV, INDEX_SUFFIX, ROW_PARALLEL
 from .log import log
 
 # Left on the layer by the engine but read by no W4A8 kernel: symmetric quantization's zero offsets.
 UNREAD = ("_offset", "_offset_second")
-_MOE_SHARDS = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}
+# vLLM's FusedMoE parameter and shard id of each expert role, whatever the checkpoint calls it
+_MOE_SHARDS = {"gate": ("w13", "w1"), "up": ("w13", "w3"), "down": ("w2", "w2")}
 _FP32_UNIT = 2.0**-24
 
 
@@ -374,7 +376,8 @@ def check_moe(
     names = [n for n in spec["tensors"] if n.startswith(prefix + ".")]
     source = canary.tensors(names)
     roles = ("weight", "weight_scale", "scale_bias")
-    converted = canary.converted([f"{prefix}.{p}.{r}" for p in MOE_PROJECTIONS for r in roles])
+    projections = sorted({name[len(prefix) + 1 :].split(".", 1)[0] for name in names})  # as the checkpoint names them
+    converted = canary.converted([f"{prefix}.{p}.{r}" for p in projections for r in roles])
     intermediate, hidden, dtype = shape
     expert = _local_expert_zero(layer)
     adapter = type(layer.quant_method)
@@ -387,14 +390,14 @@ def check_moe(
         _mark_unloaded(target)
         for name, tensor in tensors.items():
             proj, role = name[len(prefix) + 1 :].split(".", 1)
-            param_name, shard = _MOE_SHARDS[proj]
+            param_name, shard = _MOE_SHARDS[ROLE_OF[proj]]
             param = getattr(target, f"{param_name}_{role}", None)
             if param is not None:
                 param.weight_loader(param, tensor, f"{param_name}_{role}", shard_id=shard, expert_id=expert)
         return target
 
     def bound() -> float:
-        return max(bias_bound(source, f"{prefix}.{p}") for p in MOE_PROJECTIONS)
+        return max(bias_bound(source, f"{prefix}.{p}") for p in projections)
 
     return _run_both(canary, f"MoE expert {prefix}", load, engine_scheme, source, converted, process, bound)
 
