@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Container
 
 DESCRIPTION_FILE = "quant_model_description.json"
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -62,9 +63,10 @@ def format_problem(section: object) -> str | None:
     return None
 
 
-def tensor_entries(description: dict) -> dict[str, str]:
-    """The per-tensor part of a description (top-level keys such as ``version`` carry no dot)."""
-    return {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+def tensor_entries(description: dict, tensors: Container[str] = ()) -> dict[str, str]:
+    """The per-tensor part of a description: keys with a dot, and keys naming one of ``tensors`` (the
+    checkpoint's), as DeepSeek-V4's ``hc_head_fn``. Its top-level keys (``version``...) name no tensor."""
+    return {k: v for k, v in description.items() if isinstance(v, str) and ("." in k or k in tensors)}
 
 
 # The canary: one MoE expert's (and one W4A8 Linear's) source tensors, byte for byte, beside the

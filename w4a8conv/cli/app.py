@@ -38,6 +38,7 @@ import typer
 from .. import __version__
 from ..converting.devices import DEVICE_CHOICES
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Terminated, exit_status, interruption
+from ..formats.families import FAMILIES, FAMILY_NAMES
 from ..formats.sources import SOURCE_NAMES, SOURCES
 from ..formats.targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
 from .output import Output, group_words, human_bytes, plural
@@ -515,7 +516,7 @@ def finalize(
         output.info(f"finalized {dst}: {plural(summary.shards, 'shard')}, {plural(summary.modules, 'W4A8 module')}")
 
 
-@app.command(short_help="Write a synthetic DeepSeek-like W4A8_DYNAMIC checkpoint.")
+@app.command(short_help="Write a synthetic W4A8_DYNAMIC checkpoint of a model family.")
 @handle_errors
 def synthetic(
     path: Annotated[Path, typer.Argument(help="Directory to write (must not exist or be empty).", show_default=False)],
@@ -526,24 +527,44 @@ def synthetic(
             help="The source layout: " + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES),
         ),
     ] = SOURCE_NAMES[0],
+    family: Annotated[
+        str,
+        typer.Option(
+            metavar=choices(FAMILY_NAMES),
+            help="The model family whose tensor names, recipe and config.json msModelSlim writes: "
+            + "; ".join(f"{n}: {FAMILIES[n].label}" for n in FAMILY_NAMES)
+            + ". See docs/formats.md.",
+        ),
+    ] = FAMILY_NAMES[0],
     seed: Annotated[int, typer.Option(help="Seed of the random int4 values and scales.")] = 0,
     hidden: Annotated[
         int | None,
-        typer.Option(help="hidden_size. Default 128; with --size-gb 7168 (DeepSeek-R1).", show_default=False),
+        typer.Option(
+            help="hidden_size. Default 128; with --size-gb the family's (DeepSeek-R1: 7168).", show_default=False
+        ),
     ] = None,
     intermediate: Annotated[
         int | None,
-        typer.Option(help="moe_intermediate_size. Default 64; with --size-gb 2048 (DeepSeek-R1).", show_default=False),
+        typer.Option(
+            help="moe_intermediate_size. Default 64; with --size-gb the family's (DeepSeek-R1: 2048).",
+            show_default=False,
+        ),
     ] = None,
     experts: Annotated[
         int | None,
         typer.Option(
-            help="Routed experts per MoE layer. Default 4; with --size-gb scaled to it (16 at 2 GB, 256 from 32 GB, "
-            "as DeepSeek-R1).",
+            help="Routed experts per MoE layer. Default 4; with --size-gb scaled to it (16 at 2 GB, up to the "
+            "family's: DeepSeek-R1's 256 from 32 GB).",
             show_default=False,
         ),
     ] = None,
-    dense_layers: Annotated[int, typer.Option(help="Dense decoder layers first (DeepSeek-R1: 3).")] = 1,
+    dense_layers: Annotated[
+        int | None,
+        typer.Option(
+            help="Dense decoder layers first. Default 1, 0 for families without any (DeepSeek-V4, Qwen3.5-MoE).",
+            show_default=False,
+        ),
+    ] = None,
     moe_layers: Annotated[
         int | None,
         typer.Option(help="MoE decoder layers after them (DeepSeek-R1: 58). Default 2.", show_default=False),
@@ -551,8 +572,9 @@ def synthetic(
     size_gb: Annotated[
         float | None,
         typer.Option(
-            help="About this many GB of shards, DeepSeek-shaped: hidden 7168, moe_intermediate 2048, group size 256, "
-            "the experts and MoE layers scaled to the size (at least one layer, about 0.5 GB); shape options given "
+            help="About this many GB of shards in the family's public shapes (DeepSeek-R1: hidden 7168, "
+            "moe_intermediate 2048), group size 256, the experts and MoE layers scaled to the size (at least one "
+            "layer, about 0.5 GB); shape options given "
             "explicitly win. Not with --moe-layers.",
             show_default=False,
         ),
@@ -574,13 +596,22 @@ def synthetic(
     *,
     output: Output,
 ) -> None:
-    """Write a synthetic DeepSeek-like W4A8_DYNAMIC checkpoint as msModelSlim (or LLM-Compressor) writes it:
-    tiny by default (for demos and tests), any size with the shape options."""
+    """Write a synthetic W4A8_DYNAMIC checkpoint of a model family as msModelSlim (or LLM-Compressor) writes
+    it: tiny by default (for demos and tests), any size with the shape options."""
     from ..errors import BadInputError
     from ..synthetic import SyntheticSpec, moe_layers_for, write_checkpoint
 
     if layout not in SOURCE_NAMES:
         raise BadInputError(f"--layout {layout}: choose one of {', '.join(SOURCE_NAMES)}")
+    if family not in FAMILY_NAMES:
+        raise BadInputError(f"--family {family}: choose one of {', '.join(FAMILY_NAMES)}")
+    if SOURCES[layout].described_by_config and family != FAMILY_NAMES[0]:
+        raise BadInputError(
+            f"--layout {layout} --family {family}: LLM-Compressor's layout is written for {FAMILY_NAMES[0]} only"
+        )
+    model = FAMILIES[family]
+    if dense_layers is None:
+        dense_layers = min(1, model.public.dense_layers)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BadInputError(f"{path}: exists and is not an empty directory")
     if size_gb is not None and moe_layers is not None:
@@ -598,15 +629,15 @@ def synthetic(
     scaled = size_gb is not None  # DeepSeek-shaped, scaled to the size
     if shards is None:
         shards = max(4, round(size_gb / 4)) if scaled else 4
-    hidden = hidden if hidden is not None else (7168 if scaled else 128)
-    intermediate = intermediate if intermediate is not None else (2048 if scaled else 64)
+    hidden = hidden if hidden is not None else (model.public.hidden if scaled else 128)
+    intermediate = intermediate if intermediate is not None else (model.public.intermediate if scaled else 64)
     if group_size is None:  # DeepSeek's 256 at scale, or the largest that divides the shapes given
         fits = [g for g in (256, 128, 64, 32, 16) if hidden % g == 0 and intermediate % g == 0]
         group_size = (fits[0] if fits else 256) if scaled else 32
     if group_size <= 0:
         raise BadInputError(f"--group-size {group_size}: must be positive")
     if experts is None:
-        experts = min(256, 1 << max(3, int(math.log2(max(1.0, 8 * size_gb))))) if scaled else 4
+        experts = min(model.public.experts, 1 << max(3, int(math.log2(max(1.0, 8 * size_gb))))) if scaled else 4
     for name, value, step in (("--hidden", hidden, group_size), ("--intermediate", intermediate, group_size)):
         if value < 16 or value % 16 or value % step:
             raise BadInputError(f"{name} {value}: needs a positive multiple of 16 and of --group-size {group_size}")
@@ -623,6 +654,7 @@ def synthetic(
         # DeepSeek-R1, but most of a few-GB model: left out at scale, as the bench leaves them out.
         mtp_layers=0 if scaled else 1,
         quarot=not scaled,
+        family=family,
     )
     if size_gb is not None:
         spec = moe_layers_for(spec, layout, size_gb * 1e9)
@@ -636,11 +668,18 @@ def synthetic(
     size = open_checkpoint(path).total_bytes  # its shards, as inspect and convert count them
     if output.json_mode:
         output.emit_json(
-            {"ok": True, "out_dir": str(path), "layout": layout, "moe_layers": spec.moe_layers, "input_bytes": size}
+            {
+                "ok": True,
+                "out_dir": str(path),
+                "layout": layout,
+                "family": family,
+                "moe_layers": spec.moe_layers,
+                "input_bytes": size,
+            }
         )
     else:
         output.info(
-            f"wrote a synthetic {layout} checkpoint to {path}: {plural(spec.moe_layers, 'MoE layer')}, "
+            f"wrote a synthetic {model.label} {layout} checkpoint to {path}: {plural(spec.moe_layers, 'MoE layer')}, "
             f"{human_bytes(size)} of shards"
         )
 

@@ -170,7 +170,7 @@ def _common(path: Path | str, ckpt: Checkpoint) -> dict:
 def _processed(ckpt: Checkpoint) -> dict:
     """A w4a8conv output: its processed modules (it converts nothing)."""
     section = ckpt.description.get(TOOL_SECTION) or {}
-    types = tensor_entries(ckpt.description)
+    types = tensor_entries(ckpt.description, ckpt.tensors)
     problems: list[str] = []
     layers: dict[str, set[int]] = {}
     namings = set()

@@ -52,7 +52,7 @@ def build_plan(
         checksums: whether the output gets a sha256 manifest (the description says so).
     """
     serving = get_target(target)
-    types = tensor_entries(ckpt.description)
+    types = tensor_entries(ckpt.description, ckpt.tensors)
     description_path = ckpt.description_path or ckpt.root / CONFIG_FILE
     other_types: dict[str, int] = {}
     for name, quant_type in types.items():
@@ -341,7 +341,7 @@ def _processed_description(
     ``consumed``: the source tensors the modules read; ``shards``: the output, whose entries after the
     pass-through ones are the modules' outputs (:func:`~.plan.shard_entries`).
     """
-    entries = tensor_entries(ckpt.description)
+    entries = tensor_entries(ckpt.description, ckpt.tensors)
     description = {k: v for k, v in ckpt.description.items() if k not in entries}
     description["group_size"] = group_size
     for name, quant_type in entries.items():

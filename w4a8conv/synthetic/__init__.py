@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..formats.families import DEFAULT_FAMILY, FAMILIES, Family
 from ..formats.sources import get_source
 from ..names import DESCRIPTION_FILE, INDEX_SUFFIX, W4A8_TYPE, natural_key
 from ..progress import Progress
@@ -63,10 +64,20 @@ class SyntheticSpec:
     style: str = "msmodelslim"  # see STYLES; "legacy" also keeps the old writer's torch draws
     mtp_layers: int = 1  # DeepSeek's multi-token-prediction layer: experts named like W4A8's, typed W8A8_DYNAMIC
     quarot: bool = True  # msModelSlim's QuaRot: a global rotation in optional/quarot.safetensors
+    family: str = DEFAULT_FAMILY  # whose names, recipe and config (see families.FAMILIES)
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"style {self.style!r}: one of {', '.join(STYLES)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: one of {', '.join(FAMILIES)}")
+
+    @property
+    def model(self) -> Family:
+        return FAMILIES[self.family]
+
+    def layer_prefix(self, block: int) -> str:
+        return self.model.layer_prefix(block, self.dense_layers + self.moe_layers)
 
 
 @dataclass(frozen=True)
@@ -97,19 +108,22 @@ def _attention(spec: SyntheticSpec) -> tuple[str, str]:
 def _w4a8_prefixes(spec: SyntheticSpec, layout: str, layers: Iterable[int]) -> list[tuple[str, int, int, bool]]:
     """(prefix, out, in, row_parallel) of every W4A8 projection in ``layers``."""
     h, i = spec.hidden, spec.intermediate
+    family, naming = spec.model, spec.model.naming
     out = []
     for layer in layers:
-        base = f"model.layers.{layer}"
-        if layer not in _decoder_layers(spec):
-            continue  # an MTP layer: its experts are W8A8
-        if spec.w4a8_linear and get_source(layout).synthetic_linear:
+        base = spec.layer_prefix(layer)
+        mtp = layer not in _decoder_layers(spec)
+        if mtp and family.mtp_experts != W4A8_TYPE:
+            continue  # an MTP layer whose experts the family's recipe leaves W8A8 or unquantized
+        if spec.w4a8_linear and family.w4a8_linear and not mtp and get_source(layout).synthetic_linear:
             column, row = _attention(spec)
             out.append((f"{base}.self_attn.{column}", h, h, False))
             out.append((f"{base}.self_attn.{row}", h, h, True))
         if layer >= spec.dense_layers:
             for e in range(spec.experts):
-                p = f"{base}.mlp.experts.{e}"
-                out += [(f"{p}.gate_proj", i, h, False), (f"{p}.up_proj", i, h, False), (f"{p}.down_proj", h, i, True)]
+                p = f"{base}.{family.mlp}.experts.{e}"
+                out += [(f"{p}.{naming.gate}", i, h, False), (f"{p}.{naming.up}", i, h, False)]
+                out.append((f"{p}.{naming.down}", h, i, True))
     return out
 
 
@@ -133,7 +147,7 @@ def w4a8_truth(
     spec: SyntheticSpec, layout: str = "mindie", layers: Iterable[int] | None = None
 ) -> dict[str, W4A8Truth]:
     """The int4 values and scales of every W4A8 projection, identical for every layout."""
-    layers = _decoder_layers(spec) if layers is None else layers
+    layers = _all_layers(spec, layout) if layers is None else layers
     return {
         prefix: _truth(spec, prefix, n, k, row_parallel, False)
         for prefix, n, k, row_parallel in _w4a8_prefixes(spec, layout, layers)
@@ -185,7 +199,7 @@ class _BlockPlans:
         first, planned = self._template(block)
         if block == first:
             return planned
-        old, new = f"model.layers.{first}.", f"model.layers.{block}."
+        old, new = f"{self.spec.layer_prefix(first)}.", f"{self.spec.layer_prefix(block)}."
         renamed = []
         for p in planned:
             assert p.entry.name.startswith(old), p.entry.name
@@ -243,10 +257,16 @@ def block_groups(
     source = get_source(layout)
     random = _random_source(spec, layer, shape_only)
     h, i, e = spec.hidden, spec.intermediate, spec.experts
+    family = spec.model
+    gate, up, down = family.naming.gate, family.naming.up, family.naming.down
     bf16 = random.bf16
     if layer is None:
-        yield {"model.embed_tokens.weight": bf16(spec.vocab, h)}, "FLOAT"
-        yield {"model.norm.weight": bf16(h), "lm_head.weight": bf16(spec.vocab, h)}, "FLOAT"
+        embed, norm, head = family.outside
+        yield {f"{embed}.weight": bf16(spec.vocab, h)}, "FLOAT"
+        yield {f"{norm}.weight": bf16(h), f"{head}.weight": bf16(spec.vocab, h)}, "FLOAT"
+        if family.dotless:  # DeepSeek-V4's hyper-connection head: fp32, typed FLOAT, named without a dot
+            sizes = {"hc_head_fn": (4, 4 * h), "hc_head_base": (4,), "hc_head_scale": (1,)}
+            yield {name: random.uniform(0.5, 0.1, *sizes.get(name, (1,))) for name in family.dotless}, "FLOAT"
         return
     w4a8 = _w4a8_prefixes(spec, layout, [layer])
     for prefix, n, k, row_parallel in w4a8:
@@ -254,29 +274,39 @@ def block_groups(
         tensors = source.synthetic_tensors(prefix, t.values, t.weight_scale, t.weight_scale_second, t.row_parallel)
         yield tensors, W4A8_TYPE
     quantized = {prefix for prefix, *_ in w4a8}
-    base = f"model.layers.{layer}"
-    yield {f"{base}.input_layernorm.weight": bf16(h), f"{base}.post_attention_layernorm.weight": bf16(h)}, "FLOAT"
+    base = spec.layer_prefix(layer)
+    mlp = f"{base}.{family.mlp}"
+    yield {f"{base}.{family.norms[0]}.weight": bf16(h), f"{base}.{family.norms[1]}.weight": bf16(h)}, "FLOAT"
     if spec.style == "legacy":
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if f"{base}.self_attn.{proj}" not in quantized:
                 yield source.synthetic_w8a8(f"{base}.self_attn.{proj}", h, h, random), "W8A8_DYNAMIC"
-    else:
+    elif family.attention == "mla":
         yield from _mla_attention(spec, source, f"{base}.self_attn", quantized, random)
+    else:
+        for proj in family.attention_projections:
+            yield source.synthetic_w8a8(f"{base}.{family.attention}.{proj}", h, h, random), "W8A8_DYNAMIC"
     if layer < spec.dense_layers:
-        for proj, n, k in (("gate_proj", 2 * i, h), ("up_proj", 2 * i, h), ("down_proj", h, 2 * i)):
-            yield source.synthetic_w8a8(f"{base}.mlp.{proj}", n, k, random), "W8A8_DYNAMIC"
+        for proj, n, k in ((gate, 2 * i, h), (up, 2 * i, h), (down, h, 2 * i)):
+            yield source.synthetic_w8a8(f"{mlp}.{proj}", n, k, random), "W8A8_DYNAMIC"
         return
     # DeepSeek's router bias: fp32 in the legacy style, in the model dtype as msModelSlim leaves it
     router = bf16(e, h)
     bias = random.normal(e)
-    yield {f"{base}.mlp.gate.weight": router}, "FLOAT"
-    yield {f"{base}.mlp.gate.e_score_correction_bias": bias if spec.style == "legacy" else bias.bfloat16()}, "FLOAT"
-    for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-        yield source.synthetic_w8a8(f"{base}.mlp.shared_experts.{proj}", n, k, random), "W8A8_DYNAMIC"
-    if layer not in _decoder_layers(spec):  # an MTP layer: W8A8 experts under W4A8-like names, and its own parts
-        for expert in range(e):
-            for proj, n, k in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
-                yield source.synthetic_w8a8(f"{base}.mlp.experts.{expert}.{proj}", n, k, random), "W8A8_DYNAMIC"
+    yield {f"{mlp}.gate.weight": router}, "FLOAT"
+    yield {f"{mlp}.gate.e_score_correction_bias": bias if spec.style == "legacy" else bias.bfloat16()}, "FLOAT"
+    if family.shared is not None:
+        for proj, n, k in ((gate, i, h), (up, i, h), (down, h, i)):
+            yield source.synthetic_w8a8(f"{mlp}.{family.shared}.{proj}", n, k, random), "W8A8_DYNAMIC"
+    if layer not in _decoder_layers(spec):  # an MTP layer: its experts as the recipe leaves them, and its own parts
+        if family.mtp_experts != W4A8_TYPE:
+            for expert in range(e):
+                for proj, n, k in ((gate, i, h), (up, i, h), (down, h, i)):
+                    name = f"{mlp}.experts.{expert}.{proj}"
+                    if family.mtp_experts == "FLOAT":
+                        yield {f"{name}.weight": bf16(n, k)}, "FLOAT"
+                    else:
+                        yield source.synthetic_w8a8(name, n, k, random), family.mtp_experts
         yield {f"{base}.{name}.weight": bf16(h) for name in ("enorm", "hnorm", "shared_head.norm")}, "FLOAT"
         yield {f"{base}.eh_proj.weight": bf16(h, 2 * h)}, "FLOAT"
 
@@ -423,6 +453,11 @@ class _ShardFiles:
             self.progress.update("shard", self.names[k], 0)
 
 
+def _rotation(spec: SyntheticSpec) -> torch.Tensor:
+    """QuaRot's orthogonal [hidden, hidden] rotation (fp32), from torch's default generator's first draws."""
+    return torch.linalg.qr(torch.randn(spec.hidden, spec.hidden, generator=torch.Generator()))[0].contiguous()
+
+
 def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None, progress: Progress) -> None:
     source = get_source(layout)
     blocks = [None, *_all_layers(spec, layout)]
@@ -454,15 +489,19 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
         (path / "quant_model_description_w4a8_dynamic.json").write_text(json.dumps(description, indent=2))
         return
     weight_map = {p.entry.name: names[k] for k, planned in enumerate(shards) for p in planned}
+    family = spec.model
+    if family.rotation_file:  # GLM-5's QuaRot rotation: in the index, not in the description
+        rotation = _rotation(spec)
+        save_file({"rot.weight": rotation}, str(path / "rot.safetensors"), metadata={"format": "pt"})
+        weight_map["rot.weight"] = "rot.safetensors"
+        total_bytes += _nbytes(rotation)
     index = {
         "metadata": {"total_size": total_bytes},
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
     }
     (path / f"{prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
 
-    config = {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+    sizes = {
         "hidden_size": spec.hidden,
         "moe_intermediate_size": spec.intermediate,
         "intermediate_size": 2 * spec.intermediate,
@@ -470,10 +509,18 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
         "first_k_dense_replace": spec.dense_layers,
         "num_hidden_layers": spec.dense_layers + spec.moe_layers,
         "vocab_size": spec.vocab,
-        "torch_dtype": "bfloat16",
     }
+    if family.text_config:  # Qwen3.5: the language model's sizes under text_config, experts as num_experts
+        sizes["num_experts"] = sizes.pop("n_routed_experts")
+        config = {"architectures": [family.architecture], "model_type": family.model_type, "text_config": sizes}
+    else:
+        config = {"architectures": [family.architecture], "model_type": family.model_type, **sizes}
+    config["torch_dtype"] = "bfloat16"
     if spec.style != "legacy":
-        config["num_nextn_predict_layers"] = len(_all_layers(spec, layout)) - len(_decoder_layers(spec))
+        mtp = len(_all_layers(spec, layout)) - len(_decoder_layers(spec))
+        (config.get("text_config") or config)["num_nextn_predict_layers"] = mtp
+        if family.mtp_layer is not None and not family.text_config:
+            config["n_mtp_layers"] = mtp  # DeepSeek-V4's own name for it
 
     if source.described_by_config:  # no description: config.json says what is quantized
         config["quantization_config"] = source.synthetic_description(spec.group_size)
@@ -488,12 +535,11 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
         description: dict[str, object] = {"model_quant_type": "W8A8_DYNAMIC", **layout_keys, **tensor_types}
     else:  # the CLI's ascend_v1 saver: tensors, then its keys (W4A8_DYNAMIC is never the model's type)
         optional = {}
-        if spec.quarot:
-            rotation = torch.linalg.qr(torch.randn(spec.hidden, spec.hidden, generator=torch.Generator()))[0]
+        if spec.quarot and family.quarot:
             (path / "optional").mkdir()
-            save_file({"global_rotation": rotation.contiguous()}, str(path / "optional" / "quarot.safetensors"))
+            save_file({"global_rotation": _rotation(spec)}, str(path / "optional" / "quarot.safetensors"))
             optional["quarot"] = {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}
-        (path / "DeepSeek-V3_best_practice.yaml").write_text("# the practice msModelSlim ran\nquant_type: w4a8\n")
+        (path / family.practice).write_text("# the practice msModelSlim ran\nquant_type: w4a8\n")
         description = {
             **tensor_types,
             "version": layout_keys.get("version", "1.0.0"),
@@ -502,5 +548,7 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
             "group_size": layout_keys.get("group_size", 0),
             "optional": optional,
         }
+        if family.rotation_file:
+            description["is_rot_used"] = True
     # Last: a directory with a description is complete (as the converter treats its output).
     (path / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))

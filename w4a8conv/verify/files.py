@@ -8,6 +8,7 @@ import math
 import os
 import random
 import stat
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from .report import VerifyReport
 _COMPARE_CHUNK = 16 << 20  # bytes of a pass-through tensor compared at a time
 
 
-def tensor_types(description: dict) -> dict[str, str]:
-    """A description's per-tensor types (its top-level keys, such as ``version``, carry no dot).
+def tensor_types(description: dict, tensors: Container[str] = ()) -> dict[str, str]:
+    """A description's per-tensor types: keys with a dot, and those naming one of ``tensors`` (DeepSeek-V4's
+    ``hc_head_fn``); its top-level keys, such as ``version``, name no tensor.
 
     verify's own copy: it reads the description as a loader would, not as the planner does.
     """
-    return {k: v for k, v in description.items() if "." in k and isinstance(v, str)}
+    return {k: v for k, v in description.items() if isinstance(v, str) and ("." in k or k in tensors)}
 
 
 def load_json(path: Path):
