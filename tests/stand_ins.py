@@ -29,6 +29,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from w4a8conv.experts import ROLE_OF
 from w4a8conv.serving.vllm_plugin import canary_check as canary
 
 from .upstream_reference import emulate_int4pack
@@ -424,14 +425,14 @@ class FusedMoELayer(torch.nn.Module):
         expert.narrow(shard_dim, 0, loaded.shape[shard_dim]).copy_(loaded)
 
     def load(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
-        """vLLM's expert params mapping: experts.E.gate_proj.X -> w13_X (w1), up -> w13_X (w3), down -> w2_X."""
+        """vLLM's expert params mapping after the model's own renaming: experts.E.gate_proj.X (or w1) ->
+        w13_X (w1), up (w3) -> w13_X (w3), down (w2) -> w2_X."""
+        shards = {"gate": ("w13", "w1"), "up": ("w13", "w3"), "down": ("w2", "w2")}
         for name, tensor in tensors.items():
             if not name.startswith(prefix + "."):
                 continue
             expert, proj, suffix = name[len(prefix) + 1 :].split(".", 2)
-            param_name, shard_id = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}[
-                proj
-            ]
+            param_name, shard_id = shards[ROLE_OF[proj]]
             param = getattr(self, f"{param_name}_{suffix}")
             param.weight_loader(param, tensor, f"{param_name}_{suffix}", shard_id=shard_id, expert_id=int(expert))
 

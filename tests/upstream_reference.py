@@ -53,8 +53,17 @@ class UpstreamReference:
         self.per_channel = self.group_size == 0
 
     # --- MoE: AscendW4A8DynamicFusedMoEMethod, msModelSlim path -------------------------------
-    def moe(self, prefix: str, num_experts: int, tp_size: int = 1, tp_rank: int = 0) -> dict[str, torch.Tensor]:
+    def moe(
+        self,
+        prefix: str,
+        num_experts: int,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> dict[str, torch.Tensor]:
+        """``names``: the checkpoint's gate, up and down projections (the model's loader maps them to w1, w3, w2)."""
         t = self.tensors
+        gate, up, down = names
 
         def rows(x: torch.Tensor, dim: int) -> torch.Tensor:
             """What vLLM's weight loader gives this rank: a 1/tp share along ``dim``."""
@@ -66,35 +75,30 @@ class UpstreamReference:
 
         experts = range(num_experts)
         # w13 = [gate; up] on the output dim (each split over tp), w2 split on its input dim.
-        w13 = torch.stack(
-            [torch.cat([rows(expert(e, p, "weight"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
-        )
-        w2 = torch.stack([rows(expert(e, "down_proj", "weight"), 1) for e in experts])
+        w13 = torch.stack([torch.cat([rows(expert(e, p, "weight"), 0) for p in (gate, up)]) for e in experts])
+        w2 = torch.stack([rows(expert(e, down, "weight"), 1) for e in experts])
         f32 = torch.float32
         w13_scale = torch.stack(
-            [torch.cat([rows(expert(e, p, "weight_scale"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+            [torch.cat([rows(expert(e, p, "weight_scale"), 0) for p in (gate, up)]) for e in experts]
         ).to(f32)
-        w2_scale = torch.stack([expert(e, "down_proj", "weight_scale") for e in experts]).to(f32)
+        w2_scale = torch.stack([expert(e, down, "weight_scale") for e in experts]).to(f32)
         w13_second = w2_second = None
         if not self.per_channel:
             w13_second = torch.stack(
-                [
-                    torch.cat([rows(expert(e, p, "weight_scale_second"), 0) for p in ("gate_proj", "up_proj")])
-                    for e in experts
-                ]
+                [torch.cat([rows(expert(e, p, "weight_scale_second"), 0) for p in (gate, up)]) for e in experts]
             ).to(f32)
-            w2_second = torch.stack([rows(expert(e, "down_proj", "weight_scale_second"), 1) for e in experts]).to(f32)
+            w2_second = torch.stack([rows(expert(e, down, "weight_scale_second"), 1) for e in experts]).to(f32)
         if self.compressed_tensors:  # bf16 scales, loaded into bf16 parameters as they are
             w13_scale = torch.stack(
-                [torch.cat([rows(expert(e, p, "weight_scale"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+                [torch.cat([rows(expert(e, p, "weight_scale"), 0) for p in (gate, up)]) for e in experts]
             )
-            w2_scale = torch.stack([expert(e, "down_proj", "weight_scale") for e in experts])
+            w2_scale = torch.stack([expert(e, down, "weight_scale") for e in experts])
             return self._moe_compressed_tensors(w13, w2, w13_scale, w2_scale)
         if self.new_quant_version:
             w13_bias = torch.stack(
-                [torch.cat([rows(expert(e, p, "scale_bias"), 0) for p in ("gate_proj", "up_proj")]) for e in experts]
+                [torch.cat([rows(expert(e, p, "scale_bias"), 0) for p in (gate, up)]) for e in experts]
             )
-            w2_bias = torch.stack([rows(expert(e, "down_proj", "scale_bias"), 1) for e in experts])
+            w2_bias = torch.stack([rows(expert(e, down, "scale_bias"), 1) for e in experts])
 
         # process_weights_after_loading_modelslim
         w13 = w13.transpose(1, 2).contiguous()

@@ -5,7 +5,7 @@ A family is a row of data, not code.
 Names and types follow msModelSlim 26.1's own adapters and lab_practice recipes (``deepseek_v4_pro_w4a8``,
 ``glm_5_w4a8``, ``qwen3.5_moe_w4a8``); shapes follow each model's published configuration (DeepSeek-V4:
 the Flash sizes of msModelSlim's ``deepseek_v4/model.py``; GLM-5: its ``glm_5/model.py``; Qwen3.5-MoE:
-Qwen3.5-397B-A17B's card).
+Qwen3.5-397B-A17B's card; MiniMax-M2: its config.json).
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class Family:
     text_config: bool = False  # config.json nests the language model's sizes under text_config
     w4a8_linear: bool = False  # SyntheticSpec.w4a8_linear applies (attention W4A8 Linear, per-group layouts)
     practice: str = "DeepSeek-V3_best_practice.yaml"  # the recipe file msModelSlim leaves beside the weights
+    mtp: bool = True  # has multi-token-prediction layers
+    experts_key: str = "n_routed_experts"  # config.json's names of the routed experts and their size
+    intermediate_key: str = "moe_intermediate_size"
     public: PublicShapes = field(default=PublicShapes(7168, 2048, 256, 3, 58))
 
     def layer_prefix(self, block: int, decoder_layers: int) -> str:
@@ -128,7 +131,28 @@ FAMILIES = {
             quarot=False,
             text_config=True,
             practice="qwen3.5_moe_w4a8.yaml",
+            experts_key="num_experts",
             public=PublicShapes(4096, 1024, 512, 0, 60),
+        ),
+        Family(
+            "minimax-m2",
+            "MiniMax-M2",
+            "minimax_m2",
+            "MiniMaxM2ForCausalLM",
+            layer="model.layers.{n}",
+            mtp_layer=None,
+            mlp="block_sparse_moe",
+            naming=_W123,
+            shared=None,
+            mtp_experts="FLOAT",
+            attention="self_attn",
+            attention_projections=("q_proj", "k_proj", "v_proj"),
+            quarot=False,
+            practice="minimax_m2_w4a8.yaml",
+            mtp=False,
+            experts_key="num_local_experts",
+            intermediate_key="intermediate_size",
+            public=PublicShapes(3072, 1536, 256, 0, 62),
         ),
     )
 }

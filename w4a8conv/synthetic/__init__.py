@@ -97,6 +97,7 @@ def _decoder_layers(spec: SyntheticSpec) -> range:
 def _all_layers(spec: SyntheticSpec, layout: str) -> range:
     """Decoder layers, then the MTP layers (msModelSlim styles only: LLM-Compressor skips them)."""
     mtp = spec.mtp_layers if spec.style != "legacy" and not get_source(layout).described_by_config else 0
+    mtp = mtp if spec.model.mtp else 0
     return range(spec.dense_layers + spec.moe_layers + mtp)
 
 
@@ -501,17 +502,14 @@ def _write(path: Path, layout: str, spec: SyntheticSpec, shard_bytes: int | None
     }
     (path / f"{prefix}{INDEX_SUFFIX}").write_text(json.dumps(index, indent=2))
 
-    sizes = {
-        "hidden_size": spec.hidden,
-        "moe_intermediate_size": spec.intermediate,
-        "intermediate_size": 2 * spec.intermediate,
-        "n_routed_experts": spec.experts,
-        "first_k_dense_replace": spec.dense_layers,
-        "num_hidden_layers": spec.dense_layers + spec.moe_layers,
-        "vocab_size": spec.vocab,
-    }
-    if family.text_config:  # Qwen3.5: the language model's sizes under text_config, experts as num_experts
-        sizes["num_experts"] = sizes.pop("n_routed_experts")
+    sizes = {"hidden_size": spec.hidden, family.intermediate_key: spec.intermediate}
+    if family.intermediate_key != "intermediate_size":  # the dense layers' (MiniMax's is the experts')
+        sizes["intermediate_size"] = 2 * spec.intermediate
+    sizes[family.experts_key] = spec.experts
+    sizes["first_k_dense_replace"] = spec.dense_layers
+    sizes["num_hidden_layers"] = spec.dense_layers + spec.moe_layers
+    sizes["vocab_size"] = spec.vocab
+    if family.text_config:  # Qwen3.5: the language model's sizes under text_config
         config = {"architectures": [family.architecture], "model_type": family.model_type, "text_config": sizes}
     else:
         config = {"architectures": [family.architecture], "model_type": family.model_type, **sizes}
