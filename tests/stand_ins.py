@@ -44,6 +44,7 @@ class Config:
     description: ClassVar[dict] = {}
     tp_size = 1
     enable_fused_mc2 = 0
+    mix_placement = False  # shared experts loaded among the routed ones
     use_expert_weight_list = False  # main: dynamic EPLB, or the v2 model runner with EPLB
     version: str | None = None  # vllm_ascend._version.version; None: each release's own below
     expert_parallel = False
@@ -55,7 +56,7 @@ class Config:
 
 
 def get_ascend_config() -> SimpleNamespace:
-    return SimpleNamespace(enable_fused_mc2=Config.enable_fused_mc2)
+    return SimpleNamespace(enable_fused_mc2=Config.enable_fused_mc2, mix_placement=Config.mix_placement)
 
 
 def _set_attrs(param: torch.nn.Parameter, attrs: dict) -> None:

@@ -190,6 +190,24 @@ def test_the_plugin_serves_every_family_as_stock_processing_does(families, famil
         stand_ins.uninstall()
 
 
+def test_mix_placement_is_refused_in_one_line(families):
+    """DeepSeek-V4's mix_placement loads the W8A8 shared experts among the W4A8 routed ones, which stock
+    vllm-ascend 0.23 cannot load (tests/engine/test_families_engine.py): the plugin refuses it up front."""
+    _, out = families["deepseek-v4"]
+    stand_ins.install("registry")
+    try:
+        vllm_plugin.register()
+        from vllm_ascend.quantization.methods.registry import get_scheme_class
+
+        stand_ins.Config.description = json.loads((out / DESCRIPTION_FILE).read_text())
+        stand_ins.Config.model_path, stand_ins.Config.mix_placement = out, True
+        with pytest.raises(ValueError, match=r"^w4a8conv: mix_placement is on, .*; serve without mix_placement$"):
+            get_scheme_class(PREPACKED_TYPE, "moe")()
+    finally:
+        stand_ins.Config.mix_placement = False
+        stand_ins.uninstall()
+
+
 def test_synthetic_family_option_is_checked(tmp_path):
     code, _, stderr = cli("synthetic", tmp_path / "x", "--family", "llama")
     assert code == 2 and "--family llama: choose one of deepseek-v3, deepseek-v4" in stderr

@@ -29,6 +29,8 @@ class VllmAscendApi:
         mega_moe: whether MegaMoE is on (``enable_fused_mc2 == 1`` where ``cann_ops_transformer`` is
             installed, 0.25.1rc1 and later), whose kernels read per-expert ``cann_mega_moe_*`` lists.
         nz_cast: casts an int8 weight to the NPU's FRACTAL_NZ storage where the release does.
+        mix_placement: whether ``mix_placement`` is on (0.23 on): the model then loads its shared experts
+            into the routed experts' FusedMoE, as experts numbered after them.
     """
 
     release: str
@@ -40,6 +42,7 @@ class VllmAscendApi:
     registered: Callable[[], bool]
     nz_cast: Callable[[torch.Tensor], torch.Tensor]
     mega_moe: Callable[[], bool] = lambda: False
+    mix_placement: Callable[[], bool] = lambda: False
     version: str | None = None
 
 
@@ -70,6 +73,7 @@ def detect_api() -> VllmAscendApi:
         registered=lambda: registry.get_scheme_class(PREPACKED_TYPE, "moe") is not None,
         nz_cast=maybe_trans_nz,
         mega_moe=_mega_moe_on,
+        mix_placement=_mix_placement_on,
         version=_installed_version(),
     )
 
@@ -105,6 +109,12 @@ def _mega_moe_on() -> bool:
     from vllm_ascend.ascend_config import get_ascend_config
 
     return getattr(get_ascend_config(), "enable_fused_mc2", 0) == 1
+
+
+def _mix_placement_on() -> bool:
+    from vllm_ascend.ascend_config import get_ascend_config
+
+    return bool(getattr(get_ascend_config(), "mix_placement", False))
 
 
 def _detect_quantizer_release() -> VllmAscendApi:

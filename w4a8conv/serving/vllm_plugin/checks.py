@@ -106,3 +106,15 @@ def check_groups_per_rank(group_size: int, intermediate_per_rank: int, tp_size: 
         f"rank {intermediate_per_rank} of moe_intermediate {intermediate} for down_proj, not a whole number of groups; "
         f"use MoE tensor-parallel size {', '.join(map(str, working)) or '1'} or --enable-expert-parallel"
     )
+
+
+def check_mix_placement(on: bool) -> None:
+    """Refuse ``mix_placement``: the model then loads its shared experts (W8A8_DYNAMIC in every msModelSlim
+    W4A8 recipe) into the W4A8 routed experts' parameters, as experts numbered after them. Stock
+    vllm-ascend 0.23 fails there too: vLLM's loader cannot copy an int8 ``[I, H]`` weight into a W4A8
+    expert's ``[I, H/2]`` (found on the real 0.23 code, tests/engine/test_families_engine.py)."""
+    if on:
+        raise ValueError(
+            "w4a8conv: mix_placement is on, which loads the W8A8_DYNAMIC shared experts into the W4A8 routed "
+            "experts' parameters (stock vllm-ascend cannot load that either); serve without mix_placement"
+        )

@@ -11,7 +11,13 @@ from ...formats.scales import sum_scale_bias_chunks
 from ...names import SCALE_BIAS_CHUNKS
 from . import canary_check as canary
 from .api import VllmAscendApi
-from .checks import check_groups_per_rank, check_moe_tensor_parallel, check_serving_dtype, checkpoint_section
+from .checks import (
+    check_groups_per_rank,
+    check_mix_placement,
+    check_moe_tensor_parallel,
+    check_serving_dtype,
+    checkpoint_section,
+)
 from .log import log
 
 _VLLM_GROUP_SCALES = "group"  # vLLM's FusedMoeWeightScaleSupported.GROUP.value
@@ -153,6 +159,7 @@ def _moe_method(api: VllmAscendApi) -> type:
         """A W4A8_DYNAMIC FusedMoE layer whose expert tensors w4a8conv already processed."""
 
         def __init__(self, *args: Any, **kwargs: Any):
+            check_mix_placement(api.mix_placement())
             super().__init__(*args, **kwargs)
             self.canary, self.engine_method = canary.prepare("moe", api.version, api.moe_method)
             if not hasattr(self, "group_size"):  # main keeps none: it serves per-channel weights only
