@@ -29,6 +29,7 @@ class Serving:
     tp_size = 1
     expert_parallel = False
     dynamic_eplb = False
+    mix_placement = False  # DeepSeek-V4's shared experts loaded among the routed ones
 
 
 class _QuantConfig:
@@ -68,11 +69,15 @@ def patch_engine(setattr_: Callable[..., Any]) -> None:
     setattr_(vllm.config, "get_current_vllm_config", vllm_config)
     setattr_(w4a8, "get_tensor_model_parallel_world_size", lambda: Serving.tp_size)
     setattr_(w4a8, "get_mc2_group", no_mc2_group)
-    setattr_(
-        w4a8,
-        "get_ascend_config",
-        lambda: SimpleNamespace(eplb_config=SimpleNamespace(dynamic_eplb=Serving.dynamic_eplb), enable_fused_mc2=0),
-    )
+
+    def ascend_config() -> SimpleNamespace:
+        eplb = SimpleNamespace(dynamic_eplb=Serving.dynamic_eplb)
+        return SimpleNamespace(eplb_config=eplb, enable_fused_mc2=0, mix_placement=Serving.mix_placement)
+
+    import vllm_ascend.ascend_config
+
+    setattr_(w4a8, "get_ascend_config", ascend_config)
+    setattr_(vllm_ascend.ascend_config, "get_ascend_config", ascend_config)
     setattr_(vllm_ascend.utils, "_should_trans_nz", lambda weight: weight.dtype != torch.float32)
 
 
@@ -109,6 +114,32 @@ class LoaderOnlyFusedMoE(FusedMoE):
             with safe_open(str(ckpt.tensors[name].path), "pt") as f:
                 tensor = f.get_tensor(name)
             param.weight_loader(param, tensor, f"{prefix}.{group}_{role}", shard_id=shard, expert_id=int(expert))
+
+
+def load_as_model(
+    layer: FusedMoE, path: Path, prefix: str, rename: Callable[[str], str], names: tuple[str, str, str]
+) -> None:
+    """Feed ``layer`` the experts under ``prefix`` as a model's ``load_weights`` does: its own renaming of the
+    checkpoint's names (``rename``), then vLLM's own expert params mapping for the checkpoint's gate, down and
+    up projection names (``names``), which gives each tensor its parameter, shard id and expert."""
+    gate, down, up = names
+    experts = int(layer._expert_map.shape[0])
+    mapping = FusedMoE.make_expert_params_mapping(layer, gate, down, up, num_experts=experts)
+    ckpt = open_checkpoint(path)
+    for name in sorted(n for n in ckpt.tensors if n.startswith(prefix + ".")):
+        mapped = rename(name)
+        for param_name, weight_name, expert_id, shard_id in mapping:
+            if weight_name not in mapped:
+                continue
+            attr = param_name.removeprefix("experts.") + mapped.split(weight_name, 1)[1]
+            param = getattr(layer, attr, None)
+            if param is not None:
+                with safe_open(str(ckpt.tensors[name].path), "pt") as f:
+                    tensor = f.get_tensor(name)
+                param.weight_loader(param, tensor, attr, shard_id=shard_id, expert_id=expert_id)
+            break
+        else:
+            raise AssertionError(f"{name} (renamed {mapped}) matches no expert parameter")
 
 
 def stock_description(src: Path, group_size: int) -> dict:
