@@ -53,6 +53,7 @@ from typing import NamedTuple
 import bench_inputs
 from bench_inputs import HIDDEN, INTER, ensure_checkpoint, write_header_only_deepseek
 
+from w4a8conv.formats.families import FAMILY_NAMES
 from w4a8conv.formats.sources import SOURCE_NAMES, get_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -375,6 +376,13 @@ def main() -> None:
     parser.add_argument(
         "--synthetic", action="store_true", help="also time `w4a8conv synthetic --size-gb` against dd (same bytes)"
     )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=[],
+        choices=FAMILY_NAMES,
+        help="also convert each family's per-channel checkpoint of --size-gb, in its names and public shapes",
+    )
     args = parser.parse_args()
 
     args.data.mkdir(parents=True, exist_ok=True)
@@ -398,6 +406,12 @@ def main() -> None:
         if args.verify:
             verify = bench_verify(src, out, args.repeats, args.cache, not args.no_prime)
             results["layouts"][layout]["verify"] = verify
+    if args.families:
+        results["families"] = {}
+    for family in args.families:
+        src = bench_inputs.ensure_family_checkpoint(args.data, family, args.size_gb)
+        result = bench_layout(src, out, args.repeats, args.workers, False, args.cache, not args.no_prime)
+        results["families"][family] = result
     if args.flat:
         small = ensure_checkpoint(args.data, "mindie", args.size_gb)
         large = ensure_checkpoint(args.data, "mindie", args.size_gb * 4)
@@ -471,6 +485,12 @@ def print_table(results: dict) -> None:
         Console().print(
             f"  {layout}: at least {r['cpu_floor_s']} CPU s, {r['cpu_floor_s'] / cpus:.2f} s on {cpus} cores "
             f"= {r['floor_over_copy']}x copy; convert used {r['convert']['cpu_seconds']} CPU s"
+        )
+    for family, r in results.get("families", {}).items():
+        Console().print(
+            f"{family} (per-channel, its names and shapes): {r['input_bytes'] / 1e9:.2f} GB, convert "
+            f"{r['convert']['seconds']:.2f} s = {r['convert_over_copy']}x copy ({r['copy']['seconds']:.2f} s), "
+            f"{r['convert']['cpu_seconds']:.2f} CPU s, peak RSS {r['convert']['peak_rss_mb']:.0f} MB"
         )
     if "planning" in results:
         p = results["planning"]

@@ -62,6 +62,20 @@ def ensure_checkpoint(data: Path, layout: str, size_gb: float) -> Path:
     return path
 
 
+def ensure_family_checkpoint(data: Path, family: str, size_gb: float) -> Path:
+    """A model family's per-channel checkpoint (msModelSlim's current saver) of about ``size_gb``, in the
+    family's own names and public shapes, as `w4a8conv synthetic --family F --size-gb N` writes it."""
+    path = data / f"family-{family}-{size_gb:g}gb"
+    if (path / "quant_model_description.json").is_file():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"generating {path} ...", file=sys.stderr, flush=True)
+    cli = str(Path(sys.executable).parent / "w4a8conv")
+    command = [cli, "synthetic", str(path), "--family", family, "--size-gb", str(size_gb)]
+    subprocess.run([*command, "--layout", "v1.0.0-per-channel", "-q"], check=True)
+    return path
+
+
 # --- the naive, seed-style reference ---------------------------------------------------------------
 
 
