@@ -350,7 +350,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=2.0, help="checkpoint size per layout (default 2)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS, help="none: families only")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each command; medians are reported")
     parser.add_argument("--workers", type=int, default=None, help="convert --workers (default: the CLI's)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive reference")
