@@ -5,11 +5,13 @@ dotless ``hc_head_*``, GLM-5's ``rot.weight`` outside the description)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from w4a8conv.converting.convert import convert_checkpoint
 from w4a8conv.experts import NAMINGS, describe_naming, parse_expert
@@ -227,3 +229,32 @@ def _tensor_bytes(path: Path, name: str) -> bytes:
     info = open_checkpoint(path).tensors[name]
     with safe_open(str(info.path), "pt") as f:
         return f.get_tensor(name).numpy().tobytes()
+
+
+def test_a_layer_whose_experts_mix_namings_is_a_problem(tmp_path, families):
+    """One expert renamed w1/w3/w2 among gate_proj/up_proj/down_proj ones: inspect says so, convert refuses."""
+    src = tmp_path / "mixed"
+    shutil.copytree(families["deepseek-v3"][0], src)
+    ckpt = open_checkpoint(src)
+    old = "model.layers.1.mlp.experts.0."
+    renames = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    index_path = next(src.glob("*.index.json"))
+    index = json.loads(index_path.read_text())
+    description = json.loads((src / DESCRIPTION_FILE).read_text())
+    for shard in {info.path for name, info in ckpt.tensors.items() if name.startswith(old)}:
+        tensors = load_file(shard)
+        for name in [n for n in tensors if n.startswith(old)]:
+            proj, role = name[len(old) :].split(".", 1)
+            new = f"{old}{renames[proj]}.{role}"
+            tensors[new] = tensors.pop(name)
+            index["weight_map"][new] = index["weight_map"].pop(name)
+            description[new] = description.pop(name)
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    (src / DESCRIPTION_FILE).write_text(json.dumps(description))
+    code, stdout, _ = cli("inspect", src, "--json", "--target", "vllm-ascend-0.25")
+    problems = json.loads(stdout)["problems"]
+    assert code == 2
+    assert "model.layers.1.mlp.experts: experts mix the namings gate_proj/up_proj/down_proj and w1/w2/w3" in problems
+    code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "out", "--target", "vllm-ascend-0.25")
+    assert code == 2 and "experts mix the namings" in stderr
