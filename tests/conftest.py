@@ -75,3 +75,13 @@ def cli(*args) -> tuple[int, str, str]:
         args += ["--target", LEGACY_TARGET]
     result = CliRunner().invoke(app, args)
     return result.exit_code, result.stdout, result.stderr
+
+
+def paste(message: str):
+    """Run the last `w4a8conv ...` command a message prints, exactly as printed (as a user pastes it)."""
+    import re
+    import shlex
+
+    commands = re.findall(r"`(w4a8conv [^`]+)`", message)
+    assert commands, f"no command to paste in: {message}"
+    return CliRunner().invoke(app, shlex.split(commands[-1])[1:])

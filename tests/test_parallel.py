@@ -125,14 +125,18 @@ def test_no_checksums_gives_the_same_shards_and_no_manifest(many_shards, single_
     assert report.ok and report.manifest is False and report.files_hashed == 0
 
 
-def test_array_jobs_must_agree_on_checksums(many_shards, tmp_path):
+def test_array_jobs_take_the_choices_the_array_was_started_with(many_shards, tmp_path):
+    """A later job that says nothing takes --no-checksums from the plan; one that contradicts it is refused
+    in one line naming both values."""
     out = tmp_path / "out"
     no_sums = ["--no-checksums"]
     assert convert_share(many_shards, out, 2, 0, *no_sums).exit_code == 0
-    result = convert_share(many_shards, out, 2, 1)
+    result = convert_share(many_shards, out, 2, 1, "--checksums")
     assert result.exit_code == 2
-    assert "this conversion was started with --no-checksums; pass it here too" in result.stderr
-    assert convert_share(many_shards, out, 2, 1, *no_sums).exit_code == 0
+    assert "this conversion was started with --no-checksums, not --checksums; drop --checksums/--no-checksums or " in (
+        result.stderr
+    )
+    assert convert_share(many_shards, out, 2, 1).exit_code == 0
     assert runner.invoke(app, ["finalize", str(out)]).exit_code == 0
     convert_checkpoint(many_shards, tmp_path / "single", checksums=False, target=LEGACY_TARGET)
     assert tree_bytes(out) == tree_bytes(tmp_path / "single")
@@ -230,7 +234,7 @@ def test_array_jobs_refuse_a_different_conversion(many_shards, tmp_path):
     out = tmp_path / "out"
     assert convert_share(many_shards, out, 2, 0).exit_code == 0
     result = convert_share(other, out, 2, 0)
-    assert result.exit_code == 2 and "different conversion" in result.stderr
+    assert result.exit_code == 2 and "holds a conversion in progress of another input" in result.stderr
 
 
 def test_bad_array_index(many_shards, tmp_path):
@@ -330,7 +334,7 @@ def test_two_arrays_into_one_directory_never_mix(many_shards, single_run, tmp_pa
     a.join(60)
     b.join(60)
     refused = [name for name, said in outcome.items() if said != "converted"]
-    assert len(refused) == 1 and "holds a different conversion in progress" in outcome[refused[0]], outcome
+    assert len(refused) == 1 and "holds a conversion in progress of another input" in outcome[refused[0]], outcome
     winner, winner_src = ("B", other) if refused == ["A"] else ("A", many_shards)
     monkeypatch.undo()
     convert_checkpoint(winner_src, out, array_size=2, array_index=0 if winner == "B" else 1, target=LEGACY_TARGET)

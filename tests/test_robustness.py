@@ -21,7 +21,7 @@ from w4a8conv.names import STATE_DIR
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 from w4a8conv.verify import verify_conversion
 
-from .conftest import LEGACY_TARGET, cli
+from .conftest import LEGACY_TARGET, cli, paste
 from .test_parallel import tree_bytes
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ def test_existing_outputs(source_checkpoints, converted_checkpoints, tmp_path):
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume")
     assert code == 0 and tree_bytes(out) == before  # nothing left to do
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume", "--no-checksums")
-    assert code == 2 and "was finished with --checksums; pass it here too" in stderr
+    assert code == 2 and "this conversion was started with --checksums, not --no-checksums" in stderr
     assert tree_bytes(out) == before
     code, _, stderr = cli("convert", "--in", source_checkpoints["v1.0.0-per-group"], "--out", out, "--overwrite")
     assert code == 0, stderr
@@ -116,7 +116,8 @@ def test_kill_9_then_resume_is_byte_identical(medium, tmp_path, moment):
     if proc.returncode == -signal.SIGKILL:
         assert not (out / DESCRIPTION).exists(), "a killed conversion must not look complete"
         code, _, stderr = cli("convert", "--in", src, "--out", out)
-        assert code == 2 and "rerun with --resume" in stderr
+        assert code == 2 and f"finish it with `w4a8conv convert --in {src} --out {out} --resume`" in stderr
+        assert "--overwrite" not in stderr
     code, _, stderr = cli("convert", "--in", src, "--out", out, "--resume")
     assert code == 0, stderr
     assert tree_bytes(out) == tree_bytes(reference)
@@ -205,11 +206,12 @@ def test_an_interrupted_conversion_says_so_in_one_line_and_resumes(medium, tmp_p
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
     assert errors[0].startswith(f"error: --out {out}: interrupted by {sent.name} with ")
-    assert errors[0].endswith(" shards written; rerun with --resume to finish")
+    assert errors[0].endswith(f" shards written; finish it with `w4a8conv convert --in {src} --out {out} --resume`")
     if json_output:
         assert json.loads(stdout) == {"ok": False, "error": errors[0].removeprefix("error: ")}
     assert not (out / DESCRIPTION).exists()
-    assert cli("convert", "--in", src, "--out", out, "--resume")[0] == 0
+    # the command as printed, pasted: the target it was started with comes from the plan
+    assert paste(errors[0]).exit_code == 0
     assert tree_bytes(out) == tree_bytes(reference)
 
 

@@ -15,6 +15,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "w4a8conv.sha256"  # `sha256sum -c w4a8conv.sha256` checks it too
 STATE_DIR = ".w4a8conv"  # an unfinished conversion's state, inside --out
+JOB_FILE = "job.json"  # in STATE_DIR: the conversion's plan (ConversionPlan.to_bytes)
 
 TOOL_SECTION = "w4a8conv"  # the description's section recording what w4a8conv did
 # Of that section and the processed tensors. 2 (2026-11-30): the section names the target and the

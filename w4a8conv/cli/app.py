@@ -70,12 +70,14 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress and no result text: only errors, the exit code and --json.")
 ]
 TargetOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         metavar=choices(TARGET_NAMES),
         help="The serving engine release the output is for: "
         + "; ".join(f"{name}: {TARGETS[name].summary}" for name in TARGET_NAMES)
-        + ". The default is the newest.",
+        + f". Default: {DEFAULT_TARGET} (the newest), or with --resume and in a job array what the conversion "
+        "was started with. docs/converting.md#the-target says which to pass for the vllm-ascend you serve with.",
+        show_default=False,
     ),
 ]
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint directory.", show_default=False)]
@@ -245,7 +247,7 @@ def convert(
         Path, typer.Option("--out", help="Output directory (must not exist or be empty).", show_default=False)
     ],
     device: Annotated[str, typer.Option(metavar=choices(DEVICE_CHOICES), help="Where to run the processing.")] = "cpu",
-    target: TargetOpt = DEFAULT_TARGET,
+    target: TargetOpt = None,
     workers: Annotated[
         int, typer.Option(help="Threads converting modules in parallel; the output is identical for any number.")
     ] = DEFAULT_WORKERS,
@@ -289,12 +291,15 @@ def convert(
         ),
     ] = None,
     checksums: Annotated[
-        bool,
+        bool | None,
         typer.Option(
+            "--checksums/--no-checksums",
             help="Hash every output file while writing it and list the sha256 sums in w4a8conv.sha256 "
-            "(about 0.5 CPU-seconds per GB). Every job of an array must pass the same.",
+            "(about 0.5 CPU-seconds per GB). Default: on, or with --resume and in a job array what the "
+            "conversion was started with.",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(help="Read headers, plan and check both sides (input and --out): report, write nothing."),
@@ -304,10 +309,15 @@ def convert(
         typer.Option(
             metavar="[bfloat16|float16|float32]",
             help="The dtype the model serves in (a W4A8 Linear's scales are rounded to it). Default: "
-            "config.json's torch_dtype, else bfloat16, with a warning saying so.",
+            "config.json's torch_dtype, else bfloat16, with a warning saying so; with --resume and in a job "
+            "array what the conversion was started with. One that contradicts config.json needs --force-dtype.",
             show_default=False,
         ),
     ] = None,
+    force_dtype: Annotated[
+        bool,
+        typer.Option(help="Convert for --dtype even where config.json declares another dtype."),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     *,
@@ -339,6 +349,7 @@ def convert(
             device=device,
             dtype=dtype,
             notice=output.warning,
+            force_dtype=force_dtype,
         )
         _warn_empty_shares(output, size, len(plan.shards), empty_shares(plan))
         summary = plan.summary
@@ -372,6 +383,7 @@ def convert(
             verify=checker,
             dtype=dtype,
             notice=output.warning,
+            force_dtype=force_dtype,
         )
     # --resume of a finished output publishes nothing: verified as it stands
     verification = (checker.report or _verified(output, src, dst)) if checker else None

@@ -26,19 +26,21 @@ from typing import Any
 
 from ..errors import EXIT_FAILURE, BadInputError, Terminated, W4A8ConvError, interruption
 from ..formats.projection import Projection
-from ..formats.targets import DEFAULT_TARGET
-from ..names import TOOL_SECTION
+from ..names import CONFIG_FILE, TOOL_SECTION
 from ..planning.plan import ConversionPlan, OutputShard, PlanSummary
 from ..planning.planner import SHARD_METADATA, build_plan
 from ..progress import Progress
 from ..reading.checkpoint import Checkpoint, open_checkpoint
 from ..reading.filesystems import direct_io_by_default
+from ..reading.job_file import resume_command
 from ..reading.read_ahead import ReadAhead
 from ..safetensors_io import ShardWriter, read_tensor, reads_direct
 from .devices import resolve_device
 from .jobs import (
+    Choices,
     JobShare,
     check_output,
+    continued_choices,
     copy_file_atomic,
     finalize,
     nearest_existing,
@@ -102,21 +104,27 @@ def _check_arguments(array_size: int, array_index: int, overwrite: bool, resume:
 
 def prepare(
     src: Path,
-    target: str = DEFAULT_TARGET,
+    choices: Choices,
     array_size: int = 1,
     array_index: int = 0,
-    checksums: bool = True,
-    dtype: str | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> tuple[Checkpoint, ConversionPlan]:
-    """Read and plan ``src``, and read the scales of this share's modules; raise on the first problem
-    (``inspect`` lists them all). ``notice`` hears what the user should know (an assumed model dtype)."""
-    ckpt = open_checkpoint(src, dtype)
+    """Read and plan ``src`` as ``choices`` say, and read the scales of this share's modules; raise on the
+    first problem (``inspect`` lists them all). ``notice`` hears what the user should know (an assumed
+    model dtype)."""
+    ckpt = open_checkpoint(src, choices.dtype)
+    declared = ckpt.declared_dtype
+    if choices.dtype is not None and declared is not None and choices.dtype != declared and not choices.force_dtype:
+        raise BadInputError(
+            f"--dtype {choices.dtype}: {src / CONFIG_FILE} declares torch_dtype {declared}, the dtype the model "
+            f"serves in (W4A8 scales are rounded to it, and the plugin refuses any other); drop --dtype, or pass "
+            f"--force-dtype to convert for {choices.dtype} and serve with --dtype {choices.dtype}"
+        )
     if ckpt.dtype_assumed is not None and notice is not None:
         notice(dtype_notice(ckpt))
     if TOOL_SECTION in ckpt.description:
         raise BadInputError(f"{src}: already processed by w4a8conv; nothing to convert")
-    plan = build_plan(ckpt, target, array_size, checksums)
+    plan = build_plan(ckpt, choices.target, array_size, choices.checksums)
     if plan.problems:
         more = len(plan.problems) - 1
         suffix = f" (and {more} more; run `w4a8conv inspect {src}` for all)" if more else ""
@@ -136,18 +144,19 @@ def convert_checkpoint(
     src: Path | str,
     dst: Path | str,
     device: str = "cpu",
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
     workers: int = 1,
     array_size: int = 1,
     array_index: int = 0,
     overwrite: bool = False,
     resume: bool = False,
     direct_io: bool | None = None,
-    checksums: bool = True,
+    checksums: bool | None = None,
     progress: Progress | None = None,
     verify: Callable[[Path], Any] | None = None,
     dtype: str | None = None,
     notice: Callable[[str], None] | None = None,
+    force_dtype: bool = False,
 ) -> ConvertResult:
     """Convert an msModelSlim W4A8_DYNAMIC checkpoint into a processed one.
 
@@ -156,7 +165,8 @@ def convert_checkpoint(
         dst: the output directory; must be new or empty unless ``overwrite`` or ``resume``.
             The jobs of an array share it.
         device: ``cpu`` (default), ``cuda``, ``npu`` or ``auto``.
-        target: the serving target (``w4a8conv.formats.targets``); the newest by default.
+        target: the serving target (``w4a8conv.formats.targets``); None: what the conversion being resumed
+            (or the array being joined) was started with, else the newest.
         workers: threads converting modules in parallel inside this process; output is identical.
         array_size: number of independent jobs sharing the conversion (a job array's size).
         array_index: this job's index, ``0 <= array_index < array_size``.
@@ -166,12 +176,14 @@ def convert_checkpoint(
             None chooses reads by the input's filesystem and writes by the output's
             (:func:`~w4a8conv.reading.filesystems.direct_io_by_default`).
         checksums: hash every output file while writing it, for the ``w4a8conv.sha256`` manifest
-            (about 0.5 CPU-seconds per GB); every job of an array must pass the same value.
+            (about 0.5 CPU-seconds per GB); None: as the conversion was started, else True.
         progress: receives progress reports.
         verify: with ``array_size == 1``, checks the output before its description is published
             (see :func:`~w4a8conv.converting.jobs.finalize`); a failed check publishes nothing.
-        dtype: the model dtype (``bfloat16``, ``float16``, ``float32``) instead of config.json's.
+        dtype: the model dtype (``bfloat16``, ``float16``, ``float32``) instead of config.json's; None: as
+            the conversion was started, else config.json's.
         notice: hears what the user should know (an assumed model dtype).
+        force_dtype: convert for ``dtype`` even where config.json declares another.
 
     Returns:
         A summary of what was converted. With ``array_size > 1`` the output is complete only
@@ -189,7 +201,8 @@ def convert_checkpoint(
     direct_reads = direct_io_by_default(src) if direct_io is None else direct_io
     if direct_io is None:
         direct_io = direct_io_by_default(dst)
-    ckpt, plan = prepare(src, target, array_size, array_index, checksums, dtype, notice)
+    choices = continued_choices(dst, src, Choices(target, dtype, checksums, force_dtype), resume, array_size)
+    ckpt, plan = prepare(src, choices, array_size, array_index, notice)
     torch_device = resolve_device(device)
     share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
@@ -218,10 +231,10 @@ def convert_checkpoint(
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name, code = interruption(stop)
         done = sum(share.is_complete(shard) for shard in share.shard_names)
-        again = "rerun with --resume" if array_size == 1 else "rerun this job"
+        again = f"finish it with `{resume_command(dst, src)}`" if array_size == 1 else "rerun this job to finish it"
         raise W4A8ConvError(
             f"--out {dst}: interrupted by {signal_name} with {done} of {len(share.shard_names)} shards written; "
-            f"{again} to finish",
+            f"{again}",
             code,
         ) from None
     finally:
@@ -286,16 +299,17 @@ def _import_math_in_background() -> None:
 def plan_conversion(
     src: Path | str,
     dst: Path | str,
-    target: str = DEFAULT_TARGET,
+    target: str | None = None,
     array_size: int = 1,
     array_index: int = 0,
-    checksums: bool = True,
+    checksums: bool | None = None,
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
     device: str = "cpu",
     dtype: str | None = None,
     notice: Callable[[str], None] | None = None,
+    force_dtype: bool = False,
 ) -> ConversionPlan:
     """What :func:`convert_checkpoint` would do, with every check it makes before writing, on both sides:
     the arguments (``--workers``, ``--device`` on this machine...), the input (headers, and the scales'
@@ -304,7 +318,8 @@ def plan_conversion(
     src, dst = Path(src), Path(dst)
     _check_arguments(array_size, array_index, overwrite, resume, workers)
     check_paths(src, dst)
-    plan = prepare(src, target, array_size, array_index, checksums, dtype, notice)[1]
+    choices = continued_choices(dst, src, Choices(target, dtype, checksums, force_dtype), resume, array_size)
+    plan = prepare(src, choices, array_size, array_index, notice)[1]
     resolve_device(device)
     if not check_output(dst, plan, overwrite=overwrite, resume=resume):
         mine = _my_shards(plan, array_index)

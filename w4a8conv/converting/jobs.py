@@ -21,16 +21,27 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import EXIT_FAILURE, BadInputError, W4A8ConvError, describe_os_error
 from ..formats.canary import canary_chunks, canary_path, canary_sources, with_digest, without_digest
-from ..names import CANARY_FILE, CONFIG_FILE, DESCRIPTION_FILE, MANIFEST_FILE, STATE_DIR, TOOL_SECTION, natural_key
-from ..planning.plan import ConversionPlan, fingerprint_of
+from ..formats.targets import DEFAULT_TARGET
+from ..names import (
+    CANARY_FILE,
+    CONFIG_FILE,
+    DESCRIPTION_FILE,
+    JOB_FILE,
+    MANIFEST_FILE,
+    STATE_DIR,
+    TOOL_SECTION,
+    natural_key,
+)
+from ..planning.plan import ConversionPlan
+from ..reading.job_file import fingerprint_of, resume_command, saved_choices
 from ..safetensors_io import sha256_file
 
-JOB_FILE = "job.json"  # the plan, as ConversionPlan.to_bytes writes it
 # Every writer locks it: the jobs of an array shared, a single conversion, --overwrite and finalize
 # exclusively, so that none of those runs beside another.
 DIRECTORY_LOCK = "lock"
@@ -63,6 +74,66 @@ def _after_a_failed_verification(dst: Path, plan: ConversionPlan) -> str:
     else:
         redo = f"rerun the array tasks that wrote them (--array-index), then `w4a8conv finalize {dst} --verify SRC`"
     return f"it stays unfinished: delete the files named; {redo}; or convert again into a new directory"
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What a conversion is asked to make, as the command line says it: None where it says nothing, so
+    that a resumed conversion (or a later job of an array) takes what the conversion was started with."""
+
+    target: str | None = None
+    dtype: str | None = None  # None: config.json's
+    checksums: bool | None = None
+    force_dtype: bool = False  # --dtype may contradict config.json's
+
+    def with_defaults(self) -> Choices:
+        checksums = True if self.checksums is None else self.checksums
+        return Choices(self.target or DEFAULT_TARGET, self.dtype, checksums, self.force_dtype)
+
+
+def continued_choices(dst: Path, src: Path, given: Choices, resume: bool, array_size: int) -> Choices:
+    """The choices of the conversion this run continues in ``dst`` (with ``resume``, or as a job of an
+    array), or ``given`` with the defaults where it continues none.
+
+    What the command line gives must agree with what the conversion was started with: a contradiction is
+    refused in one line naming the option and both values, before anything is planned.
+    """
+    if not (resume or array_size > 1):
+        return given.with_defaults()
+    saved = _started_with(dst, src)
+    if saved is None:
+        return given.with_defaults()
+    target, dtype, checksums = saved
+    for option, mine, theirs in (
+        ("--target", given.target, target),
+        ("--dtype", given.dtype, dtype),
+        ("--checksums", given.checksums, checksums),
+    ):
+        if mine is not None and mine != theirs:
+            started = _checksums_flag(theirs) if option == "--checksums" else f"{option} {theirs}"
+            passed = _checksums_flag(mine) if option == "--checksums" else f"{option} {mine}"
+            raise BadInputError(
+                f"--out {dst}: this conversion was started with {started}, not {passed}; "
+                f"drop {'--checksums/--no-checksums' if option == '--checksums' else option} or pass the same"
+            )
+    # the dtype it was started with was accepted then, against config.json or not
+    return Choices(target, dtype, checksums, force_dtype=True)
+
+
+def _started_with(dst: Path, src: Path) -> tuple[str, str, bool] | None:
+    """(target, dtype, checksums) of the conversion of ``src`` in ``dst``: an unfinished one's saved plan,
+    or a finished one's description; None where ``dst`` holds neither (or another source's)."""
+    job_file = dst / STATE_DIR / JOB_FILE
+    if job_file.is_file():
+        saved = saved_choices(job_file)
+        if saved is None or Path(saved["source"]) != src.resolve():
+            return None
+        return saved["target"], saved["params_dtype"], saved["checksums"]
+    finished = _finished_description(dst)
+    section = finished.get(TOOL_SECTION) if isinstance(finished, dict) else None
+    if not isinstance(section, dict) or not isinstance(section.get("target"), str):
+        return None
+    return section["target"], section.get("params_dtype"), section.get("checksum_manifest") is not None
 
 
 class JobShare:
@@ -208,22 +279,53 @@ def _check_job_file(dst: Path, plan: ConversionPlan, resume: bool) -> str:
     """Refuse a conversion in progress in ``dst`` that is not this one; returns its fingerprint."""
     job_file = dst / STATE_DIR / JOB_FILE
     existing = _saved_fingerprint(job_file)
+    array = plan.array_size > 1
     if existing != plan.fingerprint:
-        if existing == plan.with_checksums(not plan.checksums).fingerprint:
-            flag = _checksums_flag(not plan.checksums)
-            raise BadInputError(f"--out {dst}: this conversion was started with {flag}; pass it here too")
-        changed = _changed_input(read_plan(job_file), plan)
+        saved = read_plan(job_file)  # only here: tens of MB for DeepSeek-R1
+        changed = _changed_input(saved, plan)
         if changed is not None:
             raise BadInputError(
                 f"{plan.source / changed}: changed since the conversion into --out {dst} started "
                 "(size, time, inode or header); its shards so far hold the old data: convert again into "
-                f"a new directory{'' if plan.array_size > 1 else ', or with --overwrite'}"
+                f"a new directory{'' if array else ', or with --overwrite'}"
             )
-        other = "" if plan.array_size > 1 else ", or pass --overwrite to replace it"
-        raise BadInputError(f"--out {dst}: holds a different conversion in progress; choose a new directory{other}")
-    if not (resume or plan.array_size > 1):
-        raise BadInputError(f"--out {dst}: holds an unfinished conversion; rerun with --resume to finish it")
+        if saved.source == plan.source:  # the same input, other choices: never advise throwing the work away
+            started = _differing_choice(saved, plan)
+            if array:
+                raise BadInputError(
+                    f"--out {dst}: this job array was started with {started}; pass the same to every job"
+                )
+            raise BadInputError(
+                f"--out {dst}: holds an unfinished conversion of this input started with {started}; finish it "
+                f"with `{resume_command(dst, plan.source)}` (it keeps the choices it was started with), or "
+                "convert into a new directory"
+            )
+        other = "" if array else ", or pass --overwrite to replace it"
+        raise BadInputError(
+            f"--out {dst}: holds a conversion in progress of another input ({saved.source}); "
+            f"choose a new directory{other}"
+        )
+    if not (resume or array):
+        raise BadInputError(
+            f"--out {dst}: holds an unfinished conversion of this input; finish it with "
+            f"`{resume_command(dst, plan.source)}`"
+        )
     return existing
+
+
+def _differing_choice(saved: ConversionPlan, plan: ConversionPlan) -> str:
+    """The first choice a saved plan was made with that differs from ``plan``'s, as its option says it."""
+    if saved.array_size != plan.array_size:
+        return f"--array-size {saved.array_size}" if saved.array_size > 1 else "no --array-size"
+    for option, theirs, mine in (
+        ("--target", saved.target, plan.target),
+        ("--dtype", saved.params_dtype, plan.params_dtype),
+    ):
+        if theirs != mine:
+            return f"{option} {theirs}"
+    if saved.checksums != plan.checksums:
+        return _checksums_flag(saved.checksums)
+    return f"w4a8conv {saved.tool_version}, whose plan differs from this version's"
 
 
 def nearest_existing(path: Path) -> Path:
@@ -398,7 +500,7 @@ def _finalize_locked(dst: Path, plan: ConversionPlan, verify: Callable[[Path], A
     if missing and n == 1:
         raise W4A8ConvError(
             f"{dst}: this conversion was interrupted before all its shards were written; finish it with "
-            f"`w4a8conv convert --in {plan.source} --out {dst} --resume` (which finalizes it)",
+            f"`{resume_command(dst, plan.source)}` (which finalizes it)",
             EXIT_FAILURE,
         )
     if missing:

@@ -23,6 +23,7 @@ from ..formats.sources import get_source
 from ..formats.targets import ServingTarget, get_target
 from ..names import MANIFEST_FILE, TOOL_SECTION, natural_key
 from ..reading.gc_hold import holding_gc
+from ..reading.job_file import HEAD, MIDDLE, TAIL, fingerprint_of
 from ..safetensors_io import ITEMSIZE, OutputEntry, TensorInfo
 
 PLAN_FORMAT = "w4a8conv-plan/2"  # 2: served_config
@@ -294,15 +295,15 @@ class ConversionPlan:
         """The plan as ``job.json`` holds it: its fingerprint, then its canonical JSON."""
         canonical = self._canonical()
         self.__dict__["fingerprint"] = hashlib.sha256(canonical).hexdigest()  # cached_property's slot
-        return _HEAD + self.fingerprint.encode() + _MIDDLE + canonical + _TAIL
+        return HEAD + self.fingerprint.encode() + MIDDLE + canonical + TAIL
 
     @classmethod
     @holding_gc
     def from_bytes(cls, raw: bytes, where: str) -> ConversionPlan:
         """The plan :meth:`to_bytes` gave, its fingerprint checked; a bad file is one line naming ``where``."""
         fingerprint = fingerprint_of(raw)
-        canonical = raw[len(_HEAD) + 64 + len(_MIDDLE) : -len(_TAIL)]
-        if fingerprint is None or not raw.endswith(_TAIL):
+        canonical = raw[len(HEAD) + 64 + len(MIDDLE) : -len(TAIL)]
+        if fingerprint is None or not raw.endswith(TAIL):
             raise BadInputError(f"{where}: not a w4a8conv conversion plan")
         if hashlib.sha256(canonical).hexdigest() != fingerprint:
             raise BadInputError(f"{where}: its fingerprint does not match its content (edited or corrupt)")
@@ -317,21 +318,6 @@ class ConversionPlan:
     def _canonical(self) -> bytes:
         # Not sort_keys: to_json's order is already fixed, and the description keeps its own order.
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
-
-
-# job.json: {"fingerprint":"<64 hex digits>","plan":<canonical JSON>}, so that the fingerprint can be
-# read without parsing the plan, and checked against the exact bytes it was computed from.
-_HEAD = b'{"fingerprint":"'
-_MIDDLE = b'","plan":'
-_TAIL = b"}\n"
-
-
-def fingerprint_of(raw: bytes) -> str | None:
-    """The fingerprint at the start of a saved plan, or None if it does not start like one."""
-    if not raw.startswith(_HEAD) or raw[len(_HEAD) + 64 : len(_HEAD) + 64 + len(_MIDDLE)] != _MIDDLE:
-        return None
-    digits = raw[len(_HEAD) : len(_HEAD) + 64].decode("ascii", "replace")
-    return digits if all(c in "0123456789abcdef" for c in digits) else None
 
 
 def shard_entries(

@@ -17,6 +17,7 @@ from ..errors import BadInputError
 from ..names import CONFIG_FILE, DESCRIPTION_FILE, INDEX_SUFFIX, STATE_DIR
 from ..safetensors_io import ShardHeader, TensorInfo, file_identity, read_header
 from .gc_hold import holding_gc
+from .job_file import resume_command
 from .quantization_config import description_from_config, is_compressed_tensors, served_config
 
 if TYPE_CHECKING:
@@ -84,6 +85,12 @@ class Checkpoint:
         if self.config:
             name = self.config.get("torch_dtype") or self.config.get("dtype")
         return name if name in _MODEL_DTYPES else "bfloat16"
+
+    @property
+    def declared_dtype(self) -> str | None:
+        """The model dtype config.json declares (``torch_dtype``, or ``dtype``), None where it names none."""
+        name = (self.config.get("torch_dtype") or self.config.get("dtype")) if self.config else None
+        return name if name in _MODEL_DTYPES else None
 
     @property
     def dtype_assumed(self) -> str | None:
@@ -228,7 +235,7 @@ def unfinished_output(root: Path) -> str:
     """What to say of an output directory whose conversion has not finished."""
     return (
         f"{root}: an unfinished w4a8conv output (interrupted, or an array's shares not finalized); finish it "
-        f"with `w4a8conv convert --resume --in SRC --out {root}`, or `w4a8conv finalize {root}` for an array"
+        f"with `{resume_command(root)}`, or `w4a8conv finalize {root}` for an array"
     )
 
 
