@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -126,8 +127,13 @@ def test_kill_9_then_resume_is_byte_identical(medium, tmp_path, moment):
 def test_disk_full_before_start(source_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "out")
-    assert code == 1 and "GB free; free space, then rerun with --resume" in stderr
-    assert not (tmp_path / "out" / DESCRIPTION).exists()
+    assert code == 2 and "GB free; free space (or choose an --out with room), then run the command again" in stderr
+    assert not (tmp_path / "out").exists()  # nothing left behind: a plain rerun works
+    code, _, stderr = cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "dry", "--dry-run")
+    assert code == 2 and "--resume" not in stderr and not (tmp_path / "dry").exists()
+    (tmp_path / "empty").mkdir()  # an --out the user made is left, as it was
+    assert cli("convert", "--in", source_checkpoints["mindie"], "--out", tmp_path / "empty")[0] == 2
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_disk_full_midway_is_resumable(medium, tmp_path, monkeypatch):
@@ -144,11 +150,13 @@ def test_disk_full_midway_is_resumable(medium, tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fallocate", filling_up)
     code, _, stderr = cli("convert", "--in", src, "--out", out)
-    assert code == 1
-    assert ".safetensors.partial: no space left on device; free space, then rerun with --resume" in stderr
+    assert code == 1 and len([line for line in stderr.splitlines() if line.startswith("error: ")]) == 1
+    assert ".safetensors.partial: no space left on device while writing it; " in stderr
+    assert re.search(r"; \d+\.\d\d GB still to write \(\d+ of 6 shards unfinished, \d+\.\d\d GB free\)", stderr)
+    assert stderr.rstrip().endswith(f"free space, then `w4a8conv convert --in {src} --out {out} --resume`")
     assert "Traceback" not in stderr and not (out / DESCRIPTION).exists()
     monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
-    assert cli("convert", "--in", src, "--out", out, "--resume")[0] == 0
+    assert paste(stderr).exit_code == 0
     assert tree_bytes(out) == tree_bytes(reference)
 
 

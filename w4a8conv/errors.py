@@ -44,8 +44,8 @@ class BadInputError(W4A8ConvError):
 
 
 _OS_ERROR_HINTS = {
-    errno.ENOSPC: "no space left on device; free space, then rerun with --resume",
-    errno.EDQUOT: "disk quota exceeded; free space, then rerun with --resume",
+    errno.ENOSPC: "no space left on device; free space, then run the command again",
+    errno.EDQUOT: "disk quota exceeded; free space, then run the command again",
     errno.EROFS: "read-only file system; choose an --out on a writable filesystem",
     errno.EACCES: "permission denied",
     errno.EPERM: "operation not permitted",

@@ -12,6 +12,7 @@ shares are done. A single-process conversion is the same job with one share, so 
 
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import importlib
@@ -204,6 +205,9 @@ def convert_checkpoint(
     choices = continued_choices(dst, src, Choices(target, dtype, checksums, force_dtype), resume, array_size)
     ckpt, plan = prepare(src, choices, array_size, array_index, notice)
     torch_device = resolve_device(device)
+    if not overwrite:  # before anything is written: a shortfall leaves --out as it was
+        mine = [s for s in _my_shards(plan, array_index) if not written_in_full(dst / s.name, s.file_size)]
+        _check_free_space(nearest_existing(dst), sum(s.file_size for s in mine), dst)
     share = start_share(dst, plan, array_index, overwrite=overwrite, resume=resume)
     if share is None:  # --resume found it finished
         return replace(
@@ -212,7 +216,8 @@ def convert_checkpoint(
     report = progress or Progress()
     try:
         todo = [s for s in _my_shards(plan, array_index) if not share.is_complete(s.name)]
-        _check_free_space(dst, sum(s.file_size for s in todo))
+        if overwrite:  # what it replaces is gone now
+            _check_free_space(dst, sum(s.file_size for s in todo))
         report.start(
             sum(i.nbytes for s in todo for i in s.passthrough) + sum(p.source_bytes for s in todo for p in s.modules),
             sum(len(s.modules) for s in todo),
@@ -228,6 +233,10 @@ def convert_checkpoint(
         share.mark_done()
         if array_size == 1:
             finalize(dst, plan, verify)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _out_of_space(e, dst, src, plan, array_index) from None
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name, code = interruption(stop)
         done = sum(share.is_complete(shard) for shard in share.shard_names)
@@ -334,15 +343,29 @@ def _my_shards(plan: ConversionPlan, array_index: int) -> list[OutputShard]:
 
 
 def _check_free_space(where: Path, needed: int, dst: Path | None = None) -> None:
-    """Refuse when the filesystem holding ``where`` (``dst`` or, before it exists, its parent) lacks ``needed``."""
+    """Refuse (exit 2, before anything is written) when the filesystem holding ``where`` (``dst`` or,
+    before it exists, its nearest ancestor) lacks ``needed`` bytes."""
     dst = dst or where
     free = shutil.disk_usage(where).free
     if needed > free:
-        raise W4A8ConvError(
+        raise BadInputError(
             f"--out {dst}: needs {needed / 1e9:.2f} GB more but the filesystem has {free / 1e9:.2f} GB free; "
-            "free space, then rerun with --resume",
-            EXIT_FAILURE,
+            "free space (or choose an --out with room), then run the command again"
         )
+
+
+def _out_of_space(error: OSError, dst: Path, src: Path, plan: ConversionPlan, array_index: int) -> W4A8ConvError:
+    """A write that found the disk full: the file, what is still to write, and how to finish."""
+    unfinished = [s for s in _my_shards(plan, array_index) if not written_in_full(dst / s.name, s.file_size)]
+    still = sum(s.file_size for s in unfinished)
+    what = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
+    again = f"`{resume_command(dst, src)}`" if plan.array_size == 1 else "rerun this job"
+    return W4A8ConvError(
+        f"{error.filename or dst}: {what} while writing it; {still / 1e9:.2f} GB still to write "
+        f"({len(unfinished)} of {len(plan.shares[array_index])} shards unfinished, "
+        f"{shutil.disk_usage(nearest_existing(dst)).free / 1e9:.2f} GB free): free space, then {again}",
+        EXIT_FAILURE,
+    )
 
 
 def _convert_shards(
