@@ -165,7 +165,8 @@ def test_dry_run_plans_and_writes_nothing(source_checkpoints, tmp_path):
     plan = json.loads(stdout)
     expected = build_plan(open_checkpoint(source_checkpoints["mindie"]), LEGACY_TARGET)
     assert plan["ok"] and plan["dry_run"] and plan["modules"] == 30 and plan["shards"] == 4
-    assert plan["share_shards"] == {s.name: s.file_size for s in expected.shards}
+    assert plan["share_shards"] == [s.name for s in expected.shards]
+    assert plan["share_output_bytes"] == sum(s.file_size for s in expected.shards)
     assert plan["output_bytes"] == expected.output_bytes and not out.exists()
 
 
@@ -205,10 +206,10 @@ def test_dry_run_refuses_an_output_too_small_as_the_real_run_does(source_checkpo
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     src, out = source_checkpoints["mindie"], tmp_path / "out"
     dry = cli("convert", "--in", src, "--out", out, "--dry-run")
-    assert dry[0] == 1 and "needs 0.00 GB more but the filesystem has 0.00 GB free" in dry[2]
+    assert dry[0] == 2 and "needs 0.00 GB more but the filesystem has 0.00 GB free" in dry[2]
     assert not out.exists()
     real = cli("convert", "--in", src, "--out", out)
-    assert real[0] == 1 and real[2] == dry[2]
+    assert real[0] == 2 and real[2] == dry[2] and not out.exists()
 
 
 def test_ci_progress_lines(source_checkpoints, tmp_path):

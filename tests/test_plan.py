@@ -132,7 +132,8 @@ def test_dry_run_reports_the_plan(source_checkpoints, tmp_path):
     _, stdout, _ = cli("convert", "--in", src, "--out", tmp_path / "out", *args)
     report = json.loads(stdout)
     plan = build_plan(open_checkpoint(src), LEGACY_TARGET, array_size=2)
-    assert report["share_shards"] == {name: plan.shard(name).file_size for name in plan.shares[0]}
+    assert report["share_shards"] == list(plan.shares[0])
+    assert report["share_output_bytes"] == sum(plan.shard(name).file_size for name in plan.shares[0])
     assert report["shards"] == len(plan.shards)
     assert report["target"] == plan.target and report["modules"] == len(plan.modules)
     assert not (tmp_path / "out").exists()

@@ -39,7 +39,7 @@ from .. import __version__
 from ..converting.devices import DEVICE_CHOICES
 from ..errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Terminated, exit_status, interruption
 from ..formats.families import FAMILIES, FAMILY_NAMES
-from ..formats.sources import SOURCE_NAMES, SOURCES
+from ..formats.sources import CURRENT_MSMODELSLIM_LAYOUT, SOURCE_NAMES, SOURCES
 from ..formats.targets import DEFAULT_TARGET, TARGET_NAMES, TARGETS
 from .output import Output, group_words, human_bytes, plural
 
@@ -353,10 +353,13 @@ def convert(
         )
         _warn_empty_shares(output, size, len(plan.shards), empty_shares(plan))
         summary = plan.summary
-        mine = {name: plan.shard(name).file_size for name in plan.shares[index]}
+        mine = list(plan.shares[index])
         if output.json_mode:
             report = {**summary.as_dict(), "target": plan.target, "in_dir": str(src), "out_dir": str(dst)}
-            output.emit_json({"ok": True, "dry_run": True, **report, "share_shards": mine})
+            share_bytes = sum(plan.shard(name).file_size for name in mine)
+            output.emit_json(
+                {"ok": True, "dry_run": True, **report, "share_shards": mine, "share_output_bytes": share_bytes}
+            )
         else:
             share = f"{len(mine)} of {plural(summary.shards, 'shard')}" if size > 1 else plural(summary.shards, "shard")
             output.info(
@@ -482,6 +485,9 @@ def verify(
         output.emit_json({"ok": report.ok, "in_dir": str(src), "out_dir": str(dst), **report.as_dict()})
     elif not output.quiet:
         output.verify_report(report)
+    elif not report.ok:  # as `sha256sum --quiet` still prints its failures: one line on stderr
+        count = report.problems_total
+        output.error(f"{dst}: verification failed, {plural(count, 'problem')}; first: {report.problems[0]}")
     if not report.ok:
         raise typer.Exit(EXIT_FAILURE)
 
@@ -536,9 +542,10 @@ def synthetic(
         str,
         typer.Option(
             metavar=choices(SOURCE_NAMES),
-            help="The source layout: " + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES),
+            help="The source layout (default: what msModelSlim writes today, which the default target serves): "
+            + "; ".join(f"{n}: {SOURCES[n].summary}" for n in SOURCE_NAMES),
         ),
-    ] = SOURCE_NAMES[0],
+    ] = CURRENT_MSMODELSLIM_LAYOUT,
     family: Annotated[
         str,
         typer.Option(

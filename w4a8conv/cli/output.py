@@ -109,7 +109,10 @@ class Output:
             ("target", report.target or "-"),
             *[(f"contract: {key}", value) for key, value in report.contract.items() if key != "target"],
             *(
-                [("targets that serve it", ", ".join(report.serving_targets) or "none")]
+                [
+                    ("targets that serve it", ", ".join(report.serving_targets) or "none"),
+                    ("convert with", f"--target {report.convert_with}" if report.convert_with else "-"),
+                ]
                 if report.format != PROCESSED_FORMAT
                 else []
             ),
@@ -148,12 +151,14 @@ class Output:
             self.out.print(Text("no problems found", style="green"))
 
     def verify_report(self, report) -> None:
-        checked = f"{report.modules_checked} of {report.modules_total} W4A8 modules"
-        hashed = f"{report.files_hashed} files hashed" if report.manifest else "no checksum manifest (--no-checksums)"
-        copied = f"{report.passthrough_checked} pass-through tensors, {report.other_files_checked} other files"
+        checked = f"{report.modules_checked} of {plural(report.modules_total, 'W4A8 module')}"
+        hashed = plural(report.files_hashed, "file") + " hashed"
+        hashed = hashed if report.manifest else "no checksum manifest (--no-checksums)"
+        copied = f"{plural(report.passthrough_checked, 'pass-through tensor')}, "
+        copied += plural(report.other_files_checked, "other file")
         summary = f"{checked}, {copied}, {hashed}"
         if report.numeric_checks:
-            summary += f", {report.numeric_checks} operator checks"
+            summary += f", {plural(report.numeric_checks, 'operator check')}"
         if report.ok:
             self.out.print(Text.assemble(("verified: ", "bold green"), summary))
             return

@@ -31,6 +31,7 @@ class InspectReport:
     format: str  # the source layout, ``processed`` for w4a8conv output, or ``unknown``
     target: str | None  # checked against (a source), or made for (a w4a8conv output)
     serving_targets: list[str]  # the registered targets that can serve a source (empty for an output)
+    convert_with: str | None  # the --target to pass to convert a source (None: none serves it, or an output)
     contract: dict  # a w4a8conv output's artifact contract, as its description records it (empty for a source)
     version: str | None
     group_size: int | None
@@ -88,11 +89,16 @@ def inspect_checkpoint(path: Path | str, target: str | None = None) -> InspectRe
         return report
     plan = build_plan(ckpt, target or DEFAULT_TARGET)
     notes = []
-    if target is None and plan.problems and plan.serving_targets:
+    convert_with = plan.target if not plan.problems else None
+    if plan.problems and plan.serving_targets and plan.serving_targets[-1] != plan.target:
         other = build_plan(ckpt, plan.serving_targets[-1])
         if not other.problems:
-            plan = other
-            notes.append(f"the default target {DEFAULT_TARGET} does not serve it: convert with --target {plan.target}")
+            convert_with = other.target
+            if target is None:
+                plan = other
+                notes.append(
+                    f"the default target {DEFAULT_TARGET} does not serve it: convert with --target {plan.target}"
+                )
     experts_per_layer = sorted({len(layer.experts) for layer in plan.moe_layers})
     moe_shapes = {(layer.hidden_size, layer.intermediate_size) for layer in plan.moe_layers}
     hidden, intermediate = moe_shapes.pop() if len(moe_shapes) == 1 else (None, None)
@@ -102,6 +108,7 @@ def inspect_checkpoint(path: Path | str, target: str | None = None) -> InspectRe
         format=plan.source_layout,
         target=plan.target,
         serving_targets=list(plan.serving_targets),
+        convert_with=convert_with,
         contract={},
         group_size=plan.group_size,
         modules=summary.modules,
@@ -199,6 +206,7 @@ def _processed(ckpt: Checkpoint) -> dict:
         "format": PROCESSED_FORMAT,
         "target": section.get("target"),
         "serving_targets": [],
+        "convert_with": None,
         "contract": {key: section[key] for key in CONTRACT_KEYS if key in section} | _canary_summary(section),
         "group_size": section.get("group_size"),
         "modules": modules,

@@ -19,6 +19,7 @@ SOURCES: dict[str, SourceLayout] = {
     for layout in (MindieLayout(), V1PerGroupLayout(), V1PerChannelLayout(), CompressedTensorsLayout())
 }
 SOURCE_NAMES: tuple[str, ...] = tuple(SOURCES)
+CURRENT_MSMODELSLIM_LAYOUT = "v1.0.0-per-channel"  # all that msModelSlim 26.1's saver writes
 
 
 def get_source(name: str) -> SourceLayout:
