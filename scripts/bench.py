@@ -139,8 +139,9 @@ def summarize(runs: list[Run], size: int) -> dict:
     }
 
 
-def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) -> dict:
-    """Time `w4a8conv verify` of a conversion of ``src``; with --cache disk both directories come from the disk."""
+def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool, numeric: bool = False) -> dict:
+    """Time `w4a8conv verify` (``--numeric`` too with ``numeric``) of a conversion of ``src``; with --cache
+    disk both directories come from the disk."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run([CLI, "convert", "--in", str(src), "--out", str(out), *TARGET], check=True, capture_output=True)
     size = dir_bytes(src)
@@ -149,7 +150,8 @@ def bench_verify(src: Path, out: Path, repeats: int, cache: str, prime: bool) ->
     for _ in range(repeats):
         if disk:
             evict(out)
-        runs.append(timed([CLI, "verify", str(src), str(out)], src if disk else None, priming_bytes(size, prime)))
+        command = [CLI, "verify", str(src), str(out), *(["--numeric"] if numeric else [])]
+        runs.append(timed(command, src if disk else None, priming_bytes(size, prime)))
     shutil.rmtree(out)
     return summarize(runs, size)
 
@@ -406,6 +408,8 @@ def main() -> None:
         if args.verify:
             verify = bench_verify(src, out, args.repeats, args.cache, not args.no_prime)
             results["layouts"][layout]["verify"] = verify
+            numeric = bench_verify(src, out, args.repeats, args.cache, not args.no_prime, numeric=True)
+            results["layouts"][layout]["verify_numeric"] = numeric
     if args.families:
         results["families"] = {}
     for family in args.families:
@@ -448,7 +452,7 @@ def print_table(results: dict) -> None:
     for col in columns:
         table.add_column(col)
     for layout, r in results["layouts"].items():
-        for name in ("copy", "convert", "no_checksums", "naive", "verify"):
+        for name in ("copy", "convert", "no_checksums", "naive", "verify", "verify_numeric"):
             if name not in r:
                 continue
             convert_ratio = f"{r['convert_over_copy']}x copy"
@@ -463,7 +467,7 @@ def print_table(results: dict) -> None:
             row = [
                 layout,
                 f"{r['input_bytes'] / 1e9:.2f} GB",
-                "convert --no-checksums" if name == "no_checksums" else name,
+                {"no_checksums": "convert --no-checksums", "verify_numeric": "verify --numeric"}.get(name, name),
                 f"{r[name]['seconds']:.2f}",
                 f"{r[name]['gb_per_s']:.2f}",
                 f"{r[name]['cpu_seconds']:.2f}",

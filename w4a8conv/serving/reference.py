@@ -45,17 +45,24 @@ def w4a8_matmul(
     """
     if scale.dtype == torch.int64:
         scale = decode_int64_to_fp32(scale)
-    w = unpack_int32_words(words).to(torch.float64)  # [out, in]
-    out_features, in_features = w.shape
+    in_features, out_features = words.shape[0], words.shape[1] * 8
     s = scale.reshape(-1, out_features).to(torch.float64)  # [groups, out]
     groups = s.shape[0]
-    hi, lo = (h.to(torch.float64) for h in split_int8(x))
-    hi_g = hi.reshape(x.shape[0], groups, in_features // groups)
-    lo_g = lo.reshape(x.shape[0], groups, in_features // groups)
-    w_g = w.reshape(out_features, groups, in_features // groups)
-    integer = 16 * torch.einsum("tgk,ogk->tgo", hi_g, w_g) + torch.einsum("tgk,ogk->tgo", lo_g, w_g)
-    acc = (integer * s.unsqueeze(0)).sum(1) + scale_bias.to(torch.float64).reshape(1, out_features)
+    hi, lo = (h.to(torch.float64).reshape(x.shape[0], groups, in_features // groups) for h in split_int8(x))
+    bias = scale_bias.to(torch.float64).reshape(1, out_features)
+    acc = torch.empty(x.shape[0], out_features, dtype=torch.float64)
+    # A block of outputs at a time: a whole expert's weights in float64 would be 235 MB (DeepSeek-R1's w13),
+    # and every output depends on its own column of words only.
+    for start in range(0, out_features, _OUTPUTS_PER_BLOCK):
+        cols = slice(start, min(start + _OUTPUTS_PER_BLOCK, out_features))
+        w = unpack_int32_words(words[:, cols.start // 8 : cols.stop // 8].contiguous()).to(torch.float64)
+        w_g = w.reshape(w.shape[0], groups, in_features // groups)  # [block, groups, in/groups]
+        integer = 16 * torch.einsum("tgk,ogk->tgo", hi, w_g) + torch.einsum("tgk,ogk->tgo", lo, w_g)
+        acc[:, cols] = (integer * s[:, cols].unsqueeze(0)).sum(1) + bias[:, cols]
     return pertoken_scale.to(torch.float64).reshape(-1, 1) * acc
+
+
+_OUTPUTS_PER_BLOCK = 512  # 29 MB of float64 weights at DeepSeek-R1's hidden 7168
 
 
 def dynamic_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,9 @@ def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: Ve
             for role in ROLES:
                 prefix = f"{layer}.{e}.{naming_of[layer].name_of(role)}"
                 v, s1, s2 = source_module(prefix, src)
-                values[(e, role)], kernel[(e, role)] = v, kernel_scale(prefix, s1, s2, params_dtype)
+                # int4 values fit int8: half the memory of the oracle's int16, for the 12 matrices held
+                values[(e, role)], kernel[(e, role)] = v.astype(np.int8), kernel_scale(prefix, s1, s2, params_dtype)
+                del v
         hidden = values[(chosen[0], "gate")].shape[1]
         x, pts = _activations(rng, hidden)
         top_k = min(2, len(chosen))
@@ -85,6 +87,7 @@ def numeric_checks(dst: Path, prefixes: list[str], src, section, rng, report: Ve
         # The whole layer: routing, SwiGLU and the int8 re-quantization between w13 and w2, where a
         # last-bit difference moves a value across a rounding step; hence the looser tolerance.
         _compare(f"{layer} (experts {chosen})", got, expected, _LAYER_TOLERANCE, report)
+        del tensors, values, kernel  # before the next layer's are read: layers never overlap in memory
 
 
 def _check_matmul(what, values, scale, tensors, fused: str, slot: int, rng, report: VerifyReport) -> None:
