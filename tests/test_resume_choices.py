@@ -89,3 +89,15 @@ def test_dtype_contradicting_config_json_needs_force_dtype(source_checkpoints, t
     code, _, stderr = cli("convert", "--in", src, "--out", tmp_path / "out", "--dtype", "float16", "--force-dtype")
     assert code == 0, stderr
     assert json.loads((tmp_path / "out" / DESCRIPTION_FILE).read_text())[TOOL_SECTION]["params_dtype"] == "float16"
+
+
+def test_an_interrupted_share_of_an_array_reruns_by_pasting_its_line(monkeypatch, source_checkpoints, tmp_path):
+    src, out = source_checkpoints["v1.0.0-per-channel"], tmp_path / "out"
+    line = interrupted(monkeypatch, src, out, target="vllm-ascend-0.23", array_size=2, array_index=1)
+    assert line.endswith(f"finish it with `w4a8conv convert --in {src} --out {out} --array-size 2 --array-index 1`")
+    assert paste(line).exit_code == 0
+    code, _, stderr = cli("convert", "--in", src, "--out", out, "--array-size", "2", "--array-index", "0")
+    assert code == 0, stderr  # the first job's choices, taken from the plan (cli adds the same --target)
+    assert cli("finalize", out)[0] == 0
+    convert_checkpoint(src, tmp_path / "straight", target="vllm-ascend-0.23")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "straight")

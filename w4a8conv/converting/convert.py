@@ -240,7 +240,7 @@ def convert_checkpoint(
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name, code = interruption(stop)
         done = sum(share.is_complete(shard) for shard in share.shard_names)
-        again = f"finish it with `{resume_command(dst, src)}`" if array_size == 1 else "rerun this job to finish it"
+        again = f"finish it with `{resume_command(dst, src, (array_size, array_index))}`"
         raise W4A8ConvError(
             f"--out {dst}: interrupted by {signal_name} with {done} of {len(share.shard_names)} shards written; "
             f"{again}",
@@ -359,7 +359,7 @@ def _out_of_space(error: OSError, dst: Path, src: Path, plan: ConversionPlan, ar
     unfinished = [s for s in _my_shards(plan, array_index) if not written_in_full(dst / s.name, s.file_size)]
     still = sum(s.file_size for s in unfinished)
     what = "no space left on device" if error.errno == errno.ENOSPC else "disk quota exceeded"
-    again = f"`{resume_command(dst, src)}`" if plan.array_size == 1 else "rerun this job"
+    again = f"`{resume_command(dst, src, (plan.array_size, array_index))}`"
     return W4A8ConvError(
         f"{error.filename or dst}: {what} while writing it; {still / 1e9:.2f} GB still to write "
         f"({len(unfinished)} of {len(plan.shares[array_index])} shards unfinished, "

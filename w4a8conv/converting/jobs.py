@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -72,7 +73,10 @@ def _after_a_failed_verification(dst: Path, plan: ConversionPlan) -> str:
     if plan.array_size == 1:
         redo = f"`w4a8conv convert --in {plan.source} --out {dst} --resume --verify` redoes them and checks again"
     else:
-        redo = f"rerun the array tasks that wrote them (--array-index), then `w4a8conv finalize {dst} --verify SRC`"
+        redo = (
+            f"rerun the array tasks that wrote them (--array-index), then "
+            f"`w4a8conv finalize {shlex.quote(str(dst))} --verify {shlex.quote(str(plan.source))}`"
+        )
     return f"it stays unfinished: delete the files named; {redo}; or convert again into a new directory"
 
 

@@ -53,10 +53,14 @@ def saved_choices(path: Path) -> dict[str, Any] | None:
     return found if set(CHOICE_KEYS) <= found.keys() else None
 
 
-def resume_command(dst: Path, source: Path | str | None = None) -> str:
+def resume_command(dst: Path, source: Path | str | None = None, share: tuple[int, int] | None = None) -> str:
     """The command that finishes the conversion into ``dst``, ready to paste: its choices come from the
-    saved plan, so none is repeated (``source``: its input, else the one the saved plan names)."""
+    saved plan, so none is repeated (``source``: its input, else the one the saved plan names). For one
+    ``share`` (size, index) of a job array: the command that reruns that job."""
     if source is None:
         saved = saved_choices(dst / STATE_DIR / JOB_FILE)
         source = saved["source"] if saved is not None else "SRC"
-    return f"w4a8conv convert --in {shlex.quote(str(source))} --out {shlex.quote(str(dst))} --resume"
+    command = f"w4a8conv convert --in {shlex.quote(str(source))} --out {shlex.quote(str(dst))}"
+    if share is not None and share[0] > 1:
+        return f"{command} --array-size {share[0]} --array-index {share[1]}"
+    return f"{command} --resume"
