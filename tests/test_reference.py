@@ -148,3 +148,22 @@ def test_verify_numeric_catches_a_shifted_bias(source_checkpoints, converted_che
     prefixes = [f"model.layers.{SPEC.dense_layers}.mlp.experts.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
     numeric_checks(out, prefixes, source.tensors, section, np.random.default_rng(0), report)
     assert not report.ok and any("experts.0 w2" in p for p in report.problems)
+
+
+def test_the_kernel_reference_unpacks_a_block_of_outputs_at_a_time(monkeypatch):
+    """verify --numeric's memory: a whole expert's weights in float64 are 235 MB at DeepSeek-R1's shapes, so
+    the reference unpacks at most 512 outputs at a time; the result is the same as unpacking all at once."""
+    torch.manual_seed(0)
+    words = torch.randint(-(2**31), 2**31 - 1, (256, 1536 // 8), dtype=torch.int32)
+    scale, bias = torch.rand(2, 1536), torch.rand(1536)
+    x, pts = torch.randint(-128, 128, (3, 256), dtype=torch.int8), torch.rand(3)
+    widths = []
+    real = reference.unpack_int32_words
+    monkeypatch.setattr(reference, "unpack_int32_words", lambda w: widths.append(w.shape[1] * 8) or real(w))
+    got = reference.w4a8_matmul(x, pts, words, scale, bias)
+    assert widths == [512, 512, 512]
+    w = real(words).double().reshape(1536, 2, 128)
+    hi, lo = (h.double().reshape(3, 2, 128) for h in reference.split_int8(x))
+    integer = 16 * torch.einsum("tgk,ogk->tgo", hi, w) + torch.einsum("tgk,ogk->tgo", lo, w)
+    expected = pts.double().reshape(-1, 1) * ((integer * scale.double().unsqueeze(0)).sum(1) + bias.double())
+    assert torch.equal(got, expected)
