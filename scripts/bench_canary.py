@@ -35,12 +35,12 @@ def measure_once(out: Path, layout: str, hidden: int, intermediate: int, group_s
     import torch
     from vllm_ascend.quantization.methods import registry
 
-    from tests.engine.harness import Serving, build, patch_engine, stock_description
+    from tests.engine.harness import Serving, build, serving, stock_description
     from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
     from w4a8conv.serving import vllm_plugin
     from w4a8conv.serving.vllm_plugin import canary_check as canary
 
-    patch_engine(setattr)
+    serving().__enter__()  # for the life of this process
     vllm_plugin.register()
     Serving.expert_parallel = True  # one whole expert on this rank: the layer itself stays small
     description = json.loads((out / DESCRIPTION_FILE).read_text())

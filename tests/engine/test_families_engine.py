@@ -28,7 +28,8 @@ from w4a8conv.serving import vllm_plugin
 from w4a8conv.serving.vllm_plugin import canary_check as canary
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
-from .harness import LoaderOnlyFusedMoE, Serving, load_as_model, patch_engine
+from . import harness
+from .harness import LoaderOnlyFusedMoE, Serving, load_as_model
 
 SIZES = (4, 128, 256)  # experts, hidden, moe_intermediate
 
@@ -75,9 +76,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def serving(monkeypatch):
-    patch_engine(monkeypatch.setattr)
     canary.forget()
-    yield monkeypatch
+    with harness.serving():
+        yield monkeypatch
     canary.forget()
     Serving.expert_parallel = Serving.dynamic_eplb = Serving.mix_placement = False
 

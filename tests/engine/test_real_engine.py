@@ -30,7 +30,7 @@ from w4a8conv.serving.vllm_plugin import canary_check as canary
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import harness
-from .harness import LoaderOnlyFusedMoE, Serving, build, patch_engine
+from .harness import LoaderOnlyFusedMoE, Serving, build
 
 SPEC = SyntheticSpec(hidden=128, intermediate=256, experts=4, dense_layers=0, moe_layers=1, w4a8_linear=False)
 LAYER = "model.layers.0.mlp.experts"
@@ -48,11 +48,11 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def serving(monkeypatch):
-    patch_engine(monkeypatch.setattr)
+def serving():
     canary.forget()
     torch_npu.calls.clear()
-    yield
+    with harness.serving():
+        yield
     canary.forget()
     Serving.expert_parallel = Serving.dynamic_eplb = False
 

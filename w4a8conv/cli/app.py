@@ -492,6 +492,58 @@ def verify(
         raise typer.Exit(EXIT_FAILURE)
 
 
+@app.command("check-engine", short_help="Ask the installed engine, per parallel layout, if it serves an output.")
+@handle_errors
+def check_engine(
+    dst: Annotated[Path, typer.Argument(help="A w4a8conv output (its canary is what is checked).", show_default=False)],
+    tp: Annotated[
+        int | None,
+        typer.Option(
+            help="The tensor-parallel size to check (with --expert-parallel: the expert-parallel size). Default: "
+            "every layout a user could pick, MoE tp 1, 2, 4, 8 and 16 and expert parallel 16.",
+            show_default=False,
+        ),
+    ] = None,
+    expert_parallel: Annotated[bool, typer.Option(help="Expert parallelism over --tp ranks (MoE tp 1).")] = False,
+    dynamic_eplb: Annotated[bool, typer.Option(help="With dynamic expert load balancing (per-expert lists).")] = False,
+    mega_moe: Annotated[
+        bool, typer.Option(help="With MegaMoE (enable_fused_mc2 1, where the release has it).")
+    ] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(help="The rank to check. Default: the first and the last of each layout.", show_default=False),
+    ] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    *,
+    output: Output,
+) -> None:
+    """Run the plugin's canary comparison on the installed vLLM and vllm-ascend for each parallel layout,
+    without starting an engine: exit 0 when every layout serves, 1 when any is refused."""
+    from ..serving.vllm_plugin.check_engine import DEFAULT_LAYOUTS, Layout
+    from ..serving.vllm_plugin.check_engine import check_engine as run_check
+
+    asked = tp is not None or expert_parallel or dynamic_eplb or mega_moe
+    layouts = (Layout(tp or 16 if expert_parallel else tp or 1, expert_parallel, dynamic_eplb, mega_moe),)
+    verdicts = run_check(dst, layouts if asked else DEFAULT_LAYOUTS, rank)
+    ok = all(v.serves for v in verdicts)
+    if output.json_mode:
+        output.emit_json({"ok": ok, "out_dir": str(dst), "layouts": [v.as_dict() for v in verdicts]})
+    elif not output.quiet:
+        for v in verdicts:
+            if v.serves:
+                output.info(
+                    f"serves   {v.layout}, rank {v.rank}: bit-identical ({'; '.join(v.checked)}), {v.seconds} s"
+                )
+            else:
+                output.info(f"refused  {v.layout}, rank {v.rank}: {v.reason}")
+    if not ok:
+        refused = sum(not v.serves for v in verdicts)
+        if output.quiet and not output.json_mode:
+            output.error(f"{dst}: refused at {plural(refused, 'layout')} of {len(verdicts)}")
+        raise typer.Exit(EXIT_FAILURE)
+
+
 @app.command(short_help="Publish a job array's output once every share is done.")
 @handle_errors
 def finalize(

@@ -1,0 +1,219 @@
+"""The installed engine's W4A8 code run without a server: what a serving process would answer it, for one
+parallel layout at a time. ``check-engine`` and ``make test-engine`` drive the engine through this.
+
+vLLM's own FusedMoE weight loader and vllm-ascend's own method adapter and W4A8 methods run unchanged;
+only what they ask of a running server is answered (the vLLM and Ascend configs, the tensor-parallel size,
+no MC2 group), by replacing, while a :func:`serving` block runs, the getters the engine's modules imported.
+A layer is vLLM's ``FusedMoE`` with its own ``weight_loader`` and expert map, without the model around it.
+
+This drives the registry releases (vllm-ascend 0.11 to the 0.26 branch, whose FusedMoE keeps an expert map
+manager, as vLLM 0.23's does); :func:`driveable` says why another release cannot be driven.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Serving:
+    """What a server would tell the engine: the description it loaded, its model directory, the layout."""
+
+    description: dict = field(default_factory=dict)
+    model: str = ""
+    tp_size: int = 1
+    expert_parallel: bool = False
+    dynamic_eplb: bool = False
+    mega_moe: bool = False
+    mix_placement: bool = False
+
+
+class _QuantConfig:
+    def __init__(self, state: Serving):
+        self._state = state
+
+    @property
+    def quant_description(self) -> dict:
+        return self._state.description
+
+    @quant_description.setter
+    def quant_description(self, value: dict) -> None:
+        self._state.description = value
+
+
+def driveable() -> str | None:
+    """Why the installed engine cannot be driven here, or None: vLLM and vllm-ascend must import, and the
+    release must keep the W4A8 scheme registry and vLLM's FusedMoE expert map manager."""
+    try:
+        from vllm.model_executor.layers.fused_moe import layer as fused_moe
+        from vllm_ascend.quantization import method_adapters  # noqa: F401
+        from vllm_ascend.quantization.methods import registry, w4a8  # noqa: F401
+    except ImportError as e:
+        return f"vLLM and vllm-ascend cannot be imported here ({e}); run it where the server runs"
+    if not hasattr(fused_moe.FusedMoE, "weight_loader"):
+        return "this vLLM's FusedMoE has no weight_loader (a release check-engine does not drive)"
+    return None
+
+
+@contextlib.contextmanager
+def serving(state: Serving) -> Iterator[None]:
+    """Answer what vllm-ascend's W4A8 code and the plugin ask of a server, as ``state`` says, while the
+    block runs; the getters are restored after it."""
+    import vllm.config
+    import vllm_ascend.ascend_config
+    import vllm_ascend.utils
+    from vllm_ascend.quantization.methods import w4a8
+
+    quant_config = _QuantConfig(state)
+
+    def config() -> SimpleNamespace:  # read when asked: the state may change inside the block
+        return SimpleNamespace(
+            quant_config=quant_config,
+            model_config=SimpleNamespace(model=state.model, revision=None),
+            parallel_config=SimpleNamespace(enable_expert_parallel=state.expert_parallel),
+        )
+
+    def ascend_config() -> SimpleNamespace:
+        return SimpleNamespace(
+            eplb_config=SimpleNamespace(dynamic_eplb=state.dynamic_eplb),
+            dynamic_eplb=state.dynamic_eplb,
+            enable_fused_mc2=1 if state.mega_moe else 0,
+            mix_placement=state.mix_placement,
+        )
+
+    def no_mc2_group() -> None:
+        raise AttributeError("no MC2 group outside a server")
+
+    replaced = [
+        (w4a8, "get_current_vllm_config", config),
+        (vllm.config, "get_current_vllm_config", config),
+        (w4a8, "get_tensor_model_parallel_world_size", lambda: state.tp_size),
+        (w4a8, "get_mc2_group", no_mc2_group),
+        (w4a8, "get_ascend_config", ascend_config),
+        (vllm_ascend.ascend_config, "get_ascend_config", ascend_config),
+        # NZ as on an A2/A3 device: every weight but fp32 (the cast is a storage format; on the CPU an identity)
+        (vllm_ascend.utils, "_should_trans_nz", lambda weight: weight.dtype != torch.float32),
+    ]
+    saved = [(module, name, module.__dict__.get(name, _ABSENT)) for module, name, _ in replaced]
+    for module, name, value in replaced:
+        setattr(module, name, value)
+    with _format_casts_on_the_cpu():
+        try:
+            yield
+        finally:
+            for module, name, value in saved:
+                if value is _ABSENT:
+                    delattr(module, name)
+                else:
+                    setattr(module, name, value)
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _format_casts_on_the_cpu() -> Iterator[None]:
+    """torch_npu's NZ cast on a CPU tensor, where the real torch_npu has no NPU to cast on: the values are
+    what they were (NZ is a storage layout), as the canary compares them."""
+    torch_npu = sys.modules.get("torch_npu")
+    cast = getattr(torch_npu, "npu_format_cast", None)
+    if cast is None or getattr(cast, "_w4a8conv_cpu", False):
+        yield
+        return
+
+    def npu_format_cast(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if tensor.device.type == "cpu":
+            try:
+                return cast(tensor, *args, **kwargs)
+            except Exception:  # a real torch_npu on a CPU tensor
+                return tensor
+        return cast(tensor, *args, **kwargs)
+
+    npu_format_cast._w4a8conv_cpu = True
+    torch_npu.npu_format_cast = npu_format_cast
+    try:
+        yield
+    finally:
+        torch_npu.npu_format_cast = cast
+
+
+def loader_only_fused_moe(
+    quant_method: Any,
+    sizes: tuple[int, int, int],
+    local_experts: list[int],
+    tp_size: int,
+    tp_rank: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.nn.Module:
+    """vLLM's FusedMoE of ``sizes`` (global experts, hidden, moe_intermediate) holding ``local_experts``,
+    with its own weight_loader and expert map, its parameters created by vllm-ascend's adapter around
+    ``quant_method`` in ``dtype``, at MoE tensor parallelism ``tp_size`` (1 with expert parallelism)."""
+    return fused_moe_class()(quant_method, sizes, local_experts, tp_size, tp_rank, dtype)
+
+
+def fused_moe_class() -> type:
+    """The class of :func:`loader_only_fused_moe`'s layers (vLLM's FusedMoE, imported when first asked)."""
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+    from vllm_ascend.quantization import method_adapters
+
+    class LoaderOnlyFusedMoE(FusedMoE):
+        """vLLM's FusedMoE with its own weight_loader and expert map, without the model around it."""
+
+        def __init__(self, quant_method, sizes, local_experts, tp_size, tp_rank, dtype=torch.bfloat16):
+            experts, hidden, intermediate = sizes
+            torch.nn.Module.__init__(self)
+            self.quant_config = None
+            self.rocm_aiter_fmoe_enabled = False
+            self.moe_parallel_config = SimpleNamespace(tp_size=tp_size, tp_rank=tp_rank, ep_size=1, ep_rank=0)
+            self.moe_config = SimpleNamespace(is_act_and_mul=True, moe_parallel_config=self.moe_parallel_config)
+            expert_map = torch.full((experts,), -1, dtype=torch.int32)
+            expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+            self._expert_map = expert_map
+            self.expert_map_manager = SimpleNamespace(map_global_to_local=lambda g: int(expert_map[g]))
+            adapter = method_adapters.AscendFusedMoEMethod.__new__(method_adapters.AscendFusedMoEMethod)
+            adapter.quant_method = quant_method
+            self.quant_method = adapter
+            adapter.create_weights(
+                self, len(local_experts), hidden, intermediate // tp_size, dtype, weight_loader=self.weight_loader
+            )
+
+    global _LOADER_ONLY
+    if _LOADER_ONLY is None:
+        _LOADER_ONLY = LoaderOnlyFusedMoE
+    return _LOADER_ONLY
+
+
+_LOADER_ONLY: type | None = None
+
+
+def loader_only_linear(
+    kind: str, quant_method: Any, in_features: int, out_features: int, tp_size: int, tp_rank: int, dtype: torch.dtype
+) -> torch.nn.Module:
+    """vLLM's RowParallelLinear (``kind`` "row") or ColumnParallelLinear with its own weight_loader,
+    without the model around it, its parameters created by vllm-ascend's adapter around ``quant_method``."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm_ascend.quantization import method_adapters
+
+    cls = RowParallelLinear if kind == "row" else ColumnParallelLinear
+    layer = cls.__new__(cls)
+    torch.nn.Module.__init__(layer)
+    layer.tp_size, layer.tp_rank, layer.prefix = tp_size, tp_rank, "w4a8conv-check-engine"
+    layer.output_sizes = [out_features]
+    if kind == "row":
+        layer.input_is_parallel = True
+    adapter = method_adapters.AscendLinearMethod.__new__(method_adapters.AscendLinearMethod)
+    adapter.quant_method = quant_method
+    layer.quant_method = adapter
+    in_part = in_features // tp_size if kind == "row" else in_features
+    out_parts = [out_features] if kind == "row" else [out_features // tp_size]
+    adapter.create_weights(
+        layer, in_part, out_parts, in_features, out_features, dtype, weight_loader=layer.weight_loader
+    )
+    return layer
