@@ -416,3 +416,15 @@ def test_importing_the_cli_elsewhere_leaves_the_signal_handlers_alone():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_check_engine_says_in_one_line_where_it_cannot_drive_the_engine(converted_checkpoints, tmp_path):
+    """Here vLLM and vllm-ascend are not installed (make test-engine runs it against the real 0.23 code)."""
+    code, stdout, stderr = cli("check-engine", converted_checkpoints["v1.0.0-per-channel"])
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("error: check-engine: vLLM and vllm-ascend cannot be imported here (")
+    assert stderr.count("\n") == 1
+    code, _, stderr = cli("check-engine", tmp_path)
+    assert code == 2 and f"{tmp_path}: no quant_model_description.json" in stderr
+    code, _, stderr = cli("check-engine", converted_checkpoints["mindie"], "--tp", "0")
+    assert code == 2 and "--tp 0: must be positive" in stderr

@@ -524,11 +524,12 @@ def check_engine(
     from ..serving.vllm_plugin.check_engine import check_engine as run_check
 
     asked = tp is not None or expert_parallel or dynamic_eplb or mega_moe
-    layouts = (Layout(tp or 16 if expert_parallel else tp or 1, expert_parallel, dynamic_eplb, mega_moe),)
-    verdicts = run_check(dst, layouts if asked else DEFAULT_LAYOUTS, rank)
+    size = tp if tp is not None else (16 if expert_parallel else 1)
+    layouts = (Layout(size, expert_parallel, dynamic_eplb, mega_moe),)
+    engine, verdicts = run_check(dst, layouts if asked else DEFAULT_LAYOUTS, rank)
     ok = all(v.serves for v in verdicts)
     if output.json_mode:
-        output.emit_json({"ok": ok, "out_dir": str(dst), "layouts": [v.as_dict() for v in verdicts]})
+        output.emit_json({"ok": ok, "out_dir": str(dst), "engine": engine, "layouts": [v.as_dict() for v in verdicts]})
     elif not output.quiet:
         for v in verdicts:
             if v.serves:

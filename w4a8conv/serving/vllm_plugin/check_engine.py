@@ -69,9 +69,11 @@ class CannotDrive(BadInputError):
     """The installed engine cannot be driven here (not installed, or a release check-engine does not drive)."""
 
 
-def check_engine(out: Path, layouts: tuple[Layout, ...] = DEFAULT_LAYOUTS, rank: int | None = None) -> list[Verdict]:
+def check_engine(
+    out: Path, layouts: tuple[Layout, ...] = DEFAULT_LAYOUTS, rank: int | None = None
+) -> tuple[str | None, list[Verdict]]:
     """Run the plugin's canary comparison on the installed engine for every layout (at ``rank``, else at
-    its first and last rank), one verdict each.
+    its first and last rank): the engine's version and one verdict each.
 
     Raises:
         BadInputError: ``out`` is no w4a8conv output with a canary, or a layout or rank is impossible.
@@ -126,7 +128,7 @@ def check_engine(out: Path, layouts: tuple[Layout, ...] = DEFAULT_LAYOUTS, rank:
                     canary_check.forget()
             seconds = round(time.monotonic() - started, 2)
             verdicts.append(Verdict(layout.label, r, reason is None, seconds, checked, reason))
-    return verdicts
+    return api.version, verdicts
 
 
 def _check_moe(layout: Layout, rank: int, shapes: dict, dtype: Any, checked: list[str]) -> None:

@@ -1,0 +1,111 @@
+"""``w4a8conv check-engine`` on the real vLLM 0.23.0 and vllm-ascend 0.23.0 code: its verdict for every layout
+``test_real_engine`` serves equals what loading through the plugin gives there, an engine changed in one
+line is refused, and a DeepSeek-shaped output is checked at every default layout in under 10 s."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from typer.testing import CliRunner
+from vllm_ascend.quantization.methods import registry, w4a8
+
+from w4a8conv.cli import app
+from w4a8conv.converting.convert import convert_checkpoint
+from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
+from w4a8conv.serving import vllm_plugin
+from w4a8conv.serving.vllm_plugin import canary_check as canary
+from w4a8conv.serving.vllm_plugin.check_engine import DEFAULT_LAYOUTS, Layout, check_engine
+from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
+
+from . import harness
+from .harness import Serving
+from .test_real_engine import LAYOUTS, MODES, SPEC, serve
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check-engine")
+    made = {}
+    for layout in LAYOUTS:
+        src = write_checkpoint(root / layout, layout, SPEC)
+        made[layout] = convert_checkpoint(src, root / f"{layout}-out", target="vllm-ascend-0.23").out_dir
+    return made
+
+
+def load_time_verdict(out, mode: str, size: int, rank: int) -> str | None:
+    """What serving ``out`` through the plugin gives at this layout and rank: None, or its refusal."""
+    canary.forget()
+    Serving.expert_parallel, Serving.dynamic_eplb = mode in ("ep", "eplb"), mode == "eplb"
+    experts = list(range(rank, SPEC.experts, size)) if Serving.expert_parallel else list(range(SPEC.experts))
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    try:
+        with harness.serving():
+            serve(out, processed, registry.get_scheme_class(PREPACKED_TYPE, "moe"), experts, size, rank)
+        return None
+    except ValueError as refusal:
+        return str(refusal)
+    finally:
+        canary.forget()
+        Serving.expert_parallel = Serving.dynamic_eplb = False
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("mode", "size"), MODES, ids=[f"{m}{n}" for m, n in MODES])
+def test_check_engine_agrees_with_the_plugin_s_load_time_verdict(outputs, layout, mode, size):
+    out = outputs[layout]
+    vllm_plugin.register()
+    asked = Layout(size, expert_parallel=mode in ("ep", "eplb"), dynamic_eplb=mode == "eplb")
+    for rank in sorted({0, size - 1}):
+        expected = load_time_verdict(out, mode, size, rank)
+        _, (verdict,) = check_engine(out, (asked,), rank)
+        assert verdict.serves == (expected is None), (verdict, expected)
+        assert verdict.reason == expected
+        assert verdict.checked == ([] if expected else ["MoE expert model.layers.0.mlp.experts.0"])
+
+
+def test_an_engine_changed_in_one_line_is_refused_at_every_layout(outputs, monkeypatch):
+    original = w4a8.AscendW4A8DynamicFusedMoEMethod.process_weights_after_loading
+
+    def changed(self, layer):
+        original(self, layer)
+        layer.w2_scale_bias.data = layer.w2_scale_bias.data * (1 + 2**-20)
+
+    monkeypatch.setattr(w4a8.AscendW4A8DynamicFusedMoEMethod, "process_weights_after_loading", changed)
+    result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-channel"]), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and not report["ok"] and report["engine"] == "0.23.0"
+    assert len(report["layouts"]) == 2 * len(DEFAULT_LAYOUTS) - 1  # MoE tp 1 has one rank
+    for verdict in report["layouts"]:
+        assert not verdict["serves"] and "computes w2_scale_bias of the canary MoE expert" in verdict["reason"]
+    monkeypatch.setattr(w4a8.AscendW4A8DynamicFusedMoEMethod, "process_weights_after_loading", original)
+    result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-channel"])])
+    assert result.exit_code == 0, result.stdout
+    assert result.stdout.splitlines()[0].startswith("serves   MoE tp 1, rank 0: bit-identical (MoE expert ")
+
+
+def test_one_layout_and_rank_as_asked(outputs):
+    result = CliRunner().invoke(
+        app, ["check-engine", str(outputs["v1.0.0-per-group"]), "--tp", "4", "--rank", "2", "--json"]
+    )
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and [(v["layout"], v["rank"]) for v in report["layouts"]] == [("MoE tp 4", 2)]
+    assert "unloaded" in report["layouts"][0]["reason"]  # stock 0.23 serves uninitialised w2 scales there
+    result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-group"]), "--expert-parallel"])
+    assert result.exit_code == 0 and "expert parallel 16, rank 15: bit-identical" in result.stdout
+    result = CliRunner().invoke(app, ["check-engine", str(outputs["mindie"]), "--tp", "2", "--rank", "2"])
+    assert result.exit_code == 2 and "--rank 2: need 0 <= rank < 2" in result.stderr
+
+
+def test_a_deepseek_shaped_output_is_checked_at_every_default_layout_in_under_10_s(tmp_path):
+    spec = SyntheticSpec(
+        hidden=7168, intermediate=2048, experts=2, dense_layers=0, moe_layers=1, group_size=256, w4a8_linear=False
+    )
+    src = write_checkpoint(tmp_path / "ds", "v1.0.0-per-channel", spec)
+    out = convert_checkpoint(src, tmp_path / "out", target="vllm-ascend-0.23").out_dir
+    started = time.monotonic()
+    _, verdicts = check_engine(out)
+    seconds = time.monotonic() - started
+    assert all(v.serves for v in verdicts) and len(verdicts) == 2 * len(DEFAULT_LAYOUTS) - 1
+    assert seconds < 10, f"{seconds:.1f} s"
