@@ -171,3 +171,13 @@ def test_w4a8conv_s_expert_table_agrees_with_the_engine_s_renaming():
             assert renamed == f"model.layers.0.mlp.experts.0.{DEFAULT_NAMING.name_of(role)}.weight"
     minimax = FAMILIES["minimax-m2"][2]  # vLLM's minimax_m2: ckpt gate, down, up projection names
     assert minimax == (NAMINGS[1].gate, NAMINGS[1].down, NAMINGS[1].up)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_check_engine_serves_every_family_at_every_default_layout(checkpoints, family):
+    from w4a8conv.serving.vllm_plugin.check_engine import DEFAULT_LAYOUTS, check_engine
+
+    _, verdicts = check_engine(checkpoints[family][1])
+    assert len(verdicts) == 2 * len(DEFAULT_LAYOUTS) - 1
+    assert all(v.serves for v in verdicts), [v.reason for v in verdicts if not v.serves]
+    assert verdicts[0].checked == [f"MoE expert {FAMILIES[family][3][0][1]}.0"]
