@@ -40,7 +40,8 @@ def measure_once(out: Path, layout: str, hidden: int, intermediate: int, group_s
     from w4a8conv.serving import vllm_plugin
     from w4a8conv.serving.vllm_plugin import canary_check as canary
 
-    serving().__enter__()  # for the life of this process
+    answered = serving()  # a server's answers for the life of this process (kept referenced)
+    answered.__enter__()
     vllm_plugin.register()
     Serving.expert_parallel = True  # one whole expert on this rank: the layer itself stays small
     description = json.loads((out / DESCRIPTION_FILE).read_text())
