@@ -21,17 +21,13 @@ from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import harness
 from .harness import Serving
-from .test_real_engine import LAYOUTS, MODES, SPEC, serve
+from .test_real_engine import LAYOUTS, MODES, SPEC, layout_checkpoints, serve
 
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("check-engine")
-    made = {}
-    for layout in LAYOUTS:
-        src = write_checkpoint(root / layout, layout, SPEC)
-        made[layout] = convert_checkpoint(src, root / f"{layout}-out", target="vllm-ascend-0.23").out_dir
-    return made
+    """test_real_engine's outputs, converted for vllm-ascend-0.23, by source layout."""
+    return {layout: out for layout, (_, out) in layout_checkpoints(tmp_path_factory).items()}
 
 
 def load_time_verdict(out, mode: str, size: int, rank: int) -> str | None:

@@ -39,6 +39,11 @@ LAYOUTS = ("mindie", "v1.0.0-per-group", "v1.0.0-per-channel", "compressed-tenso
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    return layout_checkpoints(tmp_path_factory)
+
+
+def layout_checkpoints(tmp_path_factory) -> dict:
+    """Every source layout at SPEC's shapes and its conversion for vllm-ascend-0.23: (source, output)."""
     root = tmp_path_factory.mktemp("engine")
     made = {}
     for layout in LAYOUTS:
