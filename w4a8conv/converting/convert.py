@@ -16,11 +16,12 @@ import errno
 import functools
 import gc
 import importlib
+import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,26 @@ def _out_of_space(error: OSError, dst: Path, src: Path, plan: ConversionPlan, ar
     )
 
 
+class _Completions:
+    """Futures handed over as they finish, at a constant cost each. ``concurrent.futures.wait`` with
+    FIRST_COMPLETED walks every pending future on every call: quadratic in a share's units, which a
+    DeepSeek-R1 conversion counts in tens of thousands, all on the main thread, holding the GIL."""
+
+    def __init__(self) -> None:
+        self._done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+
+    def watch(self, future: Future) -> Future:
+        future.add_done_callback(self._done.put)
+        return future
+
+    def next(self) -> Future:
+        while True:
+            try:
+                return self._done.get(timeout=0.5)  # a bounded wait keeps Ctrl-C and SIGTERM deliverable
+            except queue.Empty:
+                continue
+
+
 def _convert_shards(
     shards: list[OutputShard],
     unhashed: list[str],
@@ -392,6 +413,7 @@ def _convert_shards(
     remaining = {shard.name: len(shard.passthrough) + len(shard.modules) for shard in shards}
     pool = ThreadPoolExecutor(workers, thread_name_prefix="w4a8conv")
     pending: dict[Future, tuple[str, str, str, int]] = {}
+    completions = _Completions()
 
     def finish(shard_name: str) -> None:
         digest = writers.pop(shard_name).finish()
@@ -407,7 +429,7 @@ def _convert_shards(
         read_ahead = ReadAhead([[info] for _, info in copies] + sources)
         for i, (shard_name, info) in enumerate(copies):
             future = pool.submit(read_ahead.around, i, writers[shard_name].copy_tensor, info.name, info)
-            pending[future] = (shard_name, "copy", info.name, info.nbytes)
+            pending[completions.watch(future)] = (shard_name, "copy", info.name, info.nbytes)
         for i, (shard_name, p) in enumerate(projections, start=len(copies)):
             future = pool.submit(
                 read_ahead.around,
@@ -420,23 +442,22 @@ def _convert_shards(
                 workers,
                 direct_reads,
             )
-            pending[future] = (shard_name, "module", p.prefix, p.source_bytes)
+            pending[completions.watch(future)] = (shard_name, "module", p.prefix, p.source_bytes)
         for name in unhashed:
             if not share.has_checksum(name):
-                pending[pool.submit(share.record_checksum, name)] = (name, "checksum", name, 0)
+                pending[completions.watch(pool.submit(share.record_checksum, name))] = (name, "checksum", name, 0)
         for name in [name for name, count in remaining.items() if count == 0]:
             finish(name)
         while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                shard_name, event, name, nbytes = pending.pop(future)
-                future.result()
-                if event == "checksum":
-                    continue
-                report.update(event, name, nbytes)
-                remaining[shard_name] -= 1
-                if remaining[shard_name] == 0:
-                    finish(shard_name)
+            future = completions.next()
+            shard_name, event, name, nbytes = pending.pop(future)
+            future.result()
+            if event == "checksum":
+                continue
+            report.update(event, name, nbytes)
+            remaining[shard_name] -= 1
+            if remaining[shard_name] == 0:
+                finish(shard_name)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)  # the writers hold no descriptor between writes
         for writer in writers.values():
