@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -201,14 +200,14 @@ def dir_bytes(path: Path) -> int:
 
 def int4_weight_bytes(src: Path) -> int:
     """Bytes of the experts' int4 weights in ``src``: what a conversion repacks (the rest is copied)."""
+    from w4a8conv.experts import parse_expert
     from w4a8conv.safetensors_io import read_header
 
-    expert_weight = re.compile(r"\.experts\.\d+\.\w+_proj\.weight$")
     return sum(
         info.nbytes
         for shard in src.glob("*.safetensors")
         for name, info in read_header(shard).tensors.items()
-        if expert_weight.search(name)
+        if name.endswith(".weight") and parse_expert(name.removesuffix(".weight"))
     )
 
 

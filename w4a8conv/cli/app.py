@@ -520,7 +520,7 @@ def check_engine(
 ) -> None:
     """Run the plugin's canary comparison on the installed vLLM and vllm-ascend for each parallel layout,
     without starting an engine: exit 0 when every layout serves, 1 when any is refused."""
-    from ..serving.vllm_plugin.check_engine import DEFAULT_LAYOUTS, Layout
+    from ..serving.vllm_plugin.check_engine import DEFAULT_LAYOUTS, Layout, serving_device
     from ..serving.vllm_plugin.check_engine import check_engine as run_check
 
     asked = tp is not None or expert_parallel or dynamic_eplb or mega_moe
@@ -529,7 +529,10 @@ def check_engine(
     engine, verdicts = run_check(dst, layouts if asked else DEFAULT_LAYOUTS, rank)
     ok = all(v.serves for v in verdicts)
     if output.json_mode:
-        output.emit_json({"ok": ok, "out_dir": str(dst), "engine": engine, "layouts": [v.as_dict() for v in verdicts]})
+        records = [v.as_dict() for v in verdicts]
+        output.emit_json(
+            {"ok": ok, "out_dir": str(dst), "engine": engine, "device": serving_device(), "layouts": records}
+        )
     elif not output.quiet:
         for v in verdicts:
             if v.serves:

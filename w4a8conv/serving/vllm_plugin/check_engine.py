@@ -73,7 +73,8 @@ def check_engine(
     out: Path, layouts: tuple[Layout, ...] = DEFAULT_LAYOUTS, rank: int | None = None
 ) -> tuple[str | None, list[Verdict]]:
     """Run the plugin's canary comparison on the installed engine for every layout (at ``rank``, else at
-    its first and last rank): the engine's version and one verdict each.
+    its first and last rank): the engine's version and one verdict each. The layers are made on the NPU
+    where there is one (:func:`serving_device`), else on the CPU.
 
     Raises:
         BadInputError: ``out`` is no w4a8conv output with a canary, or a layout or rank is impossible.
@@ -101,6 +102,7 @@ def check_engine(
     register()
     shapes = _canary_shapes(out, section["canary"])
     dtype = _torch_dtype(section.get("params_dtype", "bfloat16"))
+    device = serving_device()
     verdicts = []
     for layout in layouts:
         for r in [rank] if rank is not None else sorted({0, layout.size - 1}):
@@ -114,7 +116,7 @@ def check_engine(
             )
             started = time.monotonic()
             checked: list[str] = []
-            with sandbox.serving(state):
+            with sandbox.serving(state), _default_device(device):
                 canary_check.forget()
                 try:
                     if "moe" in shapes:
@@ -163,6 +165,24 @@ def _check_linear(layout: Layout, rank: int, linear: tuple[str, int, int], dtype
     checked.append(
         canary_check.check_linear(method.canary, method.engine_method, layer, method.params_dtype, method.process)
     )
+
+
+def serving_device() -> str:
+    """Where the check runs: the NPU where torch_npu sees one (the storage formats are then compared too),
+    else the CPU (NZ is then a storage format only, and values are compared)."""
+    import torch
+
+    npu = getattr(torch, "npu", None)
+    try:
+        return "npu" if npu is not None and npu.is_available() and npu.device_count() > 0 else "cpu"
+    except Exception:  # a torch_npu without CANN's runtime
+        return "cpu"
+
+
+def _default_device(device: str) -> Any:
+    import torch
+
+    return torch.device(device)
 
 
 def _processed_description(out: Path) -> dict:
