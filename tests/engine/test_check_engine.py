@@ -105,3 +105,16 @@ def test_a_deepseek_shaped_output_is_checked_at_every_default_layout_in_under_10
     seconds = time.monotonic() - started
     assert all(v.serves for v in verdicts) and len(verdicts) == 2 * len(DEFAULT_LAYOUTS) - 1
     assert seconds < 10, f"{seconds:.1f} s"
+
+
+def test_an_engine_it_cannot_drive_is_one_line(outputs, monkeypatch):
+    """A release whose layers ask for more than the sandbox answers: one line naming it, exit 2."""
+    from w4a8conv.serving.vllm_plugin import sandbox
+
+    def newer(*args, **kwargs):
+        raise AttributeError("'FusedMoE' object has no attribute 'moe_runner'")
+
+    monkeypatch.setattr(sandbox, "loader_only_fused_moe", newer)
+    result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-channel"])])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: check-engine: cannot drive vllm-ascend 0.23.0 here (MoE tp 1, rank 0): ")

@@ -126,6 +126,11 @@ def check_engine(
                     reason = None
                 except ValueError as refusal:  # the plugin's refusals and the canary's
                     reason = str(refusal)
+                except Exception as e:  # this engine asks for more than the sandbox answers
+                    raise CannotDrive(
+                        f"check-engine: cannot drive vllm-ascend {api.version} here ({layout.label}, rank {r}): "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
                 finally:
                     canary_check.forget()
             seconds = round(time.monotonic() - started, 2)
