@@ -518,6 +518,24 @@ def test_skipping_the_canary_warns_and_falls_back_to_the_version(small_output, m
         stand_ins.uninstall()
 
 
+def test_a_tensor_parallel_size_that_splits_int32_words_is_refused(tmp_path):
+    """The tiny demo shapes (moe_intermediate 64) at MoE tp 16: 4 outputs a rank, half a converted word."""
+    spec = SyntheticSpec(experts=2, moe_layers=1, w4a8_linear=False)
+    src = write_checkpoint(tmp_path / "src", "v1.0.0-per-channel", spec)
+    out = convert_checkpoint(src, tmp_path / "out", target=LEGACY_TARGET).out_dir
+    MOE_LAYER_OF[out] = f"model.layers.{spec.dense_layers}.mlp.experts"
+    stand_ins.install("registry")
+    try:
+        message = (
+            r"^w4a8conv: MoE tensor-parallel size 16 gives each rank 4 of moe_intermediate 64, not a whole number "
+            r"of the converted int32 words \(8 int4 each\); use MoE tensor-parallel size 1, 2, 4, 8 or "
+        )
+        with pytest.raises(ValueError, match=message):
+            serve_moe(out, tp_size=16)
+    finally:
+        stand_ins.uninstall()
+
+
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_per_group_at_a_tensor_parallel_size_without_whole_groups_is_refused(tmp_path, tp_size):
     """A rank's slice of down_proj's input must be whole groups: I=64, g=32 at tp 4 (as DeepSeek-R1, I=2048,

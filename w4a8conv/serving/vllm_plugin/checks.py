@@ -90,6 +90,21 @@ def check_moe_tensor_parallel(tp_size: int, what: str = "MoE tensor-parallel siz
         )
 
 
+def check_words_per_rank(intermediate_per_rank: int, tp_size: int) -> None:
+    """Refuse a MoE tensor-parallel size that splits a gate or up projection's int32 words: the converted
+    words hold 8 outputs each, so a rank's share of moe_intermediate must be a multiple of 8 (stock packs
+    after slicing and has no such limit; real models' shares are 64 or more)."""
+    if intermediate_per_rank % 8 == 0:
+        return
+    intermediate = intermediate_per_rank * tp_size
+    working = [n for n in range(1, SCALE_BIAS_CHUNKS + 1) if SCALE_BIAS_CHUNKS % n == 0 and intermediate % (8 * n) == 0]
+    raise ValueError(
+        f"w4a8conv: MoE tensor-parallel size {tp_size} gives each rank {intermediate_per_rank} of moe_intermediate "
+        f"{intermediate}, not a whole number of the converted int32 words (8 int4 each); use MoE tensor-parallel "
+        f"size {', '.join(map(str, working)) or '1'} or --enable-expert-parallel"
+    )
+
+
 def check_groups_per_rank(group_size: int, intermediate_per_rank: int, tp_size: int) -> None:
     """Refuse per-group weights at a MoE tensor-parallel size whose input slice of down_proj is not a whole
     number of groups (stock vllm-ascend fails there with a reshape error; DeepSeek-R1 at tp 16 is one)."""

@@ -16,6 +16,7 @@ from .checks import (
     check_mix_placement,
     check_moe_tensor_parallel,
     check_serving_dtype,
+    check_words_per_rank,
     checkpoint_section,
 )
 from .log import log
@@ -168,6 +169,7 @@ def _moe_method(api: VllmAscendApi) -> type:
 
         def get_weight(self, num_experts, intermediate_size_per_partition, hidden_sizes, params_dtype):
             check_serving_dtype(params_dtype)
+            check_words_per_rank(intermediate_size_per_partition, self.tp_size)
             check_groups_per_rank(self.group_size, intermediate_size_per_partition, self.tp_size)
             self.canary_shape = (intermediate_size_per_partition, hidden_sizes, params_dtype)
             e, i, h = num_experts, intermediate_size_per_partition, hidden_sizes
