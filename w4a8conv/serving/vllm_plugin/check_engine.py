@@ -113,6 +113,7 @@ def check_engine(
                 expert_parallel=layout.expert_parallel,
                 dynamic_eplb=layout.dynamic_eplb,
                 mega_moe=layout.mega_moe,
+                on_npu=device == "npu",
             )
             started = time.monotonic()
             checked: list[str] = []

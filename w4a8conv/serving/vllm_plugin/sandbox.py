@@ -33,6 +33,7 @@ class Serving:
     dynamic_eplb: bool = False
     mega_moe: bool = False
     mix_placement: bool = False
+    on_npu: bool = False  # layers live on an NPU: the engine decides NZ itself, as on the device it serves on
 
 
 class _QuantConfig:
@@ -49,8 +50,9 @@ class _QuantConfig:
 
 
 def driveable() -> str | None:
-    """Why the installed engine cannot be driven here, or None: vLLM and vllm-ascend must import, and the
-    release must keep the W4A8 scheme registry and vLLM's FusedMoE expert map manager."""
+    """Why the installed engine cannot be driven here, or None: vLLM and vllm-ascend (its W4A8 scheme
+    registry) must import, and vLLM's FusedMoE must load weights itself. What else a newer release asks
+    for shows when a layer is driven (``check_engine`` says so in one line)."""
     try:
         from vllm.model_executor.layers.fused_moe import layer as fused_moe
         from vllm_ascend.quantization import method_adapters  # noqa: F401
@@ -98,9 +100,9 @@ def serving(state: Serving) -> Iterator[None]:
         (w4a8, "get_mc2_group", no_mc2_group),
         (w4a8, "get_ascend_config", ascend_config),
         (vllm_ascend.ascend_config, "get_ascend_config", ascend_config),
-        # NZ as on an A2/A3 device: every weight but fp32 (the cast is a storage format; on the CPU an identity)
-        (vllm_ascend.utils, "_should_trans_nz", lambda weight: weight.dtype != torch.float32),
     ]
+    if not state.on_npu:  # NZ as on an A2/A3 device: every weight but fp32 (on the CPU the cast is an identity)
+        replaced.append((vllm_ascend.utils, "_should_trans_nz", lambda weight: weight.dtype != torch.float32))
     saved = [(module, name, module.__dict__.get(name, _ABSENT)) for module, name, _ in replaced]
     for module, name, value in replaced:
         setattr(module, name, value)
