@@ -79,12 +79,7 @@ class Checkpoint:
     def params_dtype_name(self) -> str:
         """The model dtype a serving engine creates parameters in: ``--dtype``, else config.json's,
         else bfloat16 (:attr:`dtype_assumed` says why)."""
-        if self.dtype is not None:
-            return self.dtype
-        name = None
-        if self.config:
-            name = self.config.get("torch_dtype") or self.config.get("dtype")
-        return name if name in _MODEL_DTYPES else "bfloat16"
+        return self.dtype or self.declared_dtype or "bfloat16"
 
     @property
     def declared_dtype(self) -> str | None:
