@@ -35,7 +35,7 @@ def measure_once(out: Path, layout: str, hidden: int, intermediate: int, group_s
     import torch
     from vllm_ascend.quantization.methods import registry
 
-    from tests.engine.harness import Serving, build, serving, stock_description
+    from tests.engine.harness import Serving, build, load, serving, stock_description
     from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
     from w4a8conv.serving import vllm_plugin
     from w4a8conv.serving.vllm_plugin import canary_check as canary
@@ -53,7 +53,7 @@ def measure_once(out: Path, layout: str, hidden: int, intermediate: int, group_s
         src = out.parent / out.name.replace("-out", "-src")
         stock = registry.get_scheme_class("W4A8_DYNAMIC", "moe")
         layer = build(src, stock_description(src, group_size), stock, (2, hidden, intermediate), [0], 1, 0)
-        layer.load(src, LAYER)
+        load(layer, src, LAYER)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
     before = _status("VmRSS")
     started = time.perf_counter()

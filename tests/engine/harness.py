@@ -1,9 +1,10 @@
-"""Serving W4A8 MoE layers with the real vLLM 0.23.0 and vllm-ascend 0.23.0 code, without a model or a
-device: what ``make test-engine`` and ``make bench-canary`` share.
+"""Serving W4A8 MoE layers with the real vLLM and vllm-ascend code (0.23.0 in ``make test-engine``, the 0.26
+branch in ``make test-engine-0.26``), without a model or a device: what those and ``make bench-canary`` share.
 
-vLLM's own FusedMoE weight loader and vllm-ascend's own method adapter and W4A8 methods run unchanged;
-only what they ask of a running server is answered, by w4a8conv's own sandbox (the one ``check-engine``
-drives the engine with): :data:`Serving` says what, :func:`serving` answers it.
+vLLM's own MoE weight loader (``FusedMoE``'s, ``RoutedExperts``' from 0.24 on) and vllm-ascend's own method
+adapter and W4A8 methods run unchanged; only what they ask of a running server is answered, by w4a8conv's
+own sandbox (the one ``check-engine`` drives the engine with): :data:`Serving` says what, :func:`serving`
+answers it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from vllm.model_executor.layers.fused_moe.layer import FusedMoE
 
 from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.serving.vllm_plugin import sandbox
@@ -26,39 +27,46 @@ def serving():
     return sandbox.serving(Serving)
 
 
-class LoaderOnlyFusedMoE(sandbox.fused_moe_class()):
-    """vLLM's FusedMoE with its own weight_loader and expert map (w4a8conv's sandbox), loading checkpoints."""
+def load(layer: torch.nn.Module, path: Path, prefix: str) -> None:
+    """Every tensor of the MoE layer under ``prefix`` in checkpoint order, through the layer's own loader."""
+    ckpt = open_checkpoint(path)
+    for name in sorted(n for n in ckpt.tensors if n.startswith(prefix + ".")):
+        expert, proj, role = name[len(prefix) + 1 :].split(".", 2)
+        group, shard = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}[proj]
+        param = getattr(layer, f"{group}_{role}", None)
+        if param is None:
+            continue
+        with safe_open(str(ckpt.tensors[name].path), "pt") as f:
+            tensor = f.get_tensor(name)
+        param.weight_loader(param, tensor, f"{prefix}.{group}_{role}", shard_id=shard, expert_id=int(expert))
 
-    def load(self, path: Path, prefix: str) -> None:
-        """vLLM's expert params mapping, every tensor of the layer in checkpoint order."""
-        ckpt = open_checkpoint(path)
-        for name in sorted(n for n in ckpt.tensors if n.startswith(prefix + ".")):
-            expert, proj, role = name[len(prefix) + 1 :].split(".", 2)
-            group, shard = {"gate_proj": ("w13", "w1"), "up_proj": ("w13", "w3"), "down_proj": ("w2", "w2")}[proj]
-            param = getattr(self, f"{group}_{role}", None)
-            if param is None:
-                continue
-            with safe_open(str(ckpt.tensors[name].path), "pt") as f:
-                tensor = f.get_tensor(name)
-            param.weight_loader(param, tensor, f"{prefix}.{group}_{role}", shard_id=shard, expert_id=int(expert))
+
+def bare_moe_layer() -> torch.nn.Module:
+    """An uninitialised layer of the class vLLM keeps MoE weights on: what the engine's quant config checks
+    a layer's class against when it picks a method."""
+    cls = sandbox.moe_layer_class()
+    layer = cls.__new__(cls)
+    torch.nn.Module.__init__(layer)
+    return layer
 
 
 def load_as_model(
-    layer: FusedMoE, path: Path, prefix: str, rename: Callable[[str], str], names: tuple[str, str, str]
+    layer: torch.nn.Module, path: Path, prefix: str, rename: Callable[[str], str], names: tuple[str, str, str]
 ) -> None:
     """Feed ``layer`` the experts under ``prefix`` as a model's ``load_weights`` does: its own renaming of the
     checkpoint's names (``rename``), then vLLM's own expert params mapping for the checkpoint's gate, down and
     up projection names (``names``), which gives each tensor its parameter, shard id and expert."""
     gate, down, up = names
     experts = int(layer._expert_map.shape[0])
-    mapping = FusedMoE.make_expert_params_mapping(layer, gate, down, up, num_experts=experts)
+    mapping = type(layer).make_expert_params_mapping(layer, gate, down, up, num_experts=experts)
     ckpt = open_checkpoint(path)
     for name in sorted(n for n in ckpt.tensors if n.startswith(prefix + ".")):
         mapped = rename(name)
         for param_name, weight_name, expert_id, shard_id in mapping:
             if weight_name not in mapped:
                 continue
-            attr = param_name.removeprefix("experts.") + mapped.split(weight_name, 1)[1]
+            own = param_name.removeprefix("experts.").removeprefix("routed_experts.")  # the layer's own name
+            attr = own + mapped.split(weight_name, 1)[1]
             param = getattr(layer, attr, None)
             if param is not None:
                 with safe_open(str(ckpt.tensors[name].path), "pt") as f:
@@ -85,8 +93,9 @@ def stock_description(src: Path, group_size: int) -> dict:
     return description
 
 
-def build(path: Path, description: dict, method_class, sizes, local_experts, tp_size, tp_rank) -> LoaderOnlyFusedMoE:
+def build(path: Path, description: dict, method_class, sizes, local_experts, tp_size, tp_rank) -> torch.nn.Module:
     """A layer created by ``method_class`` as the server in :class:`Serving`'s mode would create it."""
     Serving.description, Serving.model, Serving.tp_size = description, str(path), tp_size
     moe_tp = 1 if Serving.expert_parallel else tp_size
-    return LoaderOnlyFusedMoE(method_class(), sizes, local_experts, moe_tp, 0 if Serving.expert_parallel else tp_rank)
+    rank = 0 if Serving.expert_parallel else tp_rank
+    return sandbox.loader_only_fused_moe(method_class(), sizes, local_experts, moe_tp, rank)

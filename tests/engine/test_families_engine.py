@@ -14,7 +14,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 from safetensors import safe_open
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm_ascend.quantization import modelslim_config
@@ -29,7 +28,7 @@ from w4a8conv.serving.vllm_plugin import canary_check as canary
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import harness
-from .harness import LoaderOnlyFusedMoE, Serving, load_as_model
+from .harness import Serving, bare_moe_layer, build, load_as_model
 
 SIZES = (4, 128, 256)  # experts, hidden, moe_intermediate
 
@@ -92,8 +91,7 @@ def engine_method(monkeypatch, description: dict, model_type: str, vllm_prefix: 
         lambda: SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config)),
     )
     Serving.description = description
-    layer = LoaderOnlyFusedMoE.__new__(LoaderOnlyFusedMoE)
-    torch.nn.Module.__init__(layer)
+    layer = bare_moe_layer()
     layer.moe_config = SimpleNamespace()
     method = modelslim_config.AscendModelSlimConfig(json.loads(json.dumps(description))).get_quant_method(
         layer, vllm_prefix
@@ -103,9 +101,7 @@ def engine_method(monkeypatch, description: dict, model_type: str, vllm_prefix: 
 
 def serve(family: str, path, description: dict, method_class, prefix: str, experts, tp_size: int, rank: int):
     _, rename, names, _ = FAMILIES[family]
-    Serving.description, Serving.model, Serving.tp_size = description, str(path), tp_size
-    moe_tp = 1 if Serving.expert_parallel else tp_size
-    layer = LoaderOnlyFusedMoE(method_class(), SIZES, experts, moe_tp, 0 if Serving.expert_parallel else rank)
+    layer = build(path, description, method_class, SIZES, experts, tp_size, rank)
     load_as_model(layer, path, prefix, rename, names)
     layer.quant_method.process_weights_after_loading(layer)
     return layer
@@ -146,11 +142,10 @@ def test_mix_placement_fails_on_stock_and_the_plugin_refuses_it(serving, checkpo
     src, out = checkpoints["deepseek-v4"]
     vllm_plugin.register()
     source = json.loads((src / DESCRIPTION_FILE).read_text())
-    Serving.description, Serving.tp_size, Serving.mix_placement = source, 1, True
+    Serving.mix_placement = True
     experts = SIZES[0] + 1  # the routed experts and one shared expert
-    layer = LoaderOnlyFusedMoE(
-        w4a8.AscendW4A8DynamicFusedMoEMethod(), (experts, *SIZES[1:]), list(range(experts)), 1, 0
-    )
+    stock = w4a8.AscendW4A8DynamicFusedMoEMethod
+    layer = build(src, source, stock, (experts, *SIZES[1:]), list(range(experts)), 1, 0)
     ckpt = open_checkpoint(src)
     name = "layers.0.ffn.shared_experts.w1.weight"
     with safe_open(str(ckpt.tensors[name].path), "pt") as f:

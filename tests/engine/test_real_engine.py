@@ -30,7 +30,7 @@ from w4a8conv.serving.vllm_plugin import canary_check as canary
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import harness
-from .harness import LoaderOnlyFusedMoE, Serving, build
+from .harness import Serving, build, load
 
 SPEC = SyntheticSpec(hidden=128, intermediate=256, experts=4, dense_layers=0, moe_layers=1, w4a8_linear=False)
 LAYER = "model.layers.0.mlp.experts"
@@ -69,7 +69,7 @@ def stock_description(src: Path) -> dict:
 def serve(path: Path, description: dict, method_class, local_experts, tp_size, tp_rank) -> torch.nn.Module:
     sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
     layer = build(path, description, method_class, sizes, local_experts, tp_size, tp_rank)
-    layer.load(path, LAYER)
+    load(layer, path, LAYER)
     layer.quant_method.process_weights_after_loading(layer)
     return layer
 
@@ -132,11 +132,11 @@ def test_stock_023_leaves_a_per_group_w2_scale_unloaded_at_moe_tensor_parallel_2
     """What the canary refuses above: vLLM 0.23's loader slices a [H, 1] scale marked "group" by its own
     size // tp, which is 0 columns, so stock never writes w2_weight_scale (torch.empty is served)."""
     src, _ = checkpoints["v1.0.0-per-group"]
-    Serving.description, Serving.tp_size = stock_description(src), 2
     sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
-    layer = LoaderOnlyFusedMoE(w4a8.AscendW4A8DynamicFusedMoEMethod(), sizes, list(range(SPEC.experts)), 2, 0)
+    stock = w4a8.AscendW4A8DynamicFusedMoEMethod
+    layer = build(src, stock_description(src), stock, sizes, list(range(SPEC.experts)), 2, 0)
     layer.w2_weight_scale.data.fill_(float("nan"))
-    layer.load(src, LAYER)
+    load(layer, src, LAYER)
     assert bool(torch.isnan(layer.w2_weight_scale.data).all())
 
 

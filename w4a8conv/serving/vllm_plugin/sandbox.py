@@ -59,8 +59,8 @@ def driveable() -> str | None:
         from vllm_ascend.quantization.methods import registry, w4a8  # noqa: F401
     except ImportError as e:
         return f"vLLM and vllm-ascend cannot be imported here ({e}); run it where the server runs"
-    if not hasattr(fused_moe.FusedMoE, "weight_loader"):
-        return "this vLLM's FusedMoE has no weight_loader (a release check-engine does not drive)"
+    if not hasattr(getattr(fused_moe, "RoutedExperts", fused_moe.FusedMoE), "weight_loader"):
+        return "this vLLM's MoE layer has no weight_loader (a release check-engine does not drive)"
     return None
 
 
@@ -154,14 +154,89 @@ def loader_only_fused_moe(
     tp_rank: int,
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.nn.Module:
-    """vLLM's FusedMoE of ``sizes`` (global experts, hidden, moe_intermediate) holding ``local_experts``,
-    with its own weight_loader and expert map, its parameters created by vllm-ascend's adapter around
-    ``quant_method`` in ``dtype``, at MoE tensor parallelism ``tp_size`` (1 with expert parallelism)."""
-    return fused_moe_class()(quant_method, sizes, local_experts, tp_size, tp_rank, dtype)
+    """The layer vLLM keeps MoE weights on, of ``sizes`` (global experts, hidden, moe_intermediate) holding
+    ``local_experts``, with its own weight_loader and expert map, its parameters created by vllm-ascend's
+    adapter around ``quant_method`` in ``dtype``, at MoE tensor parallelism ``tp_size`` (1 with expert
+    parallelism): vLLM's ``RoutedExperts`` where it has one (0.24 on), else its ``FusedMoE``."""
+    if _routed_experts_class() is not None:
+        return _routed_experts(quant_method, sizes, local_experts, tp_size, tp_rank, dtype)
+    return _fused_moe_class()(quant_method, sizes, local_experts, tp_size, tp_rank, dtype)
 
 
-def fused_moe_class() -> type:
-    """The class of :func:`loader_only_fused_moe`'s layers (vLLM's FusedMoE, imported when first asked)."""
+def _routed_experts(
+    quant_method: Any, sizes: tuple[int, int, int], local_experts: list[int], tp_size: int, tp_rank: int, dtype: Any
+) -> torch.nn.Module:
+    """vLLM's own ``RoutedExperts``, built by its own constructor: it asks its quant config for the method
+    (here vllm-ascend's adapter around ``quant_method``), and the adapter creates the parameters with the
+    layer's own ``weight_loader``. Only the expert map is ours: which experts this rank holds."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig, RoutingMethodType
+    from vllm_ascend.quantization import method_adapters
+
+    experts, hidden, intermediate = sizes
+    parallel = FusedMoEParallelConfig(
+        tp_size=tp_size,
+        pcp_size=1,
+        dp_size=1,
+        ep_size=1,
+        tp_rank=tp_rank,
+        pcp_rank=0,
+        dp_rank=0,
+        ep_rank=0,
+        sp_size=1,
+        use_ep=False,
+        all2all_backend="naive",
+        enable_eplb=False,
+    )
+    moe_config = FusedMoEConfig(
+        num_experts=experts,
+        experts_per_token=1,
+        hidden_dim=hidden,
+        intermediate_size=intermediate,
+        num_local_experts=len(local_experts),
+        num_logical_experts=experts,
+        activation=MoEActivation.SILU,
+        device="cpu",
+        routing_method=RoutingMethodType.Default,
+        moe_parallel_config=parallel,
+        in_dtype=dtype,
+    )
+    expert_map = torch.full((experts,), -1, dtype=torch.int32)
+    expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+    experts_held = SimpleNamespace(
+        local_num_experts=len(local_experts),
+        placement_strategy="linear",
+        expert_map=expert_map,
+        expert_mask=None,
+        routing_tables=None,
+        map_global_to_local=lambda g: int(expert_map[g]),
+    )
+
+    class QuantConfig:  # what RoutedExperts asks its quant config: the method, and the config's name
+        def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Any:
+            return method_adapters.AscendFusedMoEMethod(quant_method, layer.moe_config)
+
+        def get_name(self) -> str:
+            return "ascend"
+
+    return _routed_experts_class()("w4a8conv-check-engine", dtype, moe_config, QuantConfig(), expert_map_manager=experts_held)
+
+
+def moe_layer_class() -> type:
+    """The class of :func:`loader_only_fused_moe`'s layers: vLLM's RoutedExperts, or a FusedMoE of its own."""
+    return _routed_experts_class() or _fused_moe_class()
+
+
+def _routed_experts_class() -> type | None:
+    """vLLM's RoutedExperts where it is a layer of its own (0.24 on; in 0.23 the name is FusedMoE's alias)."""
+    from vllm.model_executor.layers import fused_moe
+
+    routed = getattr(fused_moe, "RoutedExperts", None)
+    return routed if routed is not None and routed is not fused_moe.FusedMoE else None
+
+
+def _fused_moe_class() -> type:
+    """vLLM 0.23's FusedMoE with the model around it left out (imported when first asked)."""
     from vllm.model_executor.layers.fused_moe.layer import FusedMoE
     from vllm_ascend.quantization import method_adapters
 
