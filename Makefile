@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest test-engine test-slurm lint bench bench-canary docs clean
+.PHONY: install demo test test-typer-oldest test-engine test-engine-0.26 test-slurm lint bench bench-canary docs clean
 
 install: $(STAMP)
 
@@ -70,6 +70,29 @@ $(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
 test-engine: $(ENGINE_STAMP)
 	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
 
+# The same tests against the vllm-ascend 0.26 branch with vLLM 0.26.0, whose MoE weights live on vLLM's
+# RoutedExperts. That branch is on no package index: VLLM_ASCEND_SRC names a checkout of it (git clone -b
+# releases/v0.26.0rc https://github.com/vllm-project/vllm-ascend). Its vllm_ascend package is copied into the
+# venv with the two generated modules a build would add (A2 device type; the version says it is a source tree).
+ENGINE_026_VENV ?= .venv-engine-0.26
+VLLM_ASCEND_SRC ?=
+test-engine-0.26: pyproject.toml tests/engine/requirements.txt tests/engine/requirements-0.26.txt
+	@test -d "$(VLLM_ASCEND_SRC)/vllm_ascend" || { echo "make test-engine-0.26: set VLLM_ASCEND_SRC to a checkout of vllm-ascend's releases/v0.26.0rc branch" >&2; exit 2; }
+	test -x $(ENGINE_026_VENV)/bin/python || $(PYTHON) -m venv $(ENGINE_026_VENV)
+	test -f $(ENGINE_026_VENV)/.installed || { \
+		$(ENGINE_026_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
+		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt && \
+		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements-0.26.txt && \
+		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps vllm==0.26.0 && \
+		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -e . && touch $(ENGINE_026_VENV)/.installed; }
+	rm -rf $(ENGINE_026_VENV)/src && mkdir -p $(ENGINE_026_VENV)/src
+	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(ENGINE_026_VENV)/src/
+	echo "__device_type__ = 'A2'" > $(ENGINE_026_VENV)/src/vllm_ascend/_build_info.py
+	echo "version = '0.26.0rc0+g$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null || echo src)'" \
+		> $(ENGINE_026_VENV)/src/vllm_ascend/_version.py
+	PYTHONPATH=tests/engine/stubs:$(ENGINE_026_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
+		$(ENGINE_026_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+
 # Job arrays on a real single-node Slurm (tests/slurm): the README's commands on a private cluster (its own
 # config, ports and munge socket under a temporary directory). Installs Slurm and munge from the
 # distribution's packages when they are missing (scripts/slurm_packages.sh: root and apt-get).
@@ -88,4 +111,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info
+	rm -rf $(VENV) $(ENGINE_VENV) $(ENGINE_026_VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info

@@ -71,7 +71,7 @@ def test_an_engine_changed_in_one_line_is_refused_at_every_layout(outputs, monke
     monkeypatch.setattr(w4a8.AscendW4A8DynamicFusedMoEMethod, "process_weights_after_loading", changed)
     result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-channel"]), "--json"])
     report = json.loads(result.stdout)
-    assert result.exit_code == 1 and not report["ok"] and report["engine"] == "0.23.0"
+    assert result.exit_code == 1 and not report["ok"] and report["engine"] == vllm_plugin.detect_api().version
     assert len(report["layouts"]) == 2 * len(DEFAULT_LAYOUTS) - 1  # MoE tp 1 has one rank
     for verdict in report["layouts"]:
         assert not verdict["serves"] and "computes w2_scale_bias of the canary MoE expert" in verdict["reason"]
@@ -117,4 +117,6 @@ def test_an_engine_it_cannot_drive_is_one_line(outputs, monkeypatch):
     monkeypatch.setattr(sandbox, "loader_only_fused_moe", newer)
     result = CliRunner().invoke(app, ["check-engine", str(outputs["v1.0.0-per-channel"])])
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: check-engine: cannot drive vllm-ascend 0.23.0 here (MoE tp 1, rank 0): ")
+    version = vllm_plugin.detect_api().version
+    expected = f"error: check-engine: cannot drive vllm-ascend {version} here (MoE tp 1, rank 0): "
+    assert result.stderr.startswith(expected)

@@ -88,7 +88,7 @@ def engine_method(monkeypatch, description: dict, model_type: str, vllm_prefix: 
     monkeypatch.setattr(
         modelslim_config,
         "get_current_vllm_config",
-        lambda: SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config)),
+        lambda: SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config, hf_text_config=hf_config)),
     )
     Serving.description = description
     layer = bare_moe_layer()

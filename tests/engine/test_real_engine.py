@@ -237,3 +237,16 @@ def test_plugin_linear_parameters_equal_stock_vllm_ascend_023(linear_checkpoints
         tolerance = {"weight_scale_bias": 1e-3} if layout == "mindie" else {}
         assert set(stock) == set(ours)
         assert canary.first_difference(stock, ours, tolerance) is None, (kind, rank)
+
+
+def test_the_layers_are_vllm_s_own_moe_layers(checkpoints):
+    """The tests load through the layer vLLM keeps MoE weights on, and its own weight_loader: RoutedExperts (in
+    vLLM 0.23 the name of FusedMoE, a class of its own from 0.24 on), as a server builds it."""
+    from vllm.model_executor.layers import fused_moe
+
+    src, _ = checkpoints["v1.0.0-per-channel"]
+    sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
+    layer = build(src, stock_description(src), w4a8.AscendW4A8DynamicFusedMoEMethod, sizes, [0, 1], 2, 1)
+    assert isinstance(layer, fused_moe.RoutedExperts)
+    assert layer.weight_loader.__func__ is fused_moe.RoutedExperts.weight_loader
+    assert isinstance(layer.quant_method, method_adapters.AscendFusedMoEMethod)

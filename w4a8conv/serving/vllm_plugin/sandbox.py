@@ -4,10 +4,10 @@ parallel layout at a time. ``check-engine`` and ``make test-engine`` drive the e
 vLLM's own FusedMoE weight loader and vllm-ascend's own method adapter and W4A8 methods run unchanged;
 only what they ask of a running server is answered (the vLLM and Ascend configs, the tensor-parallel size,
 no MC2 group), by replacing, while a :func:`serving` block runs, the getters the engine's modules imported.
-A layer is vLLM's ``FusedMoE`` with its own ``weight_loader`` and expert map, without the model around it.
-
-This drives the registry releases (vllm-ascend 0.11 to the 0.26 branch, whose FusedMoE keeps an expert map
-manager, as vLLM 0.23's does); :func:`driveable` says why another release cannot be driven.
+A MoE layer is the layer vLLM keeps the experts' weights on, with its own ``weight_loader``, without the
+model around it: ``RoutedExperts`` built by its own constructor where vLLM has it as a layer of its own
+(0.24 on: the vllm-ascend 0.26 branch), else vLLM 0.23's ``FusedMoE``. Only the expert map is ours.
+:func:`driveable` says why another release cannot be driven.
 """
 
 from __future__ import annotations
@@ -219,7 +219,8 @@ def _routed_experts(
         def get_name(self) -> str:
             return "ascend"
 
-    return _routed_experts_class()("w4a8conv-check-engine", dtype, moe_config, QuantConfig(), expert_map_manager=experts_held)
+    routed_experts = _routed_experts_class()
+    return routed_experts("w4a8conv-check-engine", dtype, moe_config, QuantConfig(), expert_map_manager=experts_held)
 
 
 def moe_layer_class() -> type:
