@@ -27,6 +27,7 @@ from w4a8conv.names import DESCRIPTION_FILE, PREPACKED_TYPE
 from w4a8conv.reading.checkpoint import open_checkpoint
 from w4a8conv.serving import vllm_plugin
 from w4a8conv.serving.vllm_plugin import canary_check as canary
+from w4a8conv.serving.vllm_plugin import sandbox
 from w4a8conv.synthetic import SyntheticSpec, write_checkpoint
 
 from . import harness
@@ -250,3 +251,32 @@ def test_the_layers_are_vllm_s_own_moe_layers(checkpoints):
     assert isinstance(layer, fused_moe.RoutedExperts)
     assert layer.weight_loader.__func__ is fused_moe.RoutedExperts.weight_loader
     assert isinstance(layer.quant_method, method_adapters.AscendFusedMoEMethod)
+
+
+def test_a_loader_that_copies_w2_scale_bias_whole_is_refused_before_any_weight_loads(checkpoints, monkeypatch):
+    """vLLM 0.27's RoutedExperts loader takes every tensor named *bias for an expert bias and copies a w2 one
+    whole (here the engine's own loader, changed that way): the plugin probes its layer's loader as the layer
+    is made and refuses in one line at MoE tensor parallelism 2; at 1 the whole copy is right and it serves."""
+    out = checkpoints["v1.0.0-per-channel"][1]
+    vllm_plugin.register()
+    cls = sandbox.moe_layer_class()
+    original = cls.weight_loader
+
+    def bias_copied_whole(self, param, loaded_weight, weight_name, shard_id, expert_id, **kwargs):
+        if "bias" in weight_name and shard_id == "w2":
+            local = self._map_global_expert_id_to_local_expert_id(expert_id)
+            return param.data[local].copy_(loaded_weight) if local >= 0 else None
+        return original(self, param, loaded_weight, weight_name, shard_id, expert_id, **kwargs)
+
+    monkeypatch.setattr(cls, "weight_loader", bias_copied_whole)
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    plugin_class = registry.get_scheme_class(PREPACKED_TYPE, "moe")
+    sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
+    with pytest.raises(
+        ValueError,
+        match=r"^w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel "
+        r"rank 1 of 2 its 8 of the 16 w2_scale_bias chunks \(RuntimeError: The size of tensor a",
+    ):
+        build(out, processed, plugin_class, sizes, list(range(SPEC.experts)), 2, 1)
+    canary.forget()  # the engine's own method, built again at MoE tensor parallelism 1
+    serve(out, processed, plugin_class, list(range(SPEC.experts)), 1, 0)

@@ -252,7 +252,16 @@ def _canary_layer(layer: torch.nn.Module) -> torch.nn.Module:
     for key, value in vars(layer).items():
         if not key.startswith("_") and isinstance(value, str | int | float | bool | type(None)):
             object.__setattr__(canary, key, value)
+    object.__setattr__(canary, _CANARY_MARK, True)
     return canary
+
+
+_CANARY_MARK = "_w4a8conv_canary"
+
+
+def is_canary_layer(layer: torch.nn.Module) -> bool:
+    """Whether ``layer`` is one the canary check made (not one the server serves)."""
+    return bool(layer.__dict__.get(_CANARY_MARK, False))
 
 
 def _mark_unloaded(layer: torch.nn.Module) -> None:
@@ -379,7 +388,7 @@ def check_moe(
     projections = sorted({name[len(prefix) + 1 :].split(".", 1)[0] for name in names})  # as the checkpoint names them
     converted = canary.converted([f"{prefix}.{p}.{r}" for p in projections for r in roles])
     intermediate, hidden, dtype = shape
-    expert = _local_expert_zero(layer)
+    expert = local_expert_zero(layer)
     adapter = type(layer.quant_method)
 
     def load(scheme: Any, tensors: LazyTensors, own: bool) -> torch.nn.Module:
@@ -499,7 +508,7 @@ def storage_format(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _local_expert_zero(layer: torch.nn.Module) -> int:
+def local_expert_zero(layer: torch.nn.Module) -> int:
     """The global id of this rank's first local expert: the canary is loaded into that slot."""
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:

@@ -15,6 +15,7 @@ from .checks import (
     check_groups_per_rank,
     check_mix_placement,
     check_moe_tensor_parallel,
+    check_scale_bias_loading,
     check_serving_dtype,
     check_words_per_rank,
     checkpoint_section,
@@ -89,6 +90,16 @@ def _build_mega_moe_lists(layer: torch.nn.Module) -> None:
         setattr(layer, f"cann_mega_moe_{name}_scale_bias_list", [t.reshape(-1).to(torch.float32) for t in biases])
     for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias"):
         delattr(layer, name)
+
+
+def _moe_tp_rank(layer: torch.nn.Module) -> int:
+    """This rank's MoE tensor-parallel rank, as the layer's loader reads it (vLLM 0.23's FusedMoE keeps its
+    parallel config, RoutedExperts its MoE config)."""
+    for holder in (getattr(layer, "moe_parallel_config", None), getattr(layer, "moe_config", None), layer):
+        rank = getattr(holder, "tp_rank", None)
+        if isinstance(rank, int):
+            return rank
+    return 0
 
 
 @functools.cache
@@ -200,6 +211,8 @@ def _moe_method(api: VllmAscendApi) -> type:
             sliced += ["w13_weight_scale", "w2_weight_scale"] if self.group_size > 0 else []
             for name in sliced:
                 getattr(layer, name).quant_method = _VLLM_GROUP_SCALES
+            if not canary.is_canary_layer(layer):  # the serving layer's loader, once: the canary's is the same
+                check_scale_bias_loading(layer, self.tp_size, _moe_tp_rank(layer), canary.local_expert_zero(layer))
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             if self.canary is not None:

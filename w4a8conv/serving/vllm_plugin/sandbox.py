@@ -59,7 +59,7 @@ def driveable() -> str | None:
         from vllm_ascend.quantization.methods import registry, w4a8  # noqa: F401
     except ImportError as e:
         return f"vLLM and vllm-ascend cannot be imported here ({e}); run it where the server runs"
-    if not hasattr(getattr(fused_moe, "RoutedExperts", fused_moe.FusedMoE), "weight_loader"):
+    if not hasattr(getattr(fused_moe, "RoutedExperts", None) or getattr(fused_moe, "FusedMoE", None), "weight_loader"):
         return "this vLLM's MoE layer has no weight_loader (a release check-engine does not drive)"
     return None
 
@@ -80,6 +80,8 @@ def serving(state: Serving) -> Iterator[None]:
             quant_config=quant_config,
             model_config=SimpleNamespace(model=state.model, revision=None),
             parallel_config=SimpleNamespace(enable_expert_parallel=state.expert_parallel),
+            # main's V2 model runner turns dynamic EPLB off, which serves as the layout without it does
+            use_v2_model_runner=False,
         )
 
     def ascend_config() -> SimpleNamespace:
@@ -233,7 +235,7 @@ def _routed_experts_class() -> type | None:
     from vllm.model_executor.layers import fused_moe
 
     routed = getattr(fused_moe, "RoutedExperts", None)
-    return routed if routed is not None and routed is not fused_moe.FusedMoE else None
+    return routed if routed is not None and routed is not getattr(fused_moe, "FusedMoE", None) else None
 
 
 def _fused_moe_class() -> type:
