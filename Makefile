@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest test-engine test-engine-0.26 test-slurm lint bench bench-canary docs clean
+.PHONY: install demo test test-typer-oldest test-engine test-engine-src test-slurm lint bench bench-canary docs clean
 
 install: $(STAMP)
 
@@ -70,28 +70,32 @@ $(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
 test-engine: $(ENGINE_STAMP)
 	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
 
-# The same tests against the vllm-ascend 0.26 branch with vLLM 0.26.0, whose MoE weights live on vLLM's
-# RoutedExperts. That branch is on no package index: VLLM_ASCEND_SRC names a checkout of it (git clone -b
-# releases/v0.26.0rc https://github.com/vllm-project/vllm-ascend). Its vllm_ascend package is copied into the
-# venv with the two generated modules a build would add (A2 device type; the version says it is a source tree).
-ENGINE_026_VENV ?= .venv-engine-0.26
+# The same tests against a vllm-ascend source tree, which no package index has: the 0.26 branch with vLLM 0.26.0
+# (the default), or main with the vLLM its Dockerfile names (ENGINE_SRC_VLLM=0.27.1 ENGINE_SRC_VERSION=0.27.0rc0):
+#   git clone -b releases/v0.26.0rc https://github.com/vllm-project/vllm-ascend /tmp/va-0.26
+#   make test-engine-src VLLM_ASCEND_SRC=/tmp/va-0.26
+# Its vllm_ascend package is copied into the venv with the two modules a build generates (A2 device type, and a
+# version marked as a source tree: +g and the checkout's commit).
 VLLM_ASCEND_SRC ?=
-test-engine-0.26: pyproject.toml tests/engine/requirements.txt tests/engine/requirements-0.26.txt
-	@test -d "$(VLLM_ASCEND_SRC)/vllm_ascend" || { echo "make test-engine-0.26: set VLLM_ASCEND_SRC to a checkout of vllm-ascend's releases/v0.26.0rc branch" >&2; exit 2; }
-	test -x $(ENGINE_026_VENV)/bin/python || $(PYTHON) -m venv $(ENGINE_026_VENV)
-	test -f $(ENGINE_026_VENV)/.installed || { \
-		$(ENGINE_026_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
-		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt && \
-		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements-0.26.txt && \
-		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps vllm==0.26.0 && \
-		$(ENGINE_026_VENV)/bin/python -m pip install --quiet --no-deps -e . && touch $(ENGINE_026_VENV)/.installed; }
-	rm -rf $(ENGINE_026_VENV)/src && mkdir -p $(ENGINE_026_VENV)/src
-	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(ENGINE_026_VENV)/src/
-	echo "__device_type__ = 'A2'" > $(ENGINE_026_VENV)/src/vllm_ascend/_build_info.py
-	echo "version = '0.26.0rc0+g$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null || echo src)'" \
-		> $(ENGINE_026_VENV)/src/vllm_ascend/_version.py
-	PYTHONPATH=tests/engine/stubs:$(ENGINE_026_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
-		$(ENGINE_026_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+ENGINE_SRC_VLLM ?= 0.26.0
+ENGINE_SRC_VERSION ?= 0.26.0rc0
+ENGINE_SRC_VENV ?= .venv-engine-src-$(ENGINE_SRC_VLLM)
+test-engine-src: pyproject.toml tests/engine/requirements.txt tests/engine/requirements-src.txt
+	@test -d "$(VLLM_ASCEND_SRC)/vllm_ascend" || { echo "make test-engine-src: set VLLM_ASCEND_SRC to a vllm-ascend checkout" >&2; exit 2; }
+	test -x $(ENGINE_SRC_VENV)/bin/python || $(PYTHON) -m venv $(ENGINE_SRC_VENV)
+	test -f $(ENGINE_SRC_VENV)/.installed || { \
+		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
+		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt && \
+		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements-src.txt && \
+		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps vllm==$(ENGINE_SRC_VLLM) && \
+		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -e . && touch $(ENGINE_SRC_VENV)/.installed; }
+	rm -rf $(ENGINE_SRC_VENV)/src && mkdir -p $(ENGINE_SRC_VENV)/src
+	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(ENGINE_SRC_VENV)/src/
+	echo "__device_type__ = 'A2'" > $(ENGINE_SRC_VENV)/src/vllm_ascend/_build_info.py
+	echo "version = '$(ENGINE_SRC_VERSION)+g$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null || echo unknown)'" \
+		> $(ENGINE_SRC_VENV)/src/vllm_ascend/_version.py
+	PYTHONPATH=tests/engine/stubs:$(ENGINE_SRC_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
+		$(ENGINE_SRC_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
 
 # Job arrays on a real single-node Slurm (tests/slurm): the README's commands on a private cluster (its own
 # config, ports and munge socket under a temporary directory). Installs Slurm and munge from the
@@ -111,4 +115,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) $(ENGINE_026_VENV) $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info
+	rm -rf $(VENV) $(ENGINE_VENV) .venv-engine-src-* $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info

@@ -1,5 +1,5 @@
-"""Serving W4A8 MoE layers with the real vLLM and vllm-ascend code (0.23.0 in ``make test-engine``, the 0.26
-branch in ``make test-engine-0.26``), without a model or a device: what those and ``make bench-canary`` share.
+"""Serving W4A8 MoE layers with the real vLLM and vllm-ascend code (0.23.0 in ``make test-engine``, a source
+tree in ``make test-engine-src``), without a model or a device: what those and ``make bench-canary`` share.
 
 vLLM's own MoE weight loader (``FusedMoE``'s, ``RoutedExperts``' from 0.24 on) and vllm-ascend's own method
 adapter and W4A8 methods run unchanged; only what they ask of a running server is answered, by w4a8conv's
@@ -13,13 +13,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import vllm
+from packaging.version import Version
 from safetensors import safe_open
 
 from w4a8conv.reading.checkpoint import open_checkpoint
-from w4a8conv.serving.vllm_plugin import sandbox
+from w4a8conv.serving.vllm_plugin import detect_api, sandbox
 
 # What a server would answer the engine: one state, changed by the tests, answered while sandbox.serving runs.
 Serving = sandbox.Serving()
+
+ENGINE = detect_api()
+# What the installed release does differently, which the tests expect of it:
+# vllm-ascend main serves per-channel MoE only (its W4A8 method refuses per-group weights) and has no W4A8 Linear.
+PER_CHANNEL_ONLY = ENGINE.release == "registry-moe-only"
+# vLLM 0.27 on: RoutedExperts' loader takes every tensor named *bias for an expert bias and copies a w2 one whole,
+# so at MoE tensor parallelism above 1 stock fails to load msModelSlim's w2 scale_bias [H, 16] and the plugin
+# refuses (its probe of the layer's loader) before loading.
+BIASES_COPIED_WHOLE = Version(vllm.__version__).release >= (0, 27)
+BIAS_REFUSAL = r"^w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel rank \d+ of \d+ its"
+PER_GROUP_REFUSAL = "Per.Group quantization, which is no longer supported"
+
+
+def refused_at(moe_tp: int) -> bool:
+    """Whether the plugin refuses every output at this MoE tensor-parallel size on the installed vLLM."""
+    return BIASES_COPIED_WHOLE and moe_tp > 1
 
 
 def serving():
