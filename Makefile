@@ -74,8 +74,9 @@ test-engine: $(ENGINE_STAMP)
 # (the default), or main with the vLLM its Dockerfile names (ENGINE_SRC_VLLM=0.27.1 ENGINE_SRC_VERSION=0.27.0rc0):
 #   git clone -b releases/v0.26.0rc https://github.com/vllm-project/vllm-ascend /tmp/va-0.26
 #   make test-engine-src VLLM_ASCEND_SRC=/tmp/va-0.26
-# Its vllm_ascend package is copied into the venv with the two modules a build generates (A2 device type, and a
-# version marked as a source tree: +g and the checkout's commit).
+# Its vllm_ascend package is copied into the venv with the two modules a build generates (A2 device type, and
+# ENGINE_SRC_VERSION, with +g and the commit where the tree is a git checkout). An sdist from the package index,
+# unpacked, is a source tree too (0.30.0rc2 with ENGINE_SRC_VLLM=0.30.0).
 VLLM_ASCEND_SRC ?=
 ENGINE_SRC_VLLM ?= 0.26.0
 ENGINE_SRC_VERSION ?= 0.26.0rc0
@@ -92,7 +93,7 @@ test-engine-src: pyproject.toml tests/engine/requirements.txt tests/engine/requi
 	rm -rf $(ENGINE_SRC_VENV)/src && mkdir -p $(ENGINE_SRC_VENV)/src
 	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(ENGINE_SRC_VENV)/src/
 	echo "__device_type__ = 'A2'" > $(ENGINE_SRC_VENV)/src/vllm_ascend/_build_info.py
-	echo "version = '$(ENGINE_SRC_VERSION)+g$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null || echo unknown)'" \
+	echo "version = '$(ENGINE_SRC_VERSION)$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null | sed 's/^/+g/')'" \
 		> $(ENGINE_SRC_VENV)/src/vllm_ascend/_version.py
 	PYTHONPATH=tests/engine/stubs:$(ENGINE_SRC_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
 		$(ENGINE_SRC_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine

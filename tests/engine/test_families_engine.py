@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 from safetensors import safe_open
 from vllm.model_executor.models.utils import WeightsMapper
-from vllm_ascend.quantization import modelslim_config
 from vllm_ascend.quantization.methods import registry, w4a8
 
 from w4a8conv.converting.convert import convert_checkpoint
@@ -31,6 +30,11 @@ from . import harness
 from .harness import Serving, bare_moe_layer, build, load_as_model
 
 SIZES = (4, 128, 256)  # experts, hidden, moe_intermediate
+# vllm-ascend's msModelSlim config: quantization/modelslim_config.py up to 0.27, quantization/configs/ from 0.30
+try:
+    from vllm_ascend.quantization.configs import modelslim_config
+except ImportError:
+    from vllm_ascend.quantization import modelslim_config
 
 
 def _deepseek_v4_rename(name: str) -> str:

@@ -84,12 +84,18 @@ def build_engine_scheme(vllm_config: Any, engine_description: dict, build: Calla
     quant_config = vllm_config.quant_config
     processed = quant_config.quant_description
     quant_config.quant_description = {**engine_description}
+    # From 0.30 the method asks the config's name, not the description, whether it serves compressed-tensors:
+    # the server's config for the unconverted checkpoint would have been compressed-tensors' own.
+    method = engine_description.get("ascend_quant_method")
+    if method is not None:
+        quant_config.get_name = lambda: method
     try:
         return build()
     except Exception as e:
         return e
     finally:
         quant_config.quant_description = processed
+        vars(quant_config).pop("get_name", None)
 
 
 class LazyTensors:

@@ -48,6 +48,11 @@ class _QuantConfig:
     def quant_description(self, value: dict) -> None:
         self._state.description = value
 
+    def get_name(self) -> str:
+        """The name of the config a server picks for the description: compressed-tensors' own where it says
+        so (an unconverted compressed-tensors checkpoint), else msModelSlim's, which serves w4a8conv's outputs."""
+        return self._state.description.get("ascend_quant_method") or "ascend"
+
 
 def driveable() -> str | None:
     """Why the installed engine cannot be driven here, or None: vLLM and vllm-ascend (its W4A8 scheme
@@ -95,12 +100,17 @@ def serving(state: Serving) -> Iterator[None]:
     def no_mc2_group() -> None:
         raise AttributeError("no MC2 group outside a server")
 
-    replaced = [
-        (w4a8, "get_current_vllm_config", config),
+    answers = {
+        "get_current_vllm_config": config,
+        "get_tensor_model_parallel_world_size": lambda: state.tp_size,
+        "get_mc2_group": no_mc2_group,
+        "get_ascend_config": ascend_config,
+    }
+    # The getters as the scheme modules imported them (one w4a8 module up to 0.27, a w4a8 package from 0.30 on)
+    methods = [m for n, m in list(sys.modules.items()) if n.startswith(w4a8.__name__.rsplit(".", 1)[0] + ".")]
+    replaced = [(m, name, answer) for m in methods for name, answer in answers.items() if name in vars(m)]
+    replaced += [
         (vllm.config, "get_current_vllm_config", config),
-        (w4a8, "get_tensor_model_parallel_world_size", lambda: state.tp_size),
-        (w4a8, "get_mc2_group", no_mc2_group),
-        (w4a8, "get_ascend_config", ascend_config),
         (vllm_ascend.ascend_config, "get_ascend_config", ascend_config),
     ]
     if not state.on_npu:  # NZ as on an A2/A3 device: every weight but fp32 (on the CPU the cast is an identity)
@@ -214,7 +224,9 @@ def _routed_experts(
         map_global_to_local=lambda g: int(expert_map[g]),
     )
 
-    class QuantConfig:  # what RoutedExperts asks its quant config: the method, and the config's name
+    class QuantConfig:  # what RoutedExperts asks its quant config: the method, its name, no online quantization
+        online_quantization_config = None
+
         def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Any:
             return method_adapters.AscendFusedMoEMethod(quant_method, layer.moe_config)
 
