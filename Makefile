@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst =,_,$(TORCH))
 DEMO := demo
 
-.PHONY: install demo test test-typer-oldest test-engine test-engine-src test-slurm lint bench bench-canary docs clean
+.PHONY: install demo test test-typer-oldest test-engine test-engine-release test-engine-src test-slurm lint bench bench-canary docs clean
 
 install: $(STAMP)
 
@@ -70,33 +70,42 @@ $(ENGINE_STAMP): pyproject.toml tests/engine/requirements.txt
 test-engine: $(ENGINE_STAMP)
 	PYTHONPATH=tests/engine/stubs VLLM_LOGGING_LEVEL=WARNING $(ENGINE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
 
-# The same tests against a vllm-ascend source tree, which no package index has: the 0.26 branch with vLLM 0.26.0
-# (the default), or main with the vLLM its Dockerfile names (ENGINE_SRC_VLLM=0.27.1 ENGINE_SRC_VERSION=0.27.0rc0):
-#   git clone -b releases/v0.26.0rc https://github.com/vllm-project/vllm-ascend /tmp/va-0.26
-#   make test-engine-src VLLM_ASCEND_SRC=/tmp/va-0.26
-# Its vllm_ascend package is copied into the venv with the two modules a build generates (A2 device type, and
-# ENGINE_SRC_VERSION, with +g and the commit where the tree is a git checkout). An sdist from the package index,
-# unpacked, is a source tree too (0.30.0rc2 with ENGINE_SRC_VLLM=0.30.0).
+# The same tests against a later vllm-ascend in a venv of its own with the vLLM it was built for (ENGINE_VLLM):
+# - test-engine-release: a release from its source distribution on PyPI (releases after 0.26.0rc1 are sdists only,
+#   whose build needs CANN; scripts/vllm_ascend_release.py unpacks the Python package). CI runs 0.26.0rc1 with
+#   vLLM 0.26.0 and 0.30.0rc2 with vLLM 0.30.0.
+# - test-engine-src: a source tree, VLLM_ASCEND_SRC (main, with ENGINE_VLLM=0.27.1 as its Dockerfile says, or a
+#   release branch); its version is ENGINE_SRC_VERSION with +g and the commit where the tree is a git checkout.
+ENGINE_RELEASE ?= 0.30.0rc2
+ENGINE_VLLM ?= 0.30.0
 VLLM_ASCEND_SRC ?=
-ENGINE_SRC_VLLM ?= 0.26.0
-ENGINE_SRC_VERSION ?= 0.26.0rc0
-ENGINE_SRC_VENV ?= .venv-engine-src-$(ENGINE_SRC_VLLM)
-test-engine-src: pyproject.toml tests/engine/requirements.txt tests/engine/requirements-src.txt
+ENGINE_SRC_VERSION ?= 0.27.0rc0
+LATER_VENV := .venv-engine-vllm-$(ENGINE_VLLM)
+LATER_STAMP := $(LATER_VENV)/.installed
+LATER_TESTS := PYTHONPATH=tests/engine/stubs:$(LATER_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
+	$(LATER_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+$(LATER_STAMP): pyproject.toml tests/engine/requirements.txt tests/engine/requirements-src.txt
+	test -x $(LATER_VENV)/bin/python || $(PYTHON) -m venv $(LATER_VENV)
+	$(LATER_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(LATER_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt
+	$(LATER_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements-src.txt
+	$(LATER_VENV)/bin/python -m pip install --quiet --no-deps vllm==$(ENGINE_VLLM)
+	$(LATER_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+test-engine-release: $(LATER_STAMP)
+	rm -rf $(LATER_VENV)/src && mkdir -p $(LATER_VENV)/src
+	$(LATER_VENV)/bin/python scripts/vllm_ascend_release.py $(ENGINE_RELEASE) $(LATER_VENV)/src
+	$(LATER_TESTS)
+
+test-engine-src: $(LATER_STAMP)
 	@test -d "$(VLLM_ASCEND_SRC)/vllm_ascend" || { echo "make test-engine-src: set VLLM_ASCEND_SRC to a vllm-ascend checkout" >&2; exit 2; }
-	test -x $(ENGINE_SRC_VENV)/bin/python || $(PYTHON) -m venv $(ENGINE_SRC_VENV)
-	test -f $(ENGINE_SRC_VENV)/.installed || { \
-		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)" && \
-		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements.txt && \
-		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -r tests/engine/requirements-src.txt && \
-		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps vllm==$(ENGINE_SRC_VLLM) && \
-		$(ENGINE_SRC_VENV)/bin/python -m pip install --quiet --no-deps -e . && touch $(ENGINE_SRC_VENV)/.installed; }
-	rm -rf $(ENGINE_SRC_VENV)/src && mkdir -p $(ENGINE_SRC_VENV)/src
-	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(ENGINE_SRC_VENV)/src/
-	echo "__device_type__ = 'A2'" > $(ENGINE_SRC_VENV)/src/vllm_ascend/_build_info.py
+	rm -rf $(LATER_VENV)/src && mkdir -p $(LATER_VENV)/src
+	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(LATER_VENV)/src/
+	echo "__device_type__ = 'A2'" > $(LATER_VENV)/src/vllm_ascend/_build_info.py
 	echo "version = '$(ENGINE_SRC_VERSION)$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null | sed 's/^/+g/')'" \
-		> $(ENGINE_SRC_VENV)/src/vllm_ascend/_version.py
-	PYTHONPATH=tests/engine/stubs:$(ENGINE_SRC_VENV)/src VLLM_LOGGING_LEVEL=WARNING \
-		$(ENGINE_SRC_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engine
+		> $(LATER_VENV)/src/vllm_ascend/_version.py
+	$(LATER_TESTS)
 
 # Job arrays on a real single-node Slurm (tests/slurm): the README's commands on a private cluster (its own
 # config, ports and munge socket under a temporary directory). Installs Slurm and munge from the
@@ -116,4 +125,4 @@ docs: $(STAMP)
 	$(BIN)/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(ENGINE_VENV) .venv-engine-src-* $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info
+	rm -rf $(VENV) $(ENGINE_VENV) .venv-engine-vllm-* $(DEMO) bench-data .pytest_cache .ruff_cache .typer-oldest *.egg-info
