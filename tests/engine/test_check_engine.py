@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -128,3 +129,30 @@ def test_an_engine_it_cannot_drive_is_one_line(outputs, monkeypatch):
     version = vllm_plugin.detect_api().version
     expected = f"error: check-engine: cannot drive vllm-ascend {version} here (MoE tp 1, rank 0): "
     assert result.stderr.startswith(expected)
+
+
+def test_the_check_runs_on_the_npu_torch_npu_sees_and_lets_the_engine_decide_nz_there(monkeypatch):
+    """Where torch_npu reports a device the layers are made on it and the engine decides NZ itself (its own
+    _should_trans_nz, whose answer the storage formats then show); a torch_npu without CANN's runtime, or
+    none, is the CPU, where the sandbox answers NZ as an A2/A3 device would."""
+    import torch
+    import vllm_ascend.utils
+
+    from w4a8conv.serving.vllm_plugin import sandbox
+    from w4a8conv.serving.vllm_plugin.check_engine import serving_device
+
+    monkeypatch.setattr(torch, "npu", SimpleNamespace(is_available=lambda: True, device_count=lambda: 8), raising=False)
+    assert serving_device() == "npu"
+
+    def no_runtime():
+        raise RuntimeError("libascendcl.so: cannot open shared object file")
+
+    monkeypatch.setattr(torch, "npu", SimpleNamespace(is_available=no_runtime, device_count=lambda: 0), raising=False)
+    assert serving_device() == "cpu"
+    engine_s_own = vllm_ascend.utils._should_trans_nz
+    with sandbox.serving(sandbox.Serving(on_npu=True)):
+        assert vllm_ascend.utils._should_trans_nz is engine_s_own
+    with sandbox.serving(sandbox.Serving()):
+        assert vllm_ascend.utils._should_trans_nz is not engine_s_own
+        assert vllm_ascend.utils._should_trans_nz(torch.empty(2, dtype=torch.int8))
+    assert vllm_ascend.utils._should_trans_nz is engine_s_own
