@@ -156,3 +156,32 @@ def test_the_check_runs_on_the_npu_torch_npu_sees_and_lets_the_engine_decide_nz_
         assert vllm_ascend.utils._should_trans_nz is not engine_s_own
         assert vllm_ascend.utils._should_trans_nz(torch.empty(2, dtype=torch.int8))
     assert vllm_ascend.utils._should_trans_nz is engine_s_own
+
+
+def test_mega_moe_is_what_the_engine_decides_for_the_server(outputs, monkeypatch):
+    """With cann_ops_transformer present and enable_fused_mc2 1, vllm-ascend from the 0.26 branch on builds
+    MegaMoE lists only where its own use_cann_megamoe says (an A3 device, expert parallelism...): on this A2
+    build it builds none, and the plugin, asking the same function, builds none either, so --mega-moe serves
+    (before, the plugin built them and its canary refused). Where the release decides by the flag alone
+    (main in 2026-12), both build them, and the lists are equal."""
+    import importlib
+    import sys
+
+    modules = [importlib.import_module(f"vllm_ascend.{n}") for n in ("ascend_config", "ascend_forward_context")]
+    # cann_ops_transformer found: the flag, wherever a module bound it (main's w4a8 imports it by name)
+    holders = [
+        m for n, m in list(sys.modules.items()) if n.startswith("vllm_ascend") and "_MEGA_MOE_SUPPORTED" in vars(m)
+    ]
+    if not holders:
+        pytest.skip("this vllm-ascend has no MegaMoE")
+    for module in holders:
+        monkeypatch.setattr(module, "_MEGA_MOE_SUPPORTED", True)
+    result = CliRunner().invoke(
+        app, ["check-engine", str(outputs["v1.0.0-per-channel"]), "--expert-parallel", "--mega-moe", "--json"]
+    )
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0, report
+    engine_decides = hasattr(modules[1], "use_cann_megamoe")
+    for verdict in report["layouts"]:
+        assert verdict["serves"] and verdict["layout"] == "expert parallel 16, MegaMoE"
+        assert (verdict["note"] is not None) == engine_decides

@@ -538,9 +538,10 @@ def check_engine(
             if v.serves:
                 output.info(
                     f"serves   {v.layout}, rank {v.rank}: bit-identical ({'; '.join(v.checked)}), {v.seconds} s"
+                    + (f" ({v.note})" if v.note else "")
                 )
             else:
-                output.info(f"refused  {v.layout}, rank {v.rank}: {v.reason}")
+                output.info(f"refused  {v.layout}, rank {v.rank}: {v.reason}" + (f" ({v.note})" if v.note else ""))
     if not ok:
         refused = sum(not v.serves for v in verdicts)
         if output.quiet and not output.json_mode:

@@ -94,10 +94,20 @@ def _installed_version() -> str | None:
 
 
 def _mega_moe_on() -> bool:
-    """MegaMoE as vllm-ascend decides it: ``_MEGA_MOE_SUPPORTED`` (in ``ascend_forward_context`` on
-    0.25.1rc1 and the 0.26 branch, in ``ascend_config`` on main; absent before) and ``enable_fused_mc2 == 1``."""
+    """MegaMoE as vllm-ascend decides it for this server: its own ``use_cann_megamoe(vllm_config)`` where it
+    has one (the 0.26 branch on: A3 devices, expert parallelism, EP sizes 2 to 64...), else, as 0.25.1rc1 and
+    main in 2026-12 decide it, ``_MEGA_MOE_SUPPORTED`` (in ``ascend_forward_context`` or ``ascend_config``)
+    and ``enable_fused_mc2 == 1``."""
     import importlib
 
+    try:
+        from vllm_ascend.ascend_forward_context import use_cann_megamoe
+    except ImportError:
+        use_cann_megamoe = None
+    if use_cann_megamoe is not None:
+        from vllm.config import get_current_vllm_config
+
+        return bool(use_cann_megamoe(get_current_vllm_config()))
     supported = False
     for name in ("vllm_ascend.ascend_config", "vllm_ascend.ascend_forward_context"):
         try:

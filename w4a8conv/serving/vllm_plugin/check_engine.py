@@ -60,6 +60,7 @@ class Verdict:
     seconds: float
     checked: list[str]  # what the canary compared: "MoE expert ...", "Linear ..."
     reason: str | None = None  # the plugin's one-line refusal
+    note: str | None = None  # what was checked differs from what was asked (MegaMoE off here)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.serves, **asdict(self)}
@@ -117,9 +118,12 @@ def check_engine(
             )
             started = time.monotonic()
             checked: list[str] = []
+            note = None
             with sandbox.serving(state), _default_device(device):
                 canary_check.forget()
                 try:
+                    if layout.mega_moe and not api.mega_moe():
+                        note = "MegaMoE is off here, as the engine decides it: checked without it"
                     if "moe" in shapes:
                         _check_moe(layout, r, shapes, dtype, checked)
                     if shapes.get("linear") is not None and api.linear_method is not None:
@@ -135,7 +139,7 @@ def check_engine(
                 finally:
                     canary_check.forget()
             seconds = round(time.monotonic() - started, 2)
-            verdicts.append(Verdict(layout.label, r, reason is None, seconds, checked, reason))
+            verdicts.append(Verdict(layout.label, r, reason is None, seconds, checked, reason, note))
     return api.version, verdicts
 
 
