@@ -28,16 +28,18 @@ ENGINE = detect_api()
 # vllm-ascend main serves per-channel MoE only (its W4A8 method refuses per-group weights) and has no W4A8 Linear.
 PER_CHANNEL_ONLY = ENGINE.release == "registry-moe-only"
 # vLLM 0.27 on: RoutedExperts' loader takes every tensor named *bias for an expert bias and copies a w2 one whole,
-# so at MoE tensor parallelism above 1 stock fails to load msModelSlim's w2 scale_bias [H, 16] and the plugin
-# refuses (its probe of the layer's loader) before loading.
+# so at MoE tensor parallelism above 1 stock fails to load msModelSlim's w2 scale_bias [H, 16] (and the canary,
+# which runs stock on the source, refuses); the plugin hands the loader each rank's chunks, so outputs of sources
+# without one (compressed-tensors) serve.
 BIASES_COPIED_WHOLE = Version(vllm.__version__).release >= (0, 27)
-BIAS_REFUSAL = r"^w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel rank \d+ of \d+ its"
+STOCK_FAILS = r"cannot load or process the canary MoE expert .* itself at this parallel layout \(RuntimeError: "
 PER_GROUP_REFUSAL = "Per.Group quantization, which is no longer supported"
 
 
-def refused_at(moe_tp: int) -> bool:
-    """Whether the plugin refuses every output at this MoE tensor-parallel size on the installed vLLM."""
-    return BIASES_COPIED_WHOLE and moe_tp > 1
+def refused_at(moe_tp: int, layout: str = "v1.0.0-per-channel") -> bool:
+    """Whether outputs of ``layout`` sources are refused at this MoE tensor-parallel size on the installed vLLM
+    because stock cannot load their source there."""
+    return BIASES_COPIED_WHOLE and moe_tp > 1 and layout != "compressed-tensors"
 
 
 def serving():

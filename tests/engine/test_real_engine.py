@@ -82,12 +82,12 @@ def stock_cannot_serve(layout: str, mode: str, size: int) -> str | None:
     """Where stock vllm-ascend itself serves wrong numbers or fails, and so the plugin or its canary refuses."""
     if harness.PER_CHANNEL_ONLY and layout in ("mindie", "v1.0.0-per-group"):
         return harness.PER_GROUP_REFUSAL  # main's own method refuses them, and so the plugin's (its subclass)
-    if harness.refused_at(1 if mode != "tp" else size):
-        return harness.BIAS_REFUSAL
+    if harness.refused_at(1 if mode != "tp" else size, layout):
+        return harness.STOCK_FAILS
     if layout in ("mindie", "v1.0.0-per-group") and mode == "tp" and size > 1:
         # vLLM's loader gives no rank any of w2_weight_scale [H, 1] (marked "group"); at tp 16 (I/tp < g)
         # process_scale fails first; the plugin's own check of whole groups refuses before either.
-        return "w2_weight_scale .* unloaded|not a whole number of groups|refuses the canary"
+        return "w2_weight_scale .* unloaded|not a whole number of groups|cannot load or process the canary"
     if layout == "mindie" and mode == "eplb":
         # the per-expert lists hold the unpacked int8 weights, which apply views as int32 words
         return r"computes w13_weight_list\[0\] .* as int8 \[128, 512\], the checkpoint gives int8 \[128, 256\]"
@@ -259,11 +259,12 @@ def test_the_layers_are_vllm_s_own_moe_layers(checkpoints):
     assert isinstance(layer.quant_method, method_adapters.AscendFusedMoEMethod)
 
 
-def test_a_loader_that_copies_w2_scale_bias_whole_is_refused_before_any_weight_loads(checkpoints, monkeypatch):
+def test_a_loader_that_copies_w2_scale_bias_whole_is_handed_each_rank_s_chunks(checkpoints, monkeypatch):
     """vLLM 0.27's RoutedExperts loader takes every tensor named *bias for an expert bias and copies a w2 one
-    whole (here the engine's own loader, changed that way): the plugin probes its layer's loader as the layer
-    is made and refuses in one line at MoE tensor parallelism 2; at 1 the whole copy is right and it serves."""
-    out = checkpoints["v1.0.0-per-channel"][1]
+    whole (here the engine's own loader, changed that way). The plugin finds that by loading a marked tensor as
+    the layer is made and hands the loader each rank's chunks: a compressed-tensors output (whose source has no
+    scale_bias) serves at MoE tp 2 equal to stock; a per-channel one is refused, as stock cannot load its source
+    there. A loader that gives the rank none of them is refused before any weight loads."""
     vllm_plugin.register()
     cls = sandbox.moe_layer_class()
     original = cls.weight_loader
@@ -275,14 +276,33 @@ def test_a_loader_that_copies_w2_scale_bias_whole_is_refused_before_any_weight_l
         return original(self, param, loaded_weight, weight_name, shard_id, expert_id, **kwargs)
 
     monkeypatch.setattr(cls, "weight_loader", bias_copied_whole)
-    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    stock_class = registry.get_scheme_class("W4A8_DYNAMIC", "moe")
     plugin_class = registry.get_scheme_class(PREPACKED_TYPE, "moe")
-    sizes = (SPEC.experts, SPEC.hidden, SPEC.intermediate)
+    experts = list(range(SPEC.experts))
+    src, out = checkpoints["compressed-tensors"]
+    processed = json.loads((out / DESCRIPTION_FILE).read_text())
+    for rank in (0, 1):
+        canary.forget()
+        stock = serve(src, stock_description(src), stock_class, experts, 2, rank)
+        ours = serve(out, processed, plugin_class, experts, 2, rank)
+        held_stock, held_ours = canary.held_tensors(stock), canary.held_tensors(ours)
+        assert set(held_stock) == set(held_ours)
+        assert canary.first_difference(held_stock, held_ours, {}) is None, rank
+    canary.forget()
+    per_channel = checkpoints["v1.0.0-per-channel"][1]
+    with pytest.raises(ValueError, match=harness.STOCK_FAILS + "The size of tensor a"):
+        serve(per_channel, json.loads((per_channel / DESCRIPTION_FILE).read_text()), plugin_class, experts, 2, 1)
+
+    def bias_dropped(self, param, loaded_weight, weight_name, shard_id, expert_id, **kwargs):
+        if "bias" in weight_name and shard_id == "w2":
+            return None
+        return original(self, param, loaded_weight, weight_name, shard_id, expert_id, **kwargs)
+
+    monkeypatch.setattr(cls, "weight_loader", bias_dropped)
+    canary.forget()
     with pytest.raises(
         ValueError,
-        match=r"^w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel "
-        r"rank 1 of 2 its 8 of the 16 w2_scale_bias chunks \(RuntimeError: The size of tensor a",
+        match=r"^w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel rank 1 of 2 its 8 of the 16 "
+        r"w2_scale_bias chunks \(rank 1 gets \[128, 8\] other values\); serve with --enable-expert-parallel",
     ):
-        build(out, processed, plugin_class, sizes, list(range(SPEC.experts)), 2, 1)
-    canary.forget()  # the engine's own method, built again at MoE tensor parallelism 1
-    serve(out, processed, plugin_class, list(range(SPEC.experts)), 1, 0)
+        build(out, processed, plugin_class, (SPEC.experts, SPEC.hidden, SPEC.intermediate), experts, 2, 1)

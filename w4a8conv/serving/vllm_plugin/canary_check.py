@@ -156,6 +156,15 @@ class Canary:
         weight_map = json.loads(index.read_text())["weight_map"]
         return LazyTensors({name: self.root / weight_map[name] for name in names})
 
+    def layout_refusal(self, what: str, error: Exception) -> CanaryRefusal:
+        """The engine's own processing failed on the unconverted canary at this parallel layout: stock would
+        not serve the checkpoint there either, whatever it was converted for."""
+        return CanaryRefusal(
+            f"w4a8conv: vllm-ascend {self.version} cannot load or process the canary {what} itself at this parallel "
+            f"layout ({type(error).__name__}: {error}), so stock would not serve the unconverted checkpoint here "
+            "either; choose another layout (`w4a8conv check-engine OUT` lists those that serve)"
+        )
+
     def refusal(self, what: str) -> CanaryRefusal:
         return CanaryRefusal(
             f"w4a8conv: vllm-ascend {self.version} {what}; this checkpoint was converted for --target "
@@ -486,7 +495,7 @@ def _run_both(
     except CanaryRefusal:
         raise
     except Exception as e:  # the engine's own refusal, whatever its type
-        raise canary.refusal(f"refuses the canary {what}: {type(e).__name__}: {e}") from e
+        raise canary.layout_refusal(what, e) from e
     ours = load(None, converted, True)
     process(ours)
     # A Linear's weight_scale is folded into weight_scale_second, which its matmul reads instead.

@@ -135,12 +135,10 @@ def check_mix_placement(on: bool) -> None:
         )
 
 
-def check_scale_bias_loading(layer: torch.nn.Module, tp_size: int, tp_rank: int, expert: int) -> None:
-    """Refuse, before any weight is loaded, a MoE layer whose own weight loader does not give this rank its
-    chunks of a ``w2_scale_bias`` (``[H, 16]``, 16 input chunks): it loads a marked tensor through the
-    parameter's loader into the still empty parameter and compares. vLLM 0.27 takes every tensor named
-    ``*bias`` for an expert bias and copies a w2 one whole, which fails at MoE tensor parallelism above 1."""
-    param = layer.w2_scale_bias
+def scale_bias_loading_problem(param: torch.nn.Parameter, tp_size: int, tp_rank: int, expert: int) -> str | None:
+    """What is wrong with how ``param``'s own loader gives this rank its chunks of a ``w2_scale_bias``
+    (``[H, 16]``, 16 input chunks), or None: it loads a marked tensor into the still empty parameter for
+    ``expert`` (the rank's first local expert) and compares."""
     hidden = param.shape[1]
     probe = torch.arange(hidden * SCALE_BIAS_CHUNKS, dtype=torch.float32).reshape(hidden, SCALE_BIAS_CHUNKS)
     share = SCALE_BIAS_CHUNKS // tp_size
@@ -148,13 +146,15 @@ def check_scale_bias_loading(layer: torch.nn.Module, tp_size: int, tp_rank: int,
     try:
         with torch.no_grad():
             param.weight_loader(param, probe.to(param.device), "experts.w2_scale_bias", shard_id="w2", expert_id=expert)
-        loaded = param.data[0].cpu()  # ``expert`` is the rank's first local expert
-        problem = None if torch.equal(loaded, expected) else f"rank {tp_rank} gets {list(loaded.shape)} other values"
+        loaded = param.data[0].cpu()
     except Exception as e:  # the loader's own failure is the finding
-        problem = f"{type(e).__name__}: {e}"
-    if problem is not None:
-        raise ValueError(
-            f"w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel rank {tp_rank} of {tp_size} "
-            f"its {share} of the 16 w2_scale_bias chunks ({problem}); serve with --enable-expert-parallel or MoE "
-            "tensor-parallel size 1"
-        )
+        return f"{type(e).__name__}: {e}"
+    return None if torch.equal(loaded, expected) else f"rank {tp_rank} gets {list(loaded.shape)} other values"
+
+
+def refuse_scale_bias_loading(problem: str, tp_size: int, tp_rank: int) -> None:
+    raise ValueError(
+        f"w4a8conv: this vLLM's MoE weight loader does not give MoE tensor-parallel rank {tp_rank} of {tp_size} its "
+        f"{SCALE_BIAS_CHUNKS // tp_size} of the 16 w2_scale_bias chunks ({problem}); serve with "
+        "--enable-expert-parallel or MoE tensor-parallel size 1"
+    )

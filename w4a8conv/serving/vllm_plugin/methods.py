@@ -15,10 +15,11 @@ from .checks import (
     check_groups_per_rank,
     check_mix_placement,
     check_moe_tensor_parallel,
-    check_scale_bias_loading,
     check_serving_dtype,
     check_words_per_rank,
     checkpoint_section,
+    refuse_scale_bias_loading,
+    scale_bias_loading_problem,
 )
 from .log import log
 
@@ -90,6 +91,43 @@ def _build_mega_moe_lists(layer: torch.nn.Module) -> None:
         setattr(layer, f"cann_mega_moe_{name}_scale_bias_list", [t.reshape(-1).to(torch.float32) for t in biases])
     for name in ("w13_weight", "w2_weight", "w13_weight_scale", "w2_weight_scale", "w13_scale_bias", "w2_scale_bias"):
         delattr(layer, name)
+
+
+def _fit_scale_bias_loader(layer: torch.nn.Module, tp_size: int) -> tuple[int, int] | None:
+    """Make sure the MoE layer's own loader gives this rank its w2_scale_bias chunks, before any weight loads,
+    by loading a marked tensor (:func:`scale_bias_loading_problem`). vLLM 0.27 and later copy every w2
+    tensor named ``*bias`` whole: there the plugin hands the loader this rank's chunks, checks again, and
+    returns (rank, tp size) so that the canary's layers load the same way. Anything else is refused."""
+    rank, expert = _moe_tp_rank(layer), canary.local_expert_zero(layer)
+    problem = scale_bias_loading_problem(layer.w2_scale_bias, tp_size, rank, expert)
+    if problem is None:
+        return None
+    if tp_size > 1:
+        _hand_rank_its_chunks(layer.w2_scale_bias, rank, tp_size)
+        if scale_bias_loading_problem(layer.w2_scale_bias, tp_size, rank, expert) is None:
+            _announce_handed_chunks()
+            return rank, tp_size
+    refuse_scale_bias_loading(problem, tp_size, rank)
+
+
+def _hand_rank_its_chunks(param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> None:
+    """Wrap ``param``'s loader so that it is given this rank's scale_bias chunks, not all 16, for a loader
+    that copies what it is given whole."""
+    load, share = param.weight_loader, SCALE_BIAS_CHUNKS // tp_size
+
+    def weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if loaded_weight.shape[-1] == SCALE_BIAS_CHUNKS:
+            loaded_weight = loaded_weight[..., tp_rank * share : (tp_rank + 1) * share]
+        return load(param, loaded_weight, *args, **kwargs)
+
+    param.weight_loader = weight_loader
+
+
+@functools.cache
+def _announce_handed_chunks() -> None:
+    log.info(
+        "w4a8conv: this vLLM's MoE loader copies w2 *bias tensors whole; each rank is handed its scale_bias chunks"
+    )
 
 
 def _moe_tp_rank(layer: torch.nn.Module) -> int:
@@ -211,8 +249,10 @@ def _moe_method(api: VllmAscendApi) -> type:
             sliced += ["w13_weight_scale", "w2_weight_scale"] if self.group_size > 0 else []
             for name in sliced:
                 getattr(layer, name).quant_method = _VLLM_GROUP_SCALES
-            if not canary.is_canary_layer(layer):  # the serving layer's loader, once: the canary's is the same
-                check_scale_bias_loading(layer, self.tp_size, _moe_tp_rank(layer), canary.local_expert_zero(layer))
+            if not canary.is_canary_layer(layer):
+                self.w2_chunks_handed = _fit_scale_bias_loader(layer, self.tp_size)
+            elif getattr(self, "w2_chunks_handed", None) is not None:  # the canary's layer loads as the serving one
+                _hand_rank_its_chunks(layer.w2_scale_bias, *self.w2_chunks_handed)
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             if self.canary is not None:
