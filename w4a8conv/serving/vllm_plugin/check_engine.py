@@ -3,11 +3,12 @@ layout, without starting an engine or building a model.
 
 For each layout and rank it does what the plugin does when a server loads the checkpoint's first MoE layer
 (and its W4A8 Linear): the plugin's method is built (its own refusals: MoE tensor-parallel sizes, groups
-per rank, dtype, mix_placement), one of vLLM's own FusedMoE layers (and Linear layers) is made for the
-rank, and :func:`~.canary_check.check_moe` (:func:`~.canary_check.check_linear`), the one implementation
-the plugin runs at load, compares the engine's own W4A8 processing of the canary's source tensors, loaded
-through vLLM's own weight loaders, with the plugin's path on the converted tensors. Nothing else of the
-model is read: the canary holds one expert (and one Linear).
+per rank, dtype, mix_placement, the MoE loader's scale_bias chunks), the layer vLLM keeps MoE weights on
+(FusedMoE in 0.23, RoutedExperts from 0.24; and Linear layers) is made for the rank, and
+:func:`~.canary_check.check_moe` (:func:`~.canary_check.check_linear`), the one implementation the plugin
+runs at load, compares the engine's own W4A8 processing of the canary's source tensors, loaded through
+vLLM's own weight loaders, with the plugin's path on the converted tensors. Nothing else of the model is
+read: the canary holds one expert (and one Linear).
 """
 
 from __future__ import annotations

@@ -56,15 +56,15 @@ class _QuantConfig:
 
 def driveable() -> str | None:
     """Why the installed engine cannot be driven here, or None: vLLM and vllm-ascend (its W4A8 scheme
-    registry) must import, and vLLM's FusedMoE must load weights itself. What else a newer release asks
-    for shows when a layer is driven (``check_engine`` says so in one line)."""
+    registry) must import, and the layer vLLM keeps MoE weights on must load them itself. What else a newer
+    release asks for shows when a layer is driven (``check_engine`` says so in one line)."""
     try:
-        from vllm.model_executor.layers.fused_moe import layer as fused_moe
+        from vllm.model_executor.layers import fused_moe
         from vllm_ascend.quantization import method_adapters  # noqa: F401
         from vllm_ascend.quantization.methods import registry, w4a8  # noqa: F401
     except ImportError as e:
         return f"vLLM and vllm-ascend cannot be imported here ({e}); run it where the server runs"
-    if not hasattr(getattr(fused_moe, "RoutedExperts", None) or getattr(fused_moe, "FusedMoE", None), "weight_loader"):
+    if not hasattr(_routed_experts_class() or getattr(fused_moe, "FusedMoE", None), "weight_loader"):
         return "this vLLM's MoE layer has no weight_loader (a release check-engine does not drive)"
     return None
 
@@ -213,8 +213,7 @@ def _routed_experts(
         moe_parallel_config=parallel,
         in_dtype=dtype,
     )
-    expert_map = torch.full((experts,), -1, dtype=torch.int32)
-    expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+    expert_map = _expert_map(experts, local_experts)
     experts_held = SimpleNamespace(
         local_num_experts=len(local_experts),
         placement_strategy="linear",
@@ -235,6 +234,13 @@ def _routed_experts(
 
     routed_experts = _routed_experts_class()
     return routed_experts("w4a8conv-check-engine", dtype, moe_config, QuantConfig(), expert_map_manager=experts_held)
+
+
+def _expert_map(experts: int, local_experts: list[int]) -> torch.Tensor:
+    """Each global expert's index on this rank, -1 where another rank holds it (vLLM's expert map)."""
+    expert_map = torch.full((experts,), -1, dtype=torch.int32)
+    expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+    return expert_map
 
 
 def moe_layer_class() -> type:
@@ -265,8 +271,7 @@ def _fused_moe_class() -> type:
             self.rocm_aiter_fmoe_enabled = False
             self.moe_parallel_config = SimpleNamespace(tp_size=tp_size, tp_rank=tp_rank, ep_size=1, ep_rank=0)
             self.moe_config = SimpleNamespace(is_act_and_mul=True, moe_parallel_config=self.moe_parallel_config)
-            expert_map = torch.full((experts,), -1, dtype=torch.int32)
-            expert_map[local_experts] = torch.arange(len(local_experts), dtype=torch.int32)
+            expert_map = _expert_map(experts, local_experts)
             self._expert_map = expert_map
             self.expert_map_manager = SimpleNamespace(map_global_to_local=lambda g: int(expert_map[g]))
             adapter = method_adapters.AscendFusedMoEMethod.__new__(method_adapters.AscendFusedMoEMethod)
