@@ -75,7 +75,8 @@ test-engine: $(ENGINE_STAMP)
 #   whose build needs CANN; scripts/vllm_ascend_release.py unpacks the Python package). CI runs 0.26.0rc1 with
 #   vLLM 0.26.0 and 0.30.0rc2 with vLLM 0.30.0.
 # - test-engine-src: a source tree, VLLM_ASCEND_SRC (main, with ENGINE_VLLM=0.27.1 as its Dockerfile says, or a
-#   release branch); its version is ENGINE_SRC_VERSION with +g and the commit where the tree is a git checkout.
+#   release branch), copied by the same script; its version is ENGINE_SRC_VERSION, with +g and the commit where
+#   the tree is a git checkout.
 ENGINE_RELEASE ?= 0.30.0rc2
 ENGINE_VLLM ?= 0.30.0
 VLLM_ASCEND_SRC ?=
@@ -101,10 +102,7 @@ test-engine-release: $(LATER_STAMP)
 test-engine-src: $(LATER_STAMP)
 	@test -d "$(VLLM_ASCEND_SRC)/vllm_ascend" || { echo "make test-engine-src: set VLLM_ASCEND_SRC to a vllm-ascend checkout" >&2; exit 2; }
 	rm -rf $(LATER_VENV)/src && mkdir -p $(LATER_VENV)/src
-	cp -r "$(VLLM_ASCEND_SRC)/vllm_ascend" $(LATER_VENV)/src/
-	echo "__device_type__ = 'A2'" > $(LATER_VENV)/src/vllm_ascend/_build_info.py
-	echo "version = '$(ENGINE_SRC_VERSION)$$(git -C "$(VLLM_ASCEND_SRC)" rev-parse --short HEAD 2>/dev/null | sed 's/^/+g/')'" \
-		> $(LATER_VENV)/src/vllm_ascend/_version.py
+	$(LATER_VENV)/bin/python scripts/vllm_ascend_release.py $(ENGINE_SRC_VERSION) $(LATER_VENV)/src --tree "$(VLLM_ASCEND_SRC)"
 	$(LATER_TESTS)
 
 # Job arrays on a real single-node Slurm (tests/slurm): the README's commands on a private cluster (its own
